@@ -1,0 +1,32 @@
+# Every target installs what it needs into .venv first (a fresh machine needs only python3.11).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export WANDB_MODE ?= disabled
+
+.PHONY: install demo test bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded default: tiny model, synthetic sequence, CPU.
+demo: $(STAMP)
+	$(BIN)/python -m cl_bench hydra.run.dir=outputs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python -m cl_bench.bench
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,1 @@
+"""Adapter initializers, one module each, chosen by `_target_` in conf/initializer/*.yaml."""

@@ -1,0 +1,101 @@
+"""CL metrics over the results matrix, exactly as shared/DESIGN.md §4.
+
+R has rows 0..T (row 0 = before training, row i = after stage i) and columns for tasks 1..T
+(column j-1 holds task j). Scores in percent. A metric whose cells are missing (None) is None:
+nothing is silently averaged over a partial matrix.
+"""
+from __future__ import annotations
+
+from statistics import StatisticsError, fmean
+from typing import Optional, Sequence
+
+Matrix = Sequence[Sequence[Optional[float]]]
+
+
+def _cell(R: Matrix, i: int, j: int) -> float:
+    """R[i, j] with 1-based task index j; raises KeyError when missing."""
+    value = R[i][j - 1]
+    if value is None:
+        raise KeyError((i, j))
+    return float(value)
+
+
+def _num_tasks(R: Matrix) -> int:
+    T = len(R[0]) if R else 0
+    if len(R) != T + 1 or any(len(row) != T for row in R):
+        raise ValueError(f"results matrix must have T+1 rows of T scores; got {len(R)} rows for T={T}")
+    return T
+
+
+def _guard(fn):
+    def wrapped(R: Matrix, *args):
+        try:
+            return fn(R, _num_tasks(R), *args)
+        except (KeyError, StatisticsError):  # a missing cell, or no term (T = 1)
+            return None
+    wrapped.__name__ = fn.__name__
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+@_guard
+def average_performance(R, T):
+    """AP = mean_i R[i, i]."""
+    return fmean(_cell(R, i, i) for i in range(1, T + 1))
+
+
+@_guard
+def final_performance(R, T):
+    """FP = mean_j R[T, j]."""
+    return fmean(_cell(R, T, j) for j in range(1, T + 1))
+
+
+def forgetting(R: Matrix) -> float | None:
+    """Fgt = AP − FP."""
+    ap, fp = average_performance(R), final_performance(R)
+    return None if ap is None or fp is None else ap - fp
+
+
+@_guard
+def backward_transfer(R, T):
+    """BWT = mean_{j<T} (R[T, j] − R[j, j])."""
+    return fmean(_cell(R, T, j) - _cell(R, j, j) for j in range(1, T))
+
+
+@_guard
+def forward_transfer(R, T):
+    """FWT = mean_{j≥2} (R[j−1, j] − R[0, j])."""
+    return fmean(_cell(R, j - 1, j) - _cell(R, 0, j) for j in range(2, T + 1))
+
+
+@_guard
+def forgetting_from_peak(R, T):
+    """FR = mean_{j<T} (max_{j≤i<T} R[i, j] − R[T, j])."""
+    return fmean(max(_cell(R, i, j) for i in range(j, T)) - _cell(R, T, j) for j in range(1, T))
+
+
+@_guard
+def weighted_final_accuracy(R, T, sizes: Sequence[int]):
+    """Acc = mean_j R[T, j] weighted by test-set size."""
+    if len(sizes) != T:
+        raise ValueError(f"need {T} test-set sizes, got {len(sizes)}")
+    return sum(_cell(R, T, j) * sizes[j - 1] for j in range(1, T + 1)) / sum(sizes)
+
+
+@_guard
+def average_anytime_accuracy(R, T):
+    """AAA = mean_k mean_{j≤k} R[k, j]."""
+    return fmean(fmean(_cell(R, k, j) for j in range(1, k + 1)) for k in range(1, T + 1))
+
+
+def compute_cl_metrics(R: Matrix, sizes: Sequence[int]) -> dict[str, float | None]:
+    return {
+        "AP": average_performance(R),
+        "FP": final_performance(R),
+        "Fgt": forgetting(R),
+        "BWT": backward_transfer(R),
+        "FWT": forward_transfer(R),
+        "FR": forgetting_from_peak(R),
+        "Acc": weighted_final_accuracy(R, sizes),
+        "AAA": average_anytime_accuracy(R),
+    }

@@ -1,0 +1,1 @@
+"""Training-time regularizers (stability losses). One module each, chosen by `_target_`."""

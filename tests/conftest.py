@@ -1,0 +1,67 @@
+"""Shared fixtures: the tiny model (built once per cache), ../shared/data, Hydra composition."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CACHE = Path(os.environ.get("CL_BENCH_CACHE", REPO / ".cache" / "cl_bench"))
+
+# Tests never touch the network, W&B or tokenizer worker threads.
+os.environ.update(
+    HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
+    TOKENIZERS_PARALLELISM="false", CL_BENCH_CACHE=str(CACHE),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from cl_bench.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """(model, tokenizer) of the tiny model on CPU. Tests must not modify the model in place."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data samples not found at {SHARED_DATA} (../shared/data beside the repo)")
+    return SHARED_DATA
+
+
+def compose(overrides: list[str]):
+    """The job config exactly as `python -m cl_bench <overrides>` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def run_cli(args: list[str], timeout: int = 600, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "cl_bench", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# Small, fast settings for end-to-end runs of the tiny model.
+FAST = [
+    "general_eval=none", "progress=false", "trainer.epochs=1", "trainer.max_steps=6",
+    "sequence.n_train=48", "sequence.n_eval=8", "evaluation.max_new_tokens=6",
+]
