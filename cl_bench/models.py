@@ -43,6 +43,16 @@ def resolve_model_path(model_cfg: Any, cache_dir: str | None, log=print) -> str:
     return str(model_cfg.name_or_path)
 
 
+def model_unavailable(path: str) -> ModelLoadError:
+    if Path(path).exists():
+        return ModelLoadError(f"model.name_or_path={path!r} is a folder but not a loadable model (needs config.json, weights, tokenizer)")
+    offline = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    return ModelLoadError(
+        f"model {path!r} is not on disk and could not be downloaded{offline}; download it once "
+        f"(huggingface-cli download {path} --local-dir DIR) and set model.name_or_path=DIR"
+    )
+
+
 def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = None, log=print):
     """(model, tokenizer) on `device`, in eval mode; a one-line ModelLoadError if unavailable."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,17 +63,8 @@ def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = Non
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust)
-    except (OSError, ValueError) as exc:
-        is_local = Path(path).exists()
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = (
-            f"the local folder {path!r} is not a valid model folder ({type(exc).__name__})"
-            if is_local
-            else f"model {path!r} is not on disk and could not be downloaded"
-            + (" (HF_HUB_OFFLINE=1)" if offline else "")
-            + f"; download it (huggingface-cli download {path}) and set model.name_or_path=/path/to/local/copy"
-        )
-        raise ModelLoadError(hint) from None
+    except (OSError, ValueError):
+        raise model_unavailable(path) from None
     if tokenizer.pad_token_id is None:
         # Padding needs an id; the attention mask and label masking make its value irrelevant.
         tokenizer.pad_token = tokenizer.eos_token

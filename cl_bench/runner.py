@@ -12,9 +12,10 @@ from omegaconf import OmegaConf
 from . import config as config_checks
 from .data import TrainingEncoder
 from .evaluation import evaluate_task
+from .faults import kill_point
 from .initializers.base import InitContext
 from .metrics import compute_cl_metrics
-from .models import load_model, resolve_device, resolve_model_path
+from .models import load_model, model_unavailable, resolve_device, resolve_model_path
 from .results import SCHEMA, atomic_save_tensors, atomic_write_json, load_tensors, package_versions, write_jsonl
 from .run_dir import (
     RunLock, StageFiles, factors_to_tensors, load_checkpoint, load_model_state, load_previous_results,
@@ -62,7 +63,10 @@ class Runner:
             self.general_eval = general_eval
         cache_dir = str(cfg.cache.dir) if cfg.cache.enabled else None
         self.model_path = resolve_model_path(cfg.model, str(cfg.cache.dir), log=log.info)
-        shapes = config_checks.module_shapes(self.model_path, list(cfg.lora.target_modules), bool(cfg.model.get("trust_remote_code", False)))
+        try:
+            shapes = config_checks.module_shapes(self.model_path, list(cfg.lora.target_modules), bool(cfg.model.get("trust_remote_code", False)))
+        except (OSError, ValueError):
+            raise model_unavailable(self.model_path) from None
         config_checks.validate_rank(shapes, int(cfg.lora.r), list(cfg.lora.target_modules))
         self.initializer.validate(shapes, int(cfg.lora.r))
         self.init_cache_dir = str(Path(cache_dir) / "inits") if cache_dir else None
@@ -136,6 +140,7 @@ class Runner:
         self.tracker.log_stage(stage, self.results["matrix"][stage], self.results["tasks"])
         self.results["stages"].append(record)
         self.save()
+        kill_point(f"saved:{stage}")
         # Only the latest model state is needed to resume; older ones would cost a model each.
         if stage > 1:
             StageFiles(self.run_dir, stage - 1).model_state.unlink(missing_ok=True)
@@ -182,7 +187,7 @@ class Runner:
             seed=stage_seed, state=resumed[0] if resumed else None, optimizer_state=resumed[1] if resumed else None,
             checkpoint=lambda st, opt, sch: save_checkpoint(files, peft_model, st, opt, sch),
             progress=bool(cfg.progress), log=log.info,
-            on_step=lambda step, terms: self.tracker.log_step(stage, step, terms),
+            on_step=lambda step, terms: (self.tracker.log_step(stage, step, terms), kill_point(f"train:{stage}:{step}")),
         )
         seconds["train"] = time.time() - t0
         self.regularizer.end_stage(peft_model, stage, task)
@@ -217,6 +222,7 @@ class Runner:
             )
             row[j] = score
             write_jsonl(self.run_dir / "predictions" / f"stage_{stage:02d}" / f"{task.name}.jsonl", records)
+            kill_point(f"eval:{stage}:{j}")
         if self.general_eval and self.general_eval.should_run(cfg.general_eval, stage, len(self.tasks)):
             self.results["general"][str(stage)] = self.general_eval.evaluate_general(
                 self.model, self.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"),

@@ -95,17 +95,23 @@ def train_stage(
         for micro in range(accum):
             pos = (state.step * accum + micro) * bs
             batch = encoder.batch(task, order[pos:pos + bs], device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                lm_loss = model(**batch).loss
-                terms = {"lm": lm_loss, **regularizer.loss(model, batch)}
-                loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                bad = {k: float(v.detach()) for k, v in terms.items()}
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                    lm_loss = model(**batch).loss
+                    terms = {"lm": lm_loss, **regularizer.loss(model, batch)}
+                    loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    bad = {k: float(v.detach()) for k, v in terms.items()}
+                    raise TrainingError(
+                        f"non-finite loss at stage task {task.name!r} step {state.step + 1}: {bad}; "
+                        f"lower trainer.lr (now {cfg.lr}) or check the regularizer"
+                    )
+                (loss / accum).backward()
+            except torch.OutOfMemoryError:
                 raise TrainingError(
-                    f"non-finite loss at stage task {task.name!r} step {state.step + 1}: {bad}; "
-                    f"lower trainer.lr (now {cfg.lr}) or check the regularizer"
-                )
-            (loss / accum).backward()
+                    f"out of memory training {task.name!r} (batch {bs} x {batch['input_ids'].shape[1]} tokens); "
+                    "lower trainer.batch_size (raise trainer.grad_accum to keep the effective batch) or trainer.max_len"
+                ) from None
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))
@@ -114,12 +120,12 @@ def train_stage(
         opt.zero_grad(set_to_none=True)
         state.step += 1
         state.losses.append({**terms_sum, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]})
-        if on_step is not None:
-            on_step(state.step, state.losses[-1])
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in terms_sum.items()})
         if checkpoint is not None and every and state.step % every == 0 and state.step < total:
             checkpoint(state, opt, sched)
+        if on_step is not None:
+            on_step(state.step, state.losses[-1])
     bar.close()
     model.eval()
     first = state.losses[0] if state.losses else {}

@@ -1,0 +1,87 @@
+"""Crash safety: SIGKILL at several points, resume, same final matrix; one writer per run dir;
+NaN guard; determinism."""
+import json
+
+import pytest
+
+from cl_bench.errors import TrainingError
+from cl_bench.run_dir import RunLock
+from cl_bench.runner import run
+from conftest import FAST, compose, run_cli
+
+pytestmark = pytest.mark.slow
+
+ARGS = FAST + ["sequence.tasks=[sentiment,parity,sentiment_flip]", "sequence=synthetic_conflict",
+               "trainer.checkpoint_every_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref")
+    proc = run_cli(ARGS + [f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.parametrize("point", ["train:2:4", "eval:2:1", "saved:1"])
+def test_sigkill_then_resume_gives_the_same_matrix(reference, tmp_path, point):
+    killed = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"], env_extra={"CL_BENCH_KILL_AT": point})
+    assert killed.returncode == -9, killed.stderr[-2000:]  # really killed, no cleanup ran
+    partial = json.loads((tmp_path / "results.json").read_text())  # valid JSON at every instant
+    assert partial["complete"] is False
+    if point == "train:2:4":
+        assert (tmp_path / "stages" / "stage_02" / "checkpoint" / "state.json").exists()
+    resumed = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = json.loads((tmp_path / "results.json").read_text())
+    assert final["complete"] is True
+    assert final["matrix"] == reference["matrix"]
+    assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
+
+
+def test_same_seed_same_matrix(reference, tmp_path):
+    proc = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0
+    assert json.loads((tmp_path / "results.json").read_text())["matrix"] == reference["matrix"]
+
+
+def test_second_process_on_the_same_run_dir_is_refused(tiny_model_dir, tmp_path):
+    with RunLock(tmp_path):  # this test process holds the dir, as a running job would
+        proc = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 2
+    assert "in use by pid" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_with_a_different_config_names_the_keys(reference, tmp_path):
+    assert run_cli(ARGS + [f"hydra.run.dir={tmp_path}"], env_extra={"CL_BENCH_KILL_AT": "saved:1"}).returncode == -9
+    proc = run_cli(ARGS + [f"hydra.run.dir={tmp_path}", "trainer.lr=1e-4"])
+    assert proc.returncode == 2 and "trainer.lr" in proc.stderr
+
+
+class NanAfter:
+    """A regularizer whose term turns NaN at the given step: forces the NaN guard."""
+
+    def __init__(self, step: int = 2):
+        self.step, self.calls = step, 0
+
+    def begin_stage(self, *a): ...
+    def end_stage(self, *a): ...
+    def state_dict(self): return {}
+    def load_state_dict(self, s): ...
+
+    def loss(self, model, batch):
+        import torch
+
+        self.calls += 1
+        return {"poison": torch.tensor(float("nan") if self.calls >= self.step else 0.0)}
+
+
+def test_nan_loss_stops_the_stage_and_keeps_finished_ones(tiny_model_dir, tmp_path):
+    cfg = compose(FAST + ["sequence.tasks=[sentiment,parity]", "regularizer._target_=test_reliability.NanAfter",
+                          "+regularizer.step=8"])
+    with pytest.raises(TrainingError, match="non-finite loss.*poison"):
+        run(cfg, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["complete"] is False and "non-finite" in results["status"]
+    assert len(results["stages"]) == 1 and results["matrix"][1][0] is not None  # stage 1 kept
+    assert (tmp_path / "stages" / "stage_01" / "adapter.safetensors").exists()
