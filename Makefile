@@ -25,8 +25,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# Speed figures (not timed tests): init vs training cost per stage, capture with/without
+# cache, and the exhaustive sequence-mining search over C(46,5) subsets.
 bench: $(STAMP)
 	$(BIN)/python -m cl_bench.bench
+	$(BIN)/python -m cl_bench.mine --bench
 
 clean:
 	rm -rf outputs .pytest_cache

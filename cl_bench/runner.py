@@ -108,8 +108,11 @@ class Runner:
         cfg = self.cfg
         self.model, self.tokenizer = load_model(cfg.model, self.device, str(cfg.cache.dir), log=log.info)
         self.tracker = make_tracker(cfg.logger, self.config, str(self.run_dir), self.run_dir.name)
-        tr = cfg.trainer
-        self.encoder = TrainingEncoder(self.tokenizer, int(tr.max_len), bool(tr.mask_prompt), bool(cfg.evaluation.use_chat_template))
+        tr, ev = cfg.trainer, cfg.evaluation
+        # Never feed more positions than the model has (the tiny model has 512).
+        max_pos = getattr(self.model.config, "max_position_embeddings", None) or 10**9
+        self.max_prompt_len = min(int(ev.max_prompt_len), max_pos - int(ev.max_new_tokens))
+        self.encoder = TrainingEncoder(self.tokenizer, min(int(tr.max_len), max_pos), bool(tr.mask_prompt), bool(ev.use_chat_template))
         self.targets = list(cfg.lora.target_modules)
         done = len(self.results["stages"])
         if done:
@@ -217,7 +220,7 @@ class Runner:
                 continue
             score, records = evaluate_task(
                 self.model, self.tokenizer, task, batch_size=int(ev.batch_size), max_new_tokens=int(ev.max_new_tokens),
-                max_prompt_len=int(ev.max_prompt_len), device=self.device, use_chat_template=bool(ev.use_chat_template),
+                max_prompt_len=self.max_prompt_len, device=self.device, use_chat_template=bool(ev.use_chat_template),
                 limit=ev.limit, progress=bool(cfg.progress),
             )
             row[j] = score

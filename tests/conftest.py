@@ -62,6 +62,6 @@ def run_cli(args: list[str], timeout: int = 600, env_extra: dict | None = None) 
 
 # Small, fast settings for end-to-end runs of the tiny model.
 FAST = [
-    "general_eval=none", "progress=false", "trainer.epochs=1", "trainer.max_steps=6",
+    "general_eval=none", "progress=false", "trainer.epochs=2", "trainer.max_steps=6",
     "sequence.n_train=48", "sequence.n_eval=8", "evaluation.max_new_tokens=6",
 ]

@@ -8,9 +8,10 @@ DataError naming the task, the paths tried and how to get the data when nothing 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .base import Example, TaskData, split_examples
 
 # family name -> module; a new family = one module + an entry here.
@@ -29,12 +30,27 @@ def family_module(family: str):
 
 
 def load_sequence(seq: Any, root: str | None, seed: int) -> list[TaskData]:
-    """Load every task of a sequence config (name, family, tasks, n_train, n_eval)."""
+    """Load every task of a sequence config (name, family, tasks, n_train, n_eval, metrics).
+
+    All tasks are tried before failing, so one message names every missing or broken task."""
     module = family_module(seq.family)
-    return [
-        module.load_task(str(name), root=root, n_train=seq.n_train, n_eval=int(seq.n_eval), seed=seed)
-        for name in seq.tasks
-    ]
+    overrides = dict(seq.get("metrics") or {})
+    unknown = sorted(set(overrides) - {str(t) for t in seq.tasks})
+    if unknown:
+        raise ConfigError(f"sequence.metrics names tasks not in sequence.tasks: {', '.join(unknown)}")
+    tasks, errors = [], []
+    for name in map(str, seq.tasks):
+        kwargs = {"metric": overrides[name]} if name in overrides else {}
+        if kwargs and "metric" not in inspect.signature(module.load_task).parameters:
+            raise ConfigError(f"sequence.metrics: family {seq.family!r} fixes its metrics; remove the override for {name}")
+        try:
+            tasks.append(module.load_task(name, root=root, n_train=seq.n_train, n_eval=int(seq.n_eval), seed=seed, **kwargs))
+        except DataError as exc:
+            errors.append(str(exc))
+    if errors:
+        more = f" (and {len(errors) - 1} more task(s): " + " | ".join(errors[1:]) + ")" if len(errors) > 1 else ""
+        raise DataError(errors[0] + more)
+    return tasks
 
 
 __all__ = ["Example", "TaskData", "split_examples", "load_sequence", "family_module", "FAMILIES"]

@@ -1,8 +1,10 @@
 """What every task family yields: examples with a prompt and a target, split by one seeded rule."""
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataError
@@ -64,3 +66,39 @@ def split_examples(
     if n_train is not None:
         rest = rest[:n_train]
     return [examples[i] for i in rest], [examples[i] for i in held]
+
+
+def split_train_test(
+    train_pool: Sequence[Example], test_pool: Sequence[Example], n_train: int | None, n_eval: int, seed: int = 42
+) -> tuple[list[Example], list[Example], int]:
+    """Eval = first n_eval of the seed-shuffled test pool; train = the seed-shuffled training
+    pool minus any example whose prompt is evaluated, cut to n_train. Returns (train, eval,
+    number of training examples dropped for overlapping an eval prompt)."""
+    test_idx = list(range(len(test_pool)))
+    random.Random(seed).shuffle(test_idx)
+    evaluated = [test_pool[i] for i in test_idx[:n_eval]]
+    eval_prompts = {(ex.prompt, ex.messages) for ex in evaluated}
+    train_idx = list(range(len(train_pool)))
+    random.Random(seed).shuffle(train_idx)
+    kept = [train_pool[i] for i in train_idx if (train_pool[i].prompt, train_pool[i].messages) not in eval_prompts]
+    dropped = len(train_pool) - len(kept)
+    if n_train is not None:
+        kept = kept[:n_train]
+    return kept, evaluated, dropped
+
+
+def split_for_task(
+    train_pool: Sequence[Example], test_pool: Sequence[Example] | None, n_train: int | None, n_eval: int, seed: int
+) -> tuple[list[Example], list[Example], dict]:
+    """The one split rule of the file-based families; `info` says which branch was taken."""
+    if test_pool:
+        train, evaluated, dropped = split_train_test(train_pool, test_pool, n_train, n_eval, seed)
+        return train, evaluated, {"eval_from": "test file", "train_dropped_overlap": dropped}
+    train, evaluated = split_examples(list(train_pool), n_train, n_eval, seed)
+    return train, evaluated, {"eval_from": "held out of the training file"}
+
+
+def data_roots(root: str | os.PathLike | None) -> list[Path]:
+    """`data.root`, else env CL_BENCH_DATA; empty when neither is set."""
+    chosen = root if root not in (None, "") else os.environ.get("CL_BENCH_DATA") or None
+    return [Path(chosen).expanduser()] if chosen else []
