@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from . import config as config_checks
 from .data import TrainingEncoder
 from .evaluation import evaluate_task
+from .errors import CLBenchError, ConfigError
 from .faults import kill_point
 from .initializers.base import InitContext
 from .metrics import compute_cl_metrics
@@ -36,9 +37,19 @@ def lora_scaling(lora_cfg) -> float:
 
 def build_plugins(cfg):
     """Instantiate initializer, regularizer and merge from their `_target_` (validates kwargs)."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return instantiate(cfg.initializer), instantiate(cfg.regularizer), instantiate(cfg.merge)
+    plugins = []
+    for group in ("initializer", "regularizer", "merge"):
+        try:
+            plugins.append(instantiate(cfg[group]))
+        except InstantiationException as exc:
+            # Hydra wraps the plug-in's own one-line ConfigError; surface that, not the wrapper.
+            if isinstance(exc.__cause__, CLBenchError):
+                raise exc.__cause__ from None
+            raise ConfigError(f"{group}: cannot build {cfg[group].get('_target_')!r}: {str(exc).splitlines()[-1]}") from None
+    return tuple(plugins)
 
 
 class Runner:
@@ -60,6 +71,7 @@ class Runner:
             from . import general_eval
 
             general_eval.parse_config(cfg.general_eval)  # one-line ConfigError on bad values
+            general_eval.check_data(cfg.general_eval, cfg.data.get("root"))  # before the model loads
             self.general_eval = general_eval
         cache_dir = str(cfg.cache.dir) if cfg.cache.enabled else None
         self.model_path = resolve_model_path(cfg.model, str(cfg.cache.dir), log=log.info)
@@ -236,7 +248,7 @@ class Runner:
         metrics = compute_cl_metrics(self.results["matrix"], self.results["eval_sizes"])
         gp_ip = {"GP": None, "IP": None}
         if self.general_eval:
-            gp_ip = self.general_eval.aggregate_gp_ip(self.results["general"], self.cfg.general_eval)
+            gp_ip = self.general_eval.aggregate_gp_ip(self.results["general"], self.cfg.general_eval, final_stage=len(self.tasks))
         metrics.update(gp_ip)
         self.results["metrics"] = metrics
         self.results["complete"] = True

@@ -47,7 +47,7 @@ CASES = {
     ),
     "unknown metric": (
         ["sequence=ni_opp1", "sequence.tasks=[task088_identify_typo_verification]", "data.root={good}",
-         "+sequence.metrics={task088_identify_typo_verification: bleu9}"],
+         "+sequence.metrics={{task088_identify_typo_verification: bleu9}}"],
         "bleu9",
     ),
 }

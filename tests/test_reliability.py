@@ -11,7 +11,7 @@ from conftest import FAST, compose, run_cli
 
 pytestmark = pytest.mark.slow
 
-ARGS = FAST + ["sequence.tasks=[sentiment,parity,sentiment_flip]", "sequence=synthetic_conflict",
+ARGS = FAST + ["sequence.tasks=[sentiment,parity]", "sequence=synthetic_conflict",
                "trainer.checkpoint_every_steps=2"]
 
 

@@ -196,6 +196,8 @@ def read_task_file(path: Path) -> tuple[str, list[Example]]:
         if target is None:
             continue
         examples.append(Example(id=str(inst.get("id", f"{path.stem}-{i}")), prompt=build_prompt(definition, inst["input"]), target=target))
+    if not examples:
+        raise DataError(f"{path}: 'Instances' holds no instance with a reference output; a task needs at least 2")
     return definition, examples
 
 
