@@ -1,12 +1,13 @@
 """Small vocabularies shared by the tiny model's pretraining corpus and the synthetic tasks,
 so every word a synthetic task uses is a token sequence the tiny model has seen."""
 
-NOUNS = (
-    "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox mouse frog duck "
-    "apple bread cheese soup cake rice milk tea coffee juice pizza salad "
+ANIMALS = "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox mouse frog duck".split()
+FOODS = "apple bread cheese soup cake rice milk tea coffee juice pizza salad".split()
+THINGS = (
     "house car train boat plane road river lake hill tree flower stone cloud rain snow sun moon star "
     "book pen cup door window chair table lamp clock phone shoe hat coat bag box key ring ball"
 ).split()
+NOUNS = ANIMALS + FOODS + THINGS
 
 POSITIVE = (
     "good great nice lovely excellent wonderful fine pleasant happy bright fresh tasty "
