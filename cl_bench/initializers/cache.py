@@ -1,0 +1,121 @@
+"""Content-keyed on-disk cache for gradient captures and init factors (safetensors, no pickle).
+
+A key is a SHA-256 over what determines the content, never over paths or run names:
+* a capture: the model state (every non-LoRA parameter, plus the LoRA ones if an adapter is
+  not a no-op), the model class, the target modules, and the exact token batches used
+  (which pins the task examples drawn, the tokenizer, max length, capture steps, batch size
+  and seed). Not c, the operator, α or r: they act after the capture, so a sweep over them
+  that shares a model state (always true at stage 1) captures once.
+* an init: the capture keys plus every knob that acts after the capture.
+
+Files are written to a temporary name and renamed, so concurrent multirun jobs never read a
+partial file; the worst case is that two jobs compute the same entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+# Bump when the meaning of a cached entry changes (loss, mode, layout, selection rule).
+CACHE_VERSION = 1
+
+
+def _update_with_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    t = t.detach()
+    h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
+    flat = t.reshape(-1).contiguous().cpu()
+    if flat.numel():
+        h.update(flat.view(torch.uint8).numpy())  # buffer protocol: no extra bytes copy
+
+
+def model_state_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over the parameters that define the function being differentiated.
+
+    LoRA parameters are skipped while every lora_B is zero (the adapter is then a no-op and
+    its random A does not affect the gradient w.r.t. W); otherwise they are included.
+    """
+    named = list(model.named_parameters())
+    adapter_is_noop = all(not bool(p.detach().any()) for n, p in named if "lora_B" in n)
+    h = hashlib.sha256()
+    for name, p in named:
+        if "lora_" in name and adapter_is_noop:
+            continue
+        h.update(name.encode())
+        _update_with_tensor(h, p)
+    return h.hexdigest()
+
+
+def batches_fingerprint(batches: Iterable[dict[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for i, batch in enumerate(batches):
+        h.update(f"batch{i}".encode())
+        for k in sorted(batch):
+            h.update(k.encode())
+            _update_with_tensor(h, batch[k])
+    return h.hexdigest()
+
+
+def content_key(*parts: Any) -> str:
+    """SHA-256 of JSON-serialisable parts (sorted keys), prefixed by the cache version."""
+    payload = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class TensorCache:
+    """dict[str, Tensor] + JSON metadata per key under `root/<kind>/<key[:2]>/<key>.safetensors`.
+
+    `root=None` turns the cache off: `load` always misses and `save` does nothing.
+    """
+
+    def __init__(self, root: str | os.PathLike | None, log: Callable[[str], None] = print):
+        self.root = Path(root) if root else None
+        self.log = log
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def path(self, kind: str, key: str) -> Path:
+        assert self.root is not None
+        return self.root / kind / key[:2] / f"{key}.safetensors"
+
+    def load(self, kind: str, key: str, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict] | None:
+        if not self.enabled:
+            return None
+        path = self.path(kind, key)
+        if not path.exists():
+            return None
+        try:
+            tensors = load_file(str(path), device=str(device))
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        except Exception as exc:  # a corrupt entry is recomputed, never trusted
+            self.log(f"cache: ignoring unreadable {kind} entry {path} ({exc})")
+            return None
+        self.log(f"cache hit: {kind} {key[:12]} ({path})")
+        return tensors, meta
+
+    def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Path | None:
+        if not self.enabled:
+            return None
+        path = self.path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:12]}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(payload, tmp, metadata={"meta": json.dumps(meta or {}, default=str)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.log(f"cache store: {kind} {key[:12]} ({path})")
+        return path

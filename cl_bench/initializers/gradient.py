@@ -1,0 +1,351 @@
+"""Gradient-based initializers: LoRA-GA (paper protocol) and SLICE.
+
+Per stage, on the current (merged) weights with a fresh no-op adapter:
+  1. G_cur = mean gradient of the current task's loss w.r.t. every target weight (fp32);
+     SLICE also captures one G_k per previous task (same steps each) and takes
+     G_prev = (1/K) Σ_k G_k — equal weight per task, as in the paper.
+  2. SLICE: G̃ = ψ(G_cur, G_prev) (linalg.projection_plan / apply_plan); LoRA-GA: G̃ = G_cur.
+  3. B = U[:, :r], A = V[:, r:2r]ᵀ from the (randomized, seeded per module) SVD of G̃.
+  4. β-rescale so Var(B·A) = η_r·Var(W); the runner's apply_init absorbs s·B·A into W.
+At stage 1 (no previous task) SLICE runs exactly LoRA-GA's computation (same batches, same
+SVD seeds, same cache entries) and records `projection: "skipped: no previous task"`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import linalg
+from ..errors import ConfigError
+from ..tasks.base import TaskData
+from .apply import as_out_in, base_weight, lora_layers, module_shapes, peak_memory_mb, reset_peak_memory
+from .base import Initializer, InitContext, InitResult
+from .cache import TensorCache, batches_fingerprint, content_key, model_state_fingerprint
+from .capture import capture_gradients
+
+ADAPTER = "default"
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"initializer.{key}={value!r} must be a positive integer")
+    return value
+
+
+class LoraGA(Initializer):
+    """LoRA-GA subspace with LoRAM-style magnitude (the SLICE paper's LoRA-GA baseline)."""
+
+    name = "lora_ga"
+
+    def __init__(
+        self,
+        capture_steps: int = 8,
+        capture_batch_size: int = 16,
+        svd: str = "randomized",
+        niter: int = 4,
+        offload: bool = False,
+    ):
+        self.capture_steps = _positive_int("capture_steps", capture_steps)
+        self.capture_batch_size = _positive_int("capture_batch_size", capture_batch_size)
+        if svd not in linalg.SVD_METHODS:
+            raise ConfigError(f"initializer.svd={svd!r}; valid: {', '.join(linalg.SVD_METHODS)}")
+        self.svd = svd
+        self.niter = _positive_int("niter", niter)
+        self.offload = bool(offload)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
+        if rank < 2:
+            raise ConfigError(
+                f"lora.r={rank}: {self.name} rescales by η_r = log_m r, which is 0 at r = 1; use lora.r >= 2"
+            )
+        for name, (d_out, d_in) in module_shapes.items():
+            if 2 * rank > min(d_out, d_in):
+                raise ConfigError(
+                    f"lora.r={rank}: {self.name} needs 2r <= min(d_out, d_in) but {name} is {d_out}x{d_in} "
+                    f"(largest valid r: {min(d_out, d_in) // 2})"
+                )
+
+    # ------------------------------------------------------------------ knobs
+    def _projection_knobs(self, has_previous: bool) -> dict | None:
+        return None
+
+    def _previous_tasks(self, ctx: InitContext) -> list[TaskData]:
+        return []
+
+    def _init_knobs(self, ctx: InitContext, has_previous: bool) -> dict:
+        return {
+            "selection": "lora_ga",
+            "svd": self.svd,
+            "niter": self.niter,
+            "rank": ctx.rank,
+            "seed": ctx.seed,
+            "projection": self._projection_knobs(has_previous),
+        }
+
+    # ------------------------------------------------------------------ the stage
+    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+        start = time.perf_counter()
+        reset_peak_memory(ctx.device)
+        layers = lora_layers(peft_model, ADAPTER)
+        self.validate(module_shapes(layers), ctx.rank)
+        cache = TensorCache(ctx.cache_dir, ctx.log)
+        captures = _Captures(peft_model, layers, ctx, cache, offload=self.offload)
+        current = captures.plan(ctx.current, self.capture_steps, self.capture_batch_size)
+        previous = [captures.plan(t, *self._previous_shape()) for t in self._previous_tasks(ctx)]
+        has_previous = bool(previous)
+
+        init_key = None
+        if cache.enabled:
+            init_key = content_key("init", current.key, [p.key for p in previous], self._init_knobs(ctx, has_previous))
+            hit = cache.load("init", init_key, device=ctx.device)
+            if hit is not None:
+                return self._from_cache(hit, layers, has_previous, init_key, start, ctx.device)
+
+        t0 = time.perf_counter()
+        g_cur, cur_info = captures.run(current)
+        g_prev, prev_infos = captures.run_mean(previous) if previous else (None, [])
+        t_capture = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        plans, proj_stats = self._reconcile(g_cur, g_prev, ctx)
+        t_proj = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        factors, svd_stats = self._factorize(layers, g_cur, g_prev, plans, ctx)
+        t_svd = time.perf_counter() - t0
+        del g_cur, g_prev
+
+        stats: dict[str, Any] = {
+            "method": self.name,
+            "rank": ctx.rank,
+            "svd": self.svd,
+            "niter": self.niter,
+            **proj_stats,
+            **svd_stats,
+            "capture": {"current": cur_info, "previous": prev_infos},
+            "cache": {"init": "miss" if cache.enabled else "off", "key": init_key[:16] if init_key else None},
+            "seconds": {"capture": t_capture, "projection": t_proj, "svd": t_svd, "total": time.perf_counter() - start},
+            "peak_memory_mb": peak_memory_mb(ctx.device),
+        }
+        if init_key is not None:
+            tensors = {f"{n}::{part}": t for n, (A, B) in factors.items() for part, t in (("A", A), ("B", B))}
+            cache.save("init", init_key, tensors, {"stats": stats})
+        return InitResult(factors=factors, absorb=True, stats=stats)
+
+    def _from_cache(self, hit, layers, has_previous: bool, init_key: str, start: float, device) -> InitResult:
+        tensors, meta = hit
+        factors = {n: (tensors[f"{n}::A"], tensors[f"{n}::B"]) for n in layers}
+        stats = dict(meta.get("stats", {}))
+        stats["method"] = self.name
+        if not has_previous:  # shared with lora_ga at stage 1: describe it as this method
+            stats.update(self._no_projection_stats())
+        for info in [stats.get("capture", {}).get("current", {}), *stats.get("capture", {}).get("previous", [])]:
+            info["cache"] = "not run: init from cache"  # the stored info describes the original capture
+        stats["cache"] = {"init": "hit", "key": init_key[:16]}
+        stats["seconds"] = {"total": time.perf_counter() - start, "computed_originally": stats.get("seconds")}
+        stats["peak_memory_mb"] = peak_memory_mb(device)
+        return InitResult(factors=factors, absorb=True, stats=stats)
+
+    def _reconcile(self, g_cur, g_prev, ctx: InitContext) -> tuple[dict[str, linalg.ModulePlan] | None, dict]:
+        """ψ's per-module plans from per-module inner products (global scope sums them)."""
+        if g_prev is None:
+            return None, self._no_projection_stats()
+        dots = {n: linalg.inner_products(g_cur[n], g_prev[n]) for n in g_cur}
+        plans, stats = linalg.projection_plan(dots, seed=ctx.seed, **self._projection_knobs(True))
+        stats["projection"] = _describe(stats)
+        gamma = f", gamma={stats['gamma']:.4g}" if stats["gamma"] is not None else ""
+        ctx.log(f"{self.name} stage {ctx.stage}: cos(G_cur, G_prev)={stats['cos_global']:+.4f} -> {stats['projection']}{gamma}")
+        return plans, stats
+
+    def _factorize(self, layers, g_cur, g_prev, plans, ctx: InitContext) -> tuple[dict, dict]:
+        """Eq. 7 + Eq. 9 one module at a time, so G̃ never exists for all modules at once."""
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        mass_r = mass_2r = total_sq = 0.0
+        betas: list[float] = []
+        for name, layer in layers.items():
+            r = int(layer.r[ADAPTER])
+            G = g_cur[name].to(ctx.device)
+            if plans is not None:
+                G = linalg.apply_plan(G, g_prev[name].to(ctx.device), plans[name])
+            A, B, S = linalg.lora_ga_selection(G, r, method=self.svd, niter=self.niter, seed=linalg.module_seed(ctx.seed, name))
+            g_sq = float(G.double().pow(2).sum())
+            total_sq += g_sq
+            mass_r += linalg.singular_value_mass(S, g_sq, r) * g_sq
+            mass_2r += linalg.singular_value_mass(S, g_sq, 2 * r) * g_sq
+            A, B, beta = linalg.rescale_factors(as_out_in(layer, base_weight(layer)), A, B)
+            betas.append(beta)
+            factors[name] = (A, B)
+            del G
+        stats = {
+            # share of ‖G̃‖_F² (summed over modules) in the r / 2r leading singular values
+            "sv_mass_top_r": mass_r / total_sq if total_sq > 0 else 0.0,
+            "sv_mass_top_2r": mass_2r / total_sq if total_sq > 0 else 0.0,
+            "beta": {"min": min(betas), "mean": sum(betas) / len(betas), "max": max(betas)},
+        }
+        return factors, stats
+
+    def _previous_shape(self) -> tuple[int, int]:
+        return self.capture_steps, self.capture_batch_size
+
+    def _no_projection_stats(self) -> dict:
+        return {"projection": "not applicable: lora_ga uses the current-task gradient only", "fired": False}
+
+
+class Slice(LoraGA):
+    """SLICE: LoRA-GA on ψ(G_cur, G_prev), the current-task gradient reconciled with the
+    previous tasks' gradient (pcgrad | gradvac | nullspace | magnitude_preserving, damped by c)."""
+
+    name = "slice"
+
+    def __init__(
+        self,
+        c: float = 1.0,
+        operator: str = "pcgrad",
+        scope: str = "global",
+        threshold: float = 0.0,
+        nullspace_rank: int | None = None,
+        capture_steps: int = 8,
+        capture_batch_size: int = 16,
+        prev_capture_steps: int | None = None,
+        prev_capture_batch_size: int | None = None,
+        svd: str = "randomized",
+        niter: int = 4,
+        offload: bool = False,
+    ):
+        super().__init__(capture_steps, capture_batch_size, svd, niter, offload)
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            raise ConfigError(f"initializer.c={c!r} must be a number in [0, 1]")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise ConfigError(f"initializer.threshold={threshold!r} must be a number (a cosine)")
+        try:
+            linalg.check_projection_args(operator, float(c), scope, float(threshold), nullspace_rank)
+        except ValueError as exc:
+            raise ConfigError(f"initializer.{exc}") from None
+        self.c, self.operator, self.scope = float(c), operator, scope
+        self.threshold = float(threshold)
+        self.nullspace_rank = None if nullspace_rank is None else int(nullspace_rank)
+        self.prev_capture_steps = _positive_int(
+            "prev_capture_steps", capture_steps if prev_capture_steps is None else prev_capture_steps
+        )
+        self.prev_capture_batch_size = _positive_int(
+            "prev_capture_batch_size", capture_batch_size if prev_capture_batch_size is None else prev_capture_batch_size
+        )
+
+    def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
+        super().validate(module_shapes, rank)
+        if self.nullspace_rank is not None:
+            for name, (d_out, d_in) in module_shapes.items():
+                if self.nullspace_rank > min(d_out, d_in):
+                    raise ConfigError(
+                        f"initializer.nullspace_rank={self.nullspace_rank} exceeds min(d_out, d_in)="
+                        f"{min(d_out, d_in)} of {name}"
+                    )
+
+    def _previous_tasks(self, ctx: InitContext) -> list[TaskData]:
+        return list(ctx.previous)
+
+    def _previous_shape(self) -> tuple[int, int]:
+        return self.prev_capture_steps, self.prev_capture_batch_size
+
+    def _projection_knobs(self, has_previous: bool) -> dict | None:
+        if not has_previous:  # stage 1: exactly LoRA-GA, so the init cache entry is shared too
+            return None
+        return {
+            "operator": self.operator,
+            "c": self.c,
+            "scope": self.scope,
+            "threshold": self.threshold,
+            "nullspace_rank": self.nullspace_rank,
+        }
+
+    def _no_projection_stats(self) -> dict:
+        return {
+            "projection": "skipped: no previous task",
+            "fired": False,
+            "operator": self.operator,
+            "c": self.c,
+            "scope": self.scope,
+            "threshold": self.threshold,
+        }
+
+
+@dataclass
+class _CaptureSpec:
+    task: str
+    steps: int
+    batch_size: int
+    batches: list
+    key: str | None  # content key; None when the cache is off
+
+
+class _Captures:
+    """Plans (batches + content key) and runs cached gradient captures on one model state."""
+
+    def __init__(self, peft_model, layers, ctx: InitContext, cache: TensorCache, offload: bool):
+        self.model, self.ctx, self.cache, self.offload = peft_model, ctx, cache, offload
+        self.weights = {name: base_weight(layer) for name, layer in layers.items()}
+        self.transposed = [name for name, layer in layers.items() if layer.fan_in_fan_out]
+        base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+        self.model_class = type(base).__name__
+        self.state = model_state_fingerprint(peft_model) if cache.enabled else None
+
+    def plan(self, task: TaskData, steps: int, batch_size: int) -> _CaptureSpec:
+        batches = list(self.ctx.make_batches(task, steps, batch_size, self.ctx.seed))
+        key = None
+        if self.cache.enabled:
+            key = content_key("capture", self.model_class, self.state, sorted(self.weights), batches_fingerprint(batches))
+        return _CaptureSpec(task.name, steps, batch_size, batches, key)
+
+    def run(self, spec: _CaptureSpec) -> tuple[dict[str, torch.Tensor], dict]:
+        info: dict[str, Any] = {"task": spec.task, "steps": spec.steps, "batch_size": spec.batch_size}
+        t0 = time.perf_counter()
+        if spec.key is not None:
+            hit = self.cache.load("capture", spec.key, device="cpu" if self.offload else self.ctx.device)
+            if hit is not None:
+                grads, meta = hit
+                info.update(cache="hit", loss=meta.get("loss"), seconds=time.perf_counter() - t0)
+                return grads, info
+        cap = capture_gradients(self.model, self.weights, spec.batches, offload=self.offload, transposed=self.transposed)
+        info.update(cache="off" if spec.key is None else "miss", loss=cap.loss, seconds=cap.seconds)
+        if spec.key is not None:
+            self.cache.save("capture", spec.key, cap.grads, {"loss": cap.loss, **info})
+        return cap.grads, info
+
+    def run_mean(self, specs: list[_CaptureSpec]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """Equal-weight mean of one capture per task, holding one capture besides the sum."""
+        total: dict[str, torch.Tensor] | None = None
+        infos = []
+        for spec in specs:
+            grads, info = self.run(spec)
+            infos.append(info)
+            if total is None:
+                total = grads
+            else:
+                for n in total:
+                    total[n].add_(grads[n])
+            del grads
+        for n in total:
+            total[n].div_(len(specs))
+        return total, infos
+
+
+def _describe(stats: dict) -> str:
+    """One line for results.json: did the projection fire, where, and did it change anything."""
+    n, k = stats["per_module"]["n"], stats["per_module"]["fired"]
+    no_change = "" if stats["changed"] else " (c=0: no change)"
+    if stats["operator"] == "nullspace":
+        return f"fired: null-space projection in {k}/{n} modules{no_change}"
+    if stats["scope"] == "global":
+        if not stats["fired"]:
+            return f"not fired: global cos {stats['cos_global']:+.4f} >= threshold {stats['threshold']}"
+        return "fired" + no_change
+    if k == 0:
+        return f"not fired: no module with cos < threshold {stats['threshold']}"
+    return f"fired in {k}/{n} modules{no_change}"
+
+
+__all__ = ["LoraGA", "Slice"]

@@ -1,0 +1,52 @@
+"""LoRAM: data-free deterministic DST-I bases with the variance-matched magnitude rescale.
+
+A = first r rows of the orthonormal d_in×d_in DST-I matrix, B = first r columns of the
+d_out×d_out one, both scaled by β = (η_r·η_var)^(1/4) against the current W, then absorbed
+(W ← W − s·B·A) by the runner's apply_init. The subspace is the same at every stage; only
+the magnitude follows the (merged) weights.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import linalg
+from ..errors import ConfigError
+from .apply import as_out_in, base_weight, lora_layers, module_shapes, peak_memory_mb, reset_peak_memory
+from .base import Initializer, InitContext, InitResult
+
+ADAPTER = "default"
+
+
+class LoRAM(Initializer):
+    name = "loram"
+
+    def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
+        if rank < 2:
+            raise ConfigError(f"lora.r={rank}: loram rescales by η_r = log_m r, which is 0 at r = 1; use lora.r >= 2")
+        for name, (d_out, d_in) in module_shapes.items():
+            if rank > min(d_out, d_in):
+                raise ConfigError(f"lora.r={rank} exceeds min(d_out, d_in)={min(d_out, d_in)} of {name}")
+
+    @torch.no_grad()
+    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+        start = time.perf_counter()
+        reset_peak_memory(ctx.device)
+        layers = lora_layers(peft_model, ADAPTER)
+        self.validate(module_shapes(layers), ctx.rank)
+        factors, betas = {}, []
+        for name, layer in layers.items():
+            W = as_out_in(layer, base_weight(layer))
+            A, B = linalg.dst1_factors(W.shape[0], W.shape[1], int(layer.r[ADAPTER]), device=W.device)
+            A, B, beta = linalg.rescale_factors(W, A, B)
+            factors[name] = (A, B)
+            betas.append(beta)
+        stats = {
+            "method": self.name,
+            "rank": ctx.rank,
+            "beta": {"min": min(betas), "mean": sum(betas) / len(betas), "max": max(betas)},
+            "seconds": {"total": time.perf_counter() - start},
+            "peak_memory_mb": peak_memory_mb(ctx.device),
+        }
+        return InitResult(factors=factors, absorb=True, stats=stats)
