@@ -187,7 +187,7 @@ class Runner:
         if init_result.factors:
             from .initializers.apply import apply_init
 
-            apply_init(peft_model, init_result)
+            init_result.stats["apply"] = apply_init(peft_model, init_result)
         seconds["init"] = time.time() - t0
 
         self.regularizer.begin_stage(peft_model, stage, task)

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cl_bench import linalg
 from cl_bench.errors import ConfigError
 from cl_bench.initializers import gradient
-from cl_bench.initializers.apply import apply_init, as_out_in, base_weight, lora_layers, module_shapes
+from cl_bench.initializers.apply import apply_init, as_out_in, base_weight, lora_layers
 from cl_bench.initializers.base import InitContext
 from cl_bench.initializers.cache import TensorCache, content_key, model_state_fingerprint
 from cl_bench.initializers.capture import capture_gradients
