@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python -m cl_bench hydra.run.dir=outputs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 # Speed figures (not timed tests): init vs training cost per stage, capture with/without
 # cache, and the exhaustive sequence-mining search over C(46,5) subsets.

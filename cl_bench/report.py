@@ -31,7 +31,7 @@ def run_row(path: Path) -> dict:
     cfg = res.get("config", {})
     init = dict(cfg.get("initializer", {}))
     method = str(init.pop("_target_", "?")).rsplit(".", 1)[-1]
-    knobs = ",".join(f"{k}={v}" for k, v in sorted(init.items()) if not isinstance(v, (dict, list)))
+    knobs = {k: v for k, v in sorted(init.items()) if not isinstance(v, (dict, list))}
     lora = cfg.get("lora", {})
     row = {
         "run": str(path.parent), "sequence": res.get("sequence"), "method": method, "knobs": knobs,
@@ -39,6 +39,18 @@ def run_row(path: Path) -> dict:
     }
     row.update({m: (res.get("metrics") or {}).get(m) for m in METRICS})
     return row
+
+
+def varying_knobs(runs: pd.DataFrame) -> pd.Series:
+    """Per run, only the initializer knobs that differ between runs of the same method, so the
+    table says 'c=0.5' rather than every default."""
+    out = pd.Series("", index=runs.index)
+    for _, group in runs.groupby("method"):
+        keys = sorted({k for d in group["knobs"] for k in d})
+        varying = [k for k in keys if len({repr(d.get(k)) for d in group["knobs"]}) > 1]
+        for idx, d in group["knobs"].items():
+            out[idx] = ",".join(f"{k}={d.get(k)}" for k in varying)
+    return out
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
@@ -66,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cl_bench.report: error: no results.json below {', '.join(args.paths)}", file=sys.stderr)
         return 2
     runs = pd.DataFrame([run_row(f) for f in files])
+    runs["knobs"] = varying_knobs(runs)
     summary = summarize(runs)
     print(summary.to_string(index=False))
     incomplete = int((runs["complete"] != True).sum())  # noqa: E712

@@ -12,6 +12,7 @@ import time
 import torch
 
 from .. import linalg
+from ..config import validate_rank
 from ..errors import ConfigError
 from .apply import as_out_in, base_weight, lora_layers, module_shapes, peak_memory_mb, reset_peak_memory
 from .base import Initializer, InitContext, InitResult
@@ -25,9 +26,7 @@ class LoRAM(Initializer):
     def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
         if rank < 2:
             raise ConfigError(f"lora.r={rank}: loram rescales by η_r = log_m r, which is 0 at r = 1; use lora.r >= 2")
-        for name, (d_out, d_in) in module_shapes.items():
-            if rank > min(d_out, d_in):
-                raise ConfigError(f"lora.r={rank} exceeds min(d_out, d_in)={min(d_out, d_in)} of {name}")
+        validate_rank(module_shapes, rank, list(module_shapes))
 
     @torch.no_grad()
     def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
