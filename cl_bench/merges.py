@@ -24,7 +24,7 @@ def lora_layers(peft_model, adapter: str = "default"):
     from peft.tuners.lora import LoraLayer
 
     for name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+        if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {}):
             yield name, module
 
 

@@ -12,8 +12,8 @@ import resource
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.lora.layer import LoraLayer
 
+from .. import merges
 from ..errors import ConfigError
 from .base import InitResult
 
@@ -21,14 +21,13 @@ from .base import InitResult
 def lora_layers(peft_model: torch.nn.Module, adapter_name: str = "default") -> dict[str, LoraLinear]:
     """LoRA Linear layers carrying `adapter_name`, by their name in peft_model.named_modules()."""
     layers: dict[str, LoraLinear] = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_A", {}):
-            if not isinstance(module, LoraLinear):
-                raise ConfigError(
-                    f"lora.target_modules: {name} is a {type(module).__name__}; "
-                    "data-driven initializers support Linear targets only"
-                )
-            layers[name] = module
+    for name, module in merges.lora_layers(peft_model, adapter_name):
+        if not isinstance(module, LoraLinear):
+            raise ConfigError(
+                f"lora.target_modules: {name} is a {type(module).__name__}; "
+                "data-driven initializers support Linear targets only"
+            )
+        layers[name] = module
     if not layers:
         raise ConfigError(f"no LoRA layers with adapter {adapter_name!r} found; check lora.target_modules")
     return layers
