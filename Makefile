@@ -18,9 +18,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the embedded default: tiny model, synthetic sequence, CPU.
+# The main job on the embedded default: tiny model, synthetic sequence, CPU. Each call writes a
+# new run dir (outputs/synthetic/vanilla/<time>); pass a fixed hydra.run.dir to resume one.
 demo: $(STAMP)
-	$(BIN)/python -m cl_bench hydra.run.dir=outputs/demo
+	$(BIN)/python -m cl_bench
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests --durations=15
