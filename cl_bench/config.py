@@ -57,6 +57,8 @@ def validate(cfg: Any) -> None:
     _positive_int(cfg, "trainer.checkpoint_every_steps", allow_zero=True)
     if trainer.get("max_steps") is not None:
         _positive_int(cfg, "trainer.max_steps")
+    if cfg.get("threads") is not None:
+        _positive_int(cfg, "threads")
     if seq.get("n_train") is not None:
         _positive_int(cfg, "sequence.n_train")
     if ev.get("limit") is not None:

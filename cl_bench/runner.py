@@ -64,6 +64,8 @@ class Runner:
         cfg = self.cfg
         config_checks.validate(cfg)
         self.device = resolve_device(str(cfg.device))
+        if cfg.get("threads") is not None:
+            torch.set_num_threads(int(cfg.threads))
         self.tasks = load_sequence(cfg.sequence, cfg.data.get("root"), int(cfg.seed))
         self.initializer, self.regularizer, self.merger = build_plugins(cfg)
         self.general_eval = None  # lm-eval is imported only when general capability is measured
