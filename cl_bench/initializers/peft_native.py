@@ -31,6 +31,12 @@ def _positive_int(key: str, value: Any) -> int:
     return value
 
 
+def _choice(key: str, value: Any, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise ConfigError(f"initializer.{key}={value!r}; valid: {', '.join(valid)}")
+    return value
+
+
 def _check_rank(name: str, module_shapes: dict[str, tuple[int, int]], rank: int, factor: int = 1) -> None:
     for module, (d_out, d_in) in module_shapes.items():
         if factor * rank > min(d_out, d_in):
@@ -96,11 +102,8 @@ class LoraGAPeft(_PeftNative):
         capture_batch_size: int = 16,
     ):
         super().__init__()
-        if direction not in self.DIRECTIONS:
-            raise ConfigError(f"initializer.direction={direction!r}; valid: {', '.join(self.DIRECTIONS)}")
-        if scale not in self.SCALES:
-            raise ConfigError(f"initializer.scale={scale!r}; valid: {', '.join(self.SCALES)}")
-        self.direction, self.scale = direction, scale
+        self.direction = _choice("direction", direction, self.DIRECTIONS)
+        self.scale = _choice("scale", scale, self.SCALES)
         self.stable_gamma = _positive_int("stable_gamma", stable_gamma)
         self.capture_steps = _positive_int("capture_steps", capture_steps)
         self.capture_batch_size = _positive_int("capture_batch_size", capture_batch_size)
@@ -249,11 +252,8 @@ class CorDA(_PeftNative):
 
     def __init__(self, method: str = "ipm", calibration: str = "current", samples: int = 64):
         super().__init__()
-        if method not in self.METHODS:
-            raise ConfigError(f"initializer.method={method!r}; valid: {', '.join(self.METHODS)}")
-        if calibration not in self.CALIBRATIONS:
-            raise ConfigError(f"initializer.calibration={calibration!r}; valid: {', '.join(self.CALIBRATIONS)}")
-        self.method, self.calibration = method, calibration
+        self.method = _choice("method", method, self.METHODS)
+        self.calibration = _choice("calibration", calibration, self.CALIBRATIONS)
         self.samples = _positive_int("samples", samples)
         self._used: list[str] = []
 
