@@ -146,8 +146,13 @@ class TrainingEncoder:
         return [i for _ in range(epochs) for i in torch.randperm(n, generator=gen).tolist()]
 
     def batch(self, task: TaskData, indices: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        enc = self.encode_task(task)
-        out = collate_training([enc[i] for i in indices], self.pad_id)
+        return self.batch_items([(task, i) for i in indices], device)
+
+    def batch_items(
+        self, items: Sequence[tuple[TaskData, int]], device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """One batch of training examples given as (task, index into task.train), any tasks."""
+        out = collate_training([self.encode_task(task)[i] for task, i in items], self.pad_id)
         return {k: v.to(device) for k, v in out.items()}
 
     def batches(

@@ -1,8 +1,9 @@
-"""Merging a trained stage into the model the next stage starts from.
+"""Merging math: pure tensor functions over LoRA deltas and per-stage task vectors (no model code).
 
-Pure tensor functions plus one small class per merge strategy (chosen by `_target_` in
-conf/merge/*.yaml). Merging is done here, not with PEFT's merge_and_unload, so that a resumed
-run replays exactly the same arithmetic as an uninterrupted one.
+A stage's task vector is τ_i = s·B_i·A_i − s·B0_i·A0_i (stage.StageRecord.task_vector): what
+stage i added to the weights, net of any absorbed init. The merge plug-ins (cl_bench/mergers/)
+decide from these which models train and are evaluated next; the fold into the weights is
+lora.WeightMaster.fold_.
 """
 from __future__ import annotations
 
@@ -10,36 +11,5 @@ import torch
 
 
 def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """s·B·A in fp32."""
+    """s·B·A in float32, [d_out, d_in] (A: [r, d_in], B: [d_out, r])."""
     return scaling * (B.float() @ A.float())
-
-
-def add_delta_(weight: torch.Tensor, delta: torch.Tensor) -> None:
-    """W ← W + Δ, computed in fp32 and cast back to W's dtype."""
-    weight.copy_((weight.float() + delta).to(weight.dtype))
-
-
-def lora_layers(peft_model, adapter: str = "default"):
-    """(module name, LoRA layer) for every layer that holds `adapter`."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {}):
-            yield name, module
-
-
-class Absorb:
-    """W_t = W_{t-1} + s·B_t·A_t: each stage's adapter is folded into the base weights."""
-
-    name = "absorb"
-
-    @torch.no_grad()
-    def merge(self, peft_model, adapter: str = "default") -> tuple[torch.nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """Fold the adapter into the base weights and unwrap. Returns (plain model, trained factors)."""
-        factors = {}
-        for name, layer in lora_layers(peft_model, adapter):
-            A = layer.lora_A[adapter].weight.detach()
-            B = layer.lora_B[adapter].weight.detach()
-            add_delta_(layer.base_layer.weight, lora_delta(A, B, layer.scaling[adapter]))
-            factors[name] = (A.cpu().clone(), B.cpu().clone())
-        return peft_model.unload(), factors

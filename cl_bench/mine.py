@@ -28,7 +28,6 @@ no multirun, and the flags above are its whole interface.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from .errors import CLBenchError, ConfigError, DataError
+from .linalg import module_seed
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -59,12 +59,6 @@ NAMED_POOLS: dict[str, list[str]] = {
 
 
 # ------------------------------------------------------------------------ sketching
-
-def module_seed(seed: int, name: str) -> int:
-    """Stable per-module seed (Python's hash() is salted per process)."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
 
 @dataclass
 class GradientSketch:

@@ -21,8 +21,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cl_bench import linalg
 from cl_bench.errors import ConfigError
 from cl_bench.initializers import gradient
-from cl_bench.initializers.apply import apply_init, as_out_in, base_weight, lora_layers
-from cl_bench.initializers.base import InitContext
+from cl_bench.lora import WeightMaster, apply_init, as_out_in, base_weight, set_scaling
+from cl_bench.lora import lora_layers as _lora_layers
+from cl_bench.stage import StageContext
 from cl_bench.initializers.cache import TensorCache, content_key, model_state_fingerprint
 from cl_bench.initializers.capture import capture_gradients
 from cl_bench.initializers.gradient import LoraGA, Slice
@@ -37,6 +38,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 RANK = 4
 ABSORB_TOL = 1e-5
 SMALL = {"capture_steps": 2, "capture_batch_size": 4}
+ADAPTER = "default"  # PEFT's name when get_peft_model is given none (the runner names one per stage)
+
+
+def lora_layers(peft_model):
+    return _lora_layers(peft_model, ADAPTER)
 
 
 def _task(name: str) -> TaskData:
@@ -75,7 +81,7 @@ def base_model():
 
 
 def _ctx(stage=1, previous=(), cache_dir=None, logs=None, current="cur", seed=1):
-    return InitContext(
+    return StageContext(
         stage=stage, current=_task(current), previous=[_task(p) for p in previous], rank=RANK, alpha=8.0,
         scaling=4.0, target_modules=TARGETS, device=torch.device("cpu"), seed=seed, make_batches=make_batches,
         cache_dir=cache_dir, log=(logs.append if logs is not None else (lambda s: None)),
@@ -83,14 +89,16 @@ def _ctx(stage=1, previous=(), cache_dir=None, logs=None, current="cur", seed=1)
 
 
 def _run_protocol(init, model, ctx, rslora=True):
-    """The runner's order: config kwargs, before_wrap, wrap, init, apply_init."""
+    """The runner's order: config kwargs, before_wrap, wrap, init, set_scaling, apply_init."""
     lora_config = LoraConfig(
         r=RANK, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, use_rslora=rslora, **init.lora_config_kwargs()
     )
+    master = WeightMaster.attach(model, TARGETS)
     init.before_wrap(model, lora_config, ctx)
     peft_model = get_peft_model(model, lora_config)
     result = init.init(peft_model, ctx)
-    summary = apply_init(peft_model, result)
+    set_scaling(peft_model, ADAPTER, "rslora" if rslora else "standard")
+    summary = apply_init(peft_model, result, ADAPTER, master)
     return peft_model, result, summary
 
 
@@ -131,7 +139,7 @@ def test_absorption_preserves_the_function_for_every_initializer(base_model, lab
     if label != "vanilla":
         assert result.stats["seconds"]["total"] >= 0 and "process_peak_rss_mb" in result.stats["peak_memory_mb"]
     if label not in ("vanilla", "eva"):  # these start with B = 0: the adapter must be non-trivial otherwise
-        nonzero = [float(l.lora_B["default"].weight.detach().abs().max()) > 0 for l in lora_layers(peft_model).values()]
+        nonzero = [float(l.lora_B[ADAPTER].weight.detach().abs().max()) > 0 for l in lora_layers(peft_model).values()]
         assert all(nonzero)
 
 
@@ -142,7 +150,7 @@ def test_absorption_uses_the_adapters_actual_scaling(base_model, factory):
     with torch.no_grad():
         before = model(input_ids=_IDS).logits
     peft_model, _, summary = _run_protocol(factory(), model, _ctx(), rslora=False)
-    assert next(iter(lora_layers(peft_model).values())).scaling["default"] == pytest.approx(8 / RANK)
+    assert next(iter(lora_layers(peft_model).values())).scaling[ADAPTER] == pytest.approx(8 / RANK)
     with torch.no_grad():
         after = peft_model.eval()(input_ids=_IDS).logits
     assert float((after - before).abs().max()) <= ABSORB_TOL
@@ -326,7 +334,7 @@ def test_model_fingerprint_ignores_a_noop_adapter_only(base_model):
     other_a = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=2, target_modules=["q_proj"]))
     assert model_state_fingerprint(other_a) == plain
     with torch.no_grad():
-        next(iter(lora_layers(other_a).values())).lora_B["default"].weight.fill_(0.1)
+        next(iter(lora_layers(other_a).values())).lora_B[ADAPTER].weight.fill_(0.1)
     assert model_state_fingerprint(other_a) != plain
 
 

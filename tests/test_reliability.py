@@ -5,6 +5,7 @@ import json
 import pytest
 
 from cl_bench.errors import TrainingError
+from cl_bench.regularizers.base import Regularizer
 from cl_bench.run_dir import RunLock
 from cl_bench.runner import run
 from conftest import FAST, compose, run_cli
@@ -58,18 +59,13 @@ def test_resume_with_a_different_config_names_the_keys(reference, tmp_path):
     assert proc.returncode == 2 and "trainer.lr" in proc.stderr
 
 
-class NanAfter:
+class NanAfter(Regularizer):
     """A regularizer whose term turns NaN at the given step: forces the NaN guard."""
 
     def __init__(self, step: int = 2):
         self.step, self.calls = step, 0
 
-    def begin_stage(self, *a): ...
-    def end_stage(self, *a): ...
-    def state_dict(self): return {}
-    def load_state_dict(self, s): ...
-
-    def loss(self, model, batch):
+    def loss(self, model, batch, ctx):
         import torch
 
         self.calls += 1

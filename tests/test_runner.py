@@ -64,8 +64,9 @@ def test_rerun_of_a_finished_run_is_not_redone(finished_run, capsys):
 
 
 def test_standard_scaling_is_one_config_field(tiny_model_dir, tmp_path):
-    from cl_bench.runner import lora_scaling
+    from cl_bench.stage import lora_scaling
 
-    cfg = compose(["lora.r=4", "lora.alpha=8", "lora.scaling=standard"])
-    assert lora_scaling(cfg.lora) == pytest.approx(2.0)
-    assert lora_scaling(compose(["lora.r=4", "lora.alpha=8"]).lora) == pytest.approx(4.0)
+    lora = compose(["lora.r=4", "lora.alpha=8", "lora.scaling=standard"]).lora
+    assert lora_scaling(lora.alpha, lora.r, lora.scaling) == pytest.approx(2.0)
+    lora = compose(["lora.r=4", "lora.alpha=8"]).lora
+    assert lora_scaling(lora.alpha, lora.r, lora.scaling) == pytest.approx(4.0)

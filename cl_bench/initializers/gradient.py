@@ -21,12 +21,11 @@ import torch
 from .. import linalg
 from ..errors import ConfigError
 from ..tasks.base import TaskData
-from .apply import as_out_in, base_weight, lora_layers, module_shapes, peak_memory_mb, reset_peak_memory
-from .base import Initializer, InitContext, InitResult
+from ..lora import as_out_in, base_weight, lora_layers, module_shapes
+from ..stage import StageContext
+from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 from .cache import TensorCache, batches_fingerprint, content_key, model_state_fingerprint
 from .capture import capture_gradients
-
-ADAPTER = "default"
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -73,10 +72,10 @@ class LoraGA(Initializer):
     def _projection_knobs(self, has_previous: bool) -> dict | None:
         return None
 
-    def _previous_tasks(self, ctx: InitContext) -> list[TaskData]:
+    def _previous_tasks(self, ctx: StageContext) -> list[TaskData]:
         return []
 
-    def _init_knobs(self, ctx: InitContext, has_previous: bool) -> dict:
+    def _init_knobs(self, ctx: StageContext, has_previous: bool) -> dict:
         return {
             "selection": "lora_ga",
             "svd": self.svd,
@@ -87,10 +86,10 @@ class LoraGA(Initializer):
         }
 
     # ------------------------------------------------------------------ the stage
-    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+    def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         start = time.perf_counter()
         reset_peak_memory(ctx.device)
-        layers = lora_layers(peft_model, ADAPTER)
+        layers = lora_layers(peft_model, ctx.adapter)
         self.validate(module_shapes(layers), ctx.rank)
         cache = TensorCache(ctx.cache_dir, ctx.log)
         captures = _Captures(peft_model, layers, ctx, cache, offload=self.offload)
@@ -150,7 +149,7 @@ class LoraGA(Initializer):
         stats["peak_memory_mb"] = peak_memory_mb(device)
         return InitResult(factors=factors, absorb=True, stats=stats)
 
-    def _reconcile(self, g_cur, g_prev, ctx: InitContext) -> tuple[dict[str, linalg.ModulePlan] | None, dict]:
+    def _reconcile(self, g_cur, g_prev, ctx: StageContext) -> tuple[dict[str, linalg.ModulePlan] | None, dict]:
         """ψ's per-module plans from per-module inner products (global scope sums them)."""
         if g_prev is None:
             return None, self._no_projection_stats()
@@ -161,13 +160,13 @@ class LoraGA(Initializer):
         ctx.log(f"{self.name} stage {ctx.stage}: cos(G_cur, G_prev)={stats['cos_global']:+.4f} -> {stats['projection']}{gamma}")
         return plans, stats
 
-    def _factorize(self, layers, g_cur, g_prev, plans, ctx: InitContext) -> tuple[dict, dict]:
+    def _factorize(self, layers, g_cur, g_prev, plans, ctx: StageContext) -> tuple[dict, dict]:
         """Eq. 7 + Eq. 9 one module at a time, so G̃ never exists for all modules at once."""
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         mass_r = mass_2r = total_sq = 0.0
         betas: list[float] = []
         for name, layer in layers.items():
-            r = int(layer.r[ADAPTER])
+            r = int(layer.r[ctx.adapter])
             G = g_cur[name].to(ctx.device)
             if plans is not None:
                 G = linalg.apply_plan(G, g_prev[name].to(ctx.device), plans[name])
@@ -245,7 +244,7 @@ class Slice(LoraGA):
                         f"{min(d_out, d_in)} of {name}"
                     )
 
-    def _previous_tasks(self, ctx: InitContext) -> list[TaskData]:
+    def _previous_tasks(self, ctx: StageContext) -> list[TaskData]:
         return list(ctx.previous)
 
     def _previous_shape(self) -> tuple[int, int]:
@@ -285,7 +284,7 @@ class _CaptureSpec:
 class _Captures:
     """Plans (batches + content key) and runs cached gradient captures on one model state."""
 
-    def __init__(self, peft_model, layers, ctx: InitContext, cache: TensorCache, offload: bool):
+    def __init__(self, peft_model, layers, ctx: StageContext, cache: TensorCache, offload: bool):
         self.model, self.ctx, self.cache, self.offload = peft_model, ctx, cache, offload
         self.weights = {name: base_weight(layer) for name, layer in layers.items()}
         self.transposed = [name for name, layer in layers.items() if layer.fan_in_fan_out]

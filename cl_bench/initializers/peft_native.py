@@ -21,8 +21,9 @@ from peft.tuners.lora.corda import preprocess_corda
 from peft.tuners.lora.loraga import preprocess_loraga
 
 from ..errors import ConfigError, TrainingError
-from .apply import lora_layers, peak_memory_mb, reset_peak_memory
-from .base import Initializer, InitContext, InitResult
+from ..lora import lora_layers
+from ..stage import StageContext
+from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -50,6 +51,9 @@ class _PeftNative(Initializer):
     """Shared bookkeeping: time spent before wrapping (PEFT preprocessing) and after."""
 
     init_lora_weights: str = ""
+    # PEFT itself sets W ← W − s·B0·A0 while wrapping (the runner then only brings the fp32
+    # master along); EVA starts with B = 0 and needs no absorption.
+    absorbs: bool = True
 
     def __init__(self) -> None:
         self._before_wrap_seconds = 0.0
@@ -60,11 +64,11 @@ class _PeftNative(Initializer):
     def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
         _check_rank(self.name, module_shapes, rank)
 
-    def before_wrap(self, model: torch.nn.Module, lora_config: Any, ctx: InitContext) -> None:
+    def before_wrap(self, model: torch.nn.Module, lora_config: Any, ctx: StageContext) -> None:
         # PEFT's SVD/QR inits run inside get_peft_model, right after this call.
         reset_peak_memory(ctx.device)
 
-    def _stats(self, ctx: InitContext, extra: dict | None = None, init_seconds: float = 0.0) -> dict:
+    def _stats(self, ctx: StageContext, extra: dict | None = None, init_seconds: float = 0.0) -> dict:
         return {
             "method": self.name,
             "init_lora_weights": self.init_lora_weights,
@@ -78,10 +82,10 @@ class _PeftNative(Initializer):
             "peak_memory_mb": peak_memory_mb(ctx.device),
         }
 
-    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+    def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         stats = self._stats(ctx)
         self._before_wrap_seconds = 0.0
-        return InitResult(factors=None, absorb=False, stats=stats)
+        return InitResult(factors=None, absorb=self.absorbs, stats=stats)
 
 
 class LoraGAPeft(_PeftNative):
@@ -117,7 +121,7 @@ class LoraGAPeft(_PeftNative):
     def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
         _check_rank(self.name, module_shapes, rank, factor=2)
 
-    def before_wrap(self, model: torch.nn.Module, lora_config: Any, ctx: InitContext) -> None:
+    def before_wrap(self, model: torch.nn.Module, lora_config: Any, ctx: StageContext) -> None:
         start = time.perf_counter()
         reset_peak_memory(ctx.device)
         batches = list(ctx.make_batches(ctx.current, self.capture_steps, self.capture_batch_size, ctx.seed))
@@ -132,7 +136,7 @@ class LoraGAPeft(_PeftNative):
         preprocess_loraga(model, lora_config, train_step)
         self._before_wrap_seconds = time.perf_counter() - start
 
-    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+    def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         stats = self._stats(
             ctx,
             {
@@ -143,7 +147,7 @@ class LoraGAPeft(_PeftNative):
             }
         )
         self._before_wrap_seconds = 0.0
-        return InitResult(factors=None, absorb=False, stats=stats)
+        return InitResult(factors=None, absorb=self.absorbs, stats=stats)
 
 
 class PiSSA(_PeftNative):
@@ -171,6 +175,7 @@ class EVA(_PeftNative):
 
     name = "eva"
     init_lora_weights = "eva"
+    absorbs = False
 
     def __init__(
         self,
@@ -209,7 +214,7 @@ class EVA(_PeftNative):
             ),
         }
 
-    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+    def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         start = time.perf_counter()
         batches = list(ctx.make_batches(ctx.current, self.steps, self.batch_size, ctx.seed))
         passes = 0
@@ -225,15 +230,17 @@ class EVA(_PeftNative):
                 )
             return model(**inputs)
 
-        initialize_lora_eva_weights(peft_model, dataloader=batches, forward_fn=forward, show_progress_bar=False)
-        ranks = sorted({int(layer.r["default"]) for layer in lora_layers(peft_model).values()})
+        initialize_lora_eva_weights(
+            peft_model, dataloader=batches, forward_fn=forward, adapter_name=ctx.adapter, show_progress_bar=False
+        )
+        ranks = sorted({int(layer.r[ctx.adapter]) for layer in lora_layers(peft_model, ctx.adapter).values()})
         stats = self._stats(
             ctx,
             {"rho": self.rho, "tau": self.tau, "forward_passes": passes, "ranks": ranks},
             init_seconds=time.perf_counter() - start,
         )
         self._before_wrap_seconds = 0.0
-        return InitResult(factors=None, absorb=False, stats=stats)
+        return InitResult(factors=None, absorb=self.absorbs, stats=stats)
 
 
 class CorDA(_PeftNative):
@@ -260,7 +267,7 @@ class CorDA(_PeftNative):
     def lora_config_kwargs(self) -> dict[str, Any]:
         return {"init_lora_weights": "corda", "corda_config": CordaConfig(corda_method=self.method)}
 
-    def before_wrap(self, model: torch.nn.Module, lora_config: Any, ctx: InitContext) -> None:
+    def before_wrap(self, model: torch.nn.Module, lora_config: Any, ctx: StageContext) -> None:
         start = time.perf_counter()
         reset_peak_memory(ctx.device)
         tasks = list(ctx.previous) if (self.calibration == "previous" and ctx.previous) else [ctx.current]
@@ -277,10 +284,10 @@ class CorDA(_PeftNative):
         preprocess_corda(model, lora_config, run_model=run_model)
         self._before_wrap_seconds = time.perf_counter() - start
 
-    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+    def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         stats = self._stats(
             ctx,
             {"corda_method": self.method, "calibration_tasks": self._used, "calibration": self.calibration}
         )
         self._before_wrap_seconds = 0.0
-        return InitResult(factors=None, absorb=False, stats=stats)
+        return InitResult(factors=None, absorb=self.absorbs, stats=stats)
