@@ -77,14 +77,12 @@ def module_shapes(model_path: str, target_modules: list[str], trust_remote_code:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .lora import target_linears
+
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return {
-        name: (m.out_features, m.in_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in target_modules
-    }
+    return {name: (m.out_features, m.in_features) for name, m in target_linears(model, target_modules).items()}
 
 
 def validate_rank(shapes: dict[str, tuple[int, int]], rank: int, target_modules: list[str]) -> None:

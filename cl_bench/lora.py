@@ -162,14 +162,6 @@ class WeightMaster:
         else:
             weight.copy_((weight.float() + delta).to(weight.dtype))
 
-    @torch.no_grad()
-    def absorbed_elsewhere_(self, name: str, layer: torch.nn.Module, delta: torch.Tensor) -> None:
-        """Bring the master along after code we do not own (PEFT's PiSSA/OLoRA/LoRA-GA/CorDA
-        init) already did W ← cast(W + Δ): the master adds Δ and W is re-cast from it. A float32
-        weight (no master) already holds W + Δ and is left alone."""
-        if name in self.tensors:
-            self.fold_(name, layer, delta)
-
     def value(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """The exact current value of a target weight: its master, or the weight itself."""
         return self.tensors.get(name, weight)
@@ -182,6 +174,17 @@ class WeightMaster:
             weight.copy_(self.tensors[name])
         else:
             weight.copy_(saved)
+
+
+@torch.no_grad()
+def follow_peft_absorption_(model: torch.nn.Module, adapter: str, master: WeightMaster) -> None:
+    """Bring the masters along after PEFT's own init (PiSSA, OLoRA, LoRA-GA, CorDA) did
+    W ← cast(W − s·B0·A0) in the weight's dtype: each master subtracts s·B0·A0 in float32 and W
+    is re-cast from it. Float32 weights (no master) already hold the result and are left alone."""
+    for name, layer in lora_layers(model, adapter).items():
+        if name in master.tensors:
+            A0, B0 = layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach()
+            master.fold_(name, layer, -merges.lora_delta(A0, B0, float(layer.scaling[adapter])))
 
 
 @torch.no_grad()

@@ -18,8 +18,7 @@ from .data import TrainingEncoder
 from .evaluation import evaluate_task
 from .errors import CLBenchError, ConfigError
 from .faults import kill_point
-from .lora import WeightMaster, adapter_factors, add_adapter, apply_init, lora_layers, set_scaling
-from .merges import lora_delta
+from .lora import WeightMaster, adapter_factors, add_adapter, apply_init, follow_peft_absorption_, set_scaling
 from .metrics import compute_cl_metrics
 from .models import load_model, model_unavailable, resolve_device, resolve_model_path
 from .results import SCHEMA, atomic_write_json, package_versions, write_jsonl
@@ -229,9 +228,7 @@ class Runner:
         if result.factors:
             result.stats["apply"] = apply_init(peft_model, result, ctx.adapter, self.master)
         elif result.absorb:  # PEFT absorbed in the model's dtype: the fp32 master follows
-            for name, layer in lora_layers(peft_model, ctx.adapter).items():
-                A0, B0 = layer.lora_A[ctx.adapter].weight, layer.lora_B[ctx.adapter].weight
-                self.master.absorbed_elsewhere_(name, layer, -lora_delta(A0.detach(), B0.detach(), scaling[name]))
+            follow_peft_absorption_(peft_model, ctx.adapter, self.master)
         init_factors = adapter_factors(peft_model, ctx.adapter) if result.absorb else None
         return peft_model, result.stats or {"method": self.initializer.name}, init_factors, scaling
 

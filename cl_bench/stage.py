@@ -70,6 +70,15 @@ def lora_scaling(alpha: float, r: int, convention: str) -> float:
     return float(alpha) / (float(r) ** 0.5 if convention == "rslora" else float(r))
 
 
+def trained_tokens(batch: Batch) -> torch.Tensor:
+    """Tokens a causal-LM loss is taken on: labels != -100 after the one-position shift (0-d).
+
+    Summed over every batch of an optimizer step (or of a gradient capture) it is the
+    `num_items_in_batch` that makes the loss a mean over tokens whatever the batch split.
+    """
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
 def stage_seed(seed: int, stage: int) -> int:
     """The seed of stage `stage` (1-based) of a run seeded with `seed`: RNG, data order, SVDs."""
     return int(seed) * 1000 + int(stage)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .data import TrainingEncoder
 from .errors import TrainingError
 from .regularizers.base import Regularizer
-from .stage import StageContext
+from .stage import StageContext, trained_tokens
 from .tasks.base import TaskData
 
 
@@ -40,17 +40,16 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 
 def build_optimizer(model, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and HF's linear schedule: warmup from 0 over ceil(warmup_ratio·total) steps (HF
+    Trainer's count), then linear decay to 0 at `total_steps` (transformers'
+    get_linear_schedule_with_warmup itself, so the two cannot drift apart)."""
+    from transformers import get_linear_schedule_with_warmup
+
     params = list(trainable_parameters(model).values())
     opt = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay), betas=(0.9, 0.999))
     total = max(1, int(cfg.total_steps))
     warmup = int(math.ceil(float(cfg.warmup_ratio) * total))
-
-    def schedule(step: int) -> float:  # linear warmup then linear decay (HF Trainer's default)
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return opt, get_linear_schedule_with_warmup(opt, warmup, total)
 
 
 def steps_per_stage(n_examples: int, cfg) -> int:
@@ -59,11 +58,6 @@ def steps_per_stage(n_examples: int, cfg) -> int:
     if cfg.get("max_steps"):
         steps = min(steps, int(cfg.max_steps))
     return max(1, steps)
-
-
-def trained_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Tokens a causal-LM loss is taken on: labels != -100 after the one-position shift (0-d)."""
-    return (batch["labels"][:, 1:] != -100).sum()
 
 
 def step_gradients(
@@ -158,11 +152,12 @@ def train_stage(
         terms = step_gradients(model, micro_batches, regularizer, ctx, autocast=use_autocast,
                                where=f"task {task.name!r} step {state.step + 1} (trainer.lr={cfg.lr})")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))
+        lr = sched.get_last_lr()[0]  # the rate this step uses
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         state.step += 1
-        state.losses.append({**terms, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]})
+        state.losses.append({**terms, "grad_norm": float(grad_norm), "lr": lr})
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
         if checkpoint is not None and every and state.step % every == 0 and state.step < total:

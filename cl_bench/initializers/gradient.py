@@ -6,7 +6,7 @@ Per stage, on the current (merged) weights with a fresh no-op adapter:
      G_prev = (1/K) Σ_k G_k — equal weight per task, as in the paper.
   2. SLICE: G̃ = ψ(G_cur, G_prev) (linalg.projection_plan / apply_plan); LoRA-GA: G̃ = G_cur.
   3. B = U[:, :r], A = V[:, r:2r]ᵀ from the (randomized, seeded per module) SVD of G̃.
-  4. β-rescale so Var(B·A) = η_r·Var(W); the runner's apply_init absorbs s·B·A into W.
+  4. β-rescale so Var(B·A) = η_r·Var(W); the runner's lora.apply_init absorbs s·B·A into W.
 At stage 1 (no previous task) SLICE runs exactly LoRA-GA's computation (same batches, same
 SVD seeds, same cache entries) and records `projection: "skipped: no previous task"`.
 """

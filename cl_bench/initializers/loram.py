@@ -2,7 +2,7 @@
 
 A = first r rows of the orthonormal d_in×d_in DST-I matrix, B = first r columns of the
 d_out×d_out one, both scaled by β = (η_r·η_var)^(1/4) against the current W, then absorbed
-(W ← W − s·B·A) by the runner's apply_init. The subspace is the same at every stage; only
+(W ← W − s·B·A) by the runner's lora.apply_init. The subspace is the same at every stage; only
 the magnitude follows the (merged) weights.
 """
 from __future__ import annotations

@@ -4,7 +4,9 @@ Each one only tells the runner which `init_lora_weights` (and sub-config) to put
 LoraConfig and runs PEFT's own preprocessing / post-processing with our seeded, train-split-
 only batches. PEFT does its own absorption where the method needs one (LoRA-GA, PiSSA,
 OLoRA, CorDA modify the base weight so the wrapped model's function is unchanged; EVA keeps
-B = 0), so `InitResult.factors` is None and apply_init leaves the adapter as PEFT built it.
+B = 0), so `InitResult.factors` is None and the runner leaves the adapter as PEFT built it;
+`absorb=True` tells it that PEFT absorbed s·B0·A0, so the stage history records the init and the
+fp32 master of low-precision weights follows (lora.follow_peft_absorption_).
 
 Note: PEFT's randomized SVDs (LoRA-GA, `pissa_niter_*`) draw from the global torch RNG, so
 their determinism rests on the runner's per-stage seeding.
@@ -22,7 +24,7 @@ from peft.tuners.lora.loraga import preprocess_loraga
 
 from ..errors import ConfigError, TrainingError
 from ..lora import lora_layers
-from ..stage import StageContext
+from ..stage import StageContext, trained_tokens
 from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 
 
@@ -125,10 +127,13 @@ class LoraGAPeft(_PeftNative):
         start = time.perf_counter()
         reset_peak_memory(ctx.device)
         batches = list(ctx.make_batches(ctx.current, self.capture_steps, self.capture_batch_size, ctx.seed))
+        n_items = sum(trained_tokens(b) for b in batches)
 
         def train_step() -> None:
             for batch in batches:
-                loss = model(**batch).loss
+                # PEFT divides the accumulated gradient by the number of backward passes;
+                # × len(batches) makes the result the token mean over all batches, like capture.py.
+                loss = model(**batch, num_items_in_batch=n_items).loss * len(batches)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"lora_ga_peft gradient estimation: loss is {float(loss)}")
                 loss.backward()
