@@ -1,6 +1,7 @@
 """Crash safety: SIGKILL at several points, resume, same final matrix; one writer per run dir;
 NaN guard; determinism."""
 import json
+import os
 
 import pytest
 
@@ -8,7 +9,7 @@ from cl_bench.errors import TrainingError
 from cl_bench.regularizers.base import Regularizer
 from cl_bench.run_dir import RunLock
 from cl_bench.runner import run
-from conftest import FAST, compose, run_cli
+from conftest import FAST, REPO, compose, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +39,28 @@ def test_sigkill_then_resume_gives_the_same_matrix(reference, tmp_path, point):
     assert final["complete"] is True
     assert final["matrix"] == reference["matrix"]
     assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
+
+
+# Test-only plug-ins (tests/seam_plugins.py) whose state must be restored on resume: they raise
+# if their state disagrees with the run's history, and add nothing to the gradients.
+STATEFUL = ["regularizer._target_=seam_plugins.StatefulRegularizer", "merge._target_=seam_plugins.StatefulMerge"]
+PLUGINS_ON_PATH = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)}
+
+
+def test_plugin_state_and_history_survive_sigkill_mid_stage(reference, tmp_path):
+    args = ARGS + STATEFUL + [f"hydra.run.dir={tmp_path}"]
+    killed = run_cli(args, env_extra={**PLUGINS_ON_PATH, "CL_BENCH_KILL_AT": "train:2:4"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_cli(args, env_extra=PLUGINS_ON_PATH)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]  # a lost state raises StateLost
+    final = json.loads((tmp_path / "results.json").read_text())
+    assert final["matrix"] == reference["matrix"]
+    assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
+    # the regularizer's per-step counter came back from the in-stage checkpoint: 6 loss calls per stage
+    assert [s["train"]["loss_last"]["calls"] for s in final["stages"]] == [6.0, 6.0]
+    stages = tmp_path / "stages"
+    assert (stages / "stage_02" / "regularizer.safetensors").exists() and (stages / "stage_02" / "merge.safetensors").exists()
+    assert not (stages / "stage_01" / "merge.safetensors").exists()  # only the latest state is kept
 
 
 def test_same_seed_same_matrix(reference, tmp_path):
