@@ -122,3 +122,23 @@ class KeepBranches(Merge):
                 raise StateLost(f"stage {ctx.stage}: branch {record.adapter} changed")
         model.eval()
         return Models(train=model, eval=model)
+
+    def restore(self, model, ctx) -> Models:
+        """Resume: re-attach every stage's branch from the history onto the fresh model."""
+        from peft import LoraConfig
+
+        from cl_bench.lora import add_adapter, lora_layers
+
+        config = LoraConfig(r=ctx.rank, lora_alpha=ctx.alpha, target_modules=ctx.target_modules,
+                            use_rslora=ctx.scaling_convention == "rslora")
+        for record in ctx.history:
+            model = add_adapter(model, config, record.adapter)
+            with torch.no_grad():
+                for name, layer in lora_layers(model, record.adapter).items():
+                    A, B = record.trained[name]
+                    layer.lora_A[record.adapter].weight.copy_(A)
+                    layer.lora_B[record.adapter].weight.copy_(B)
+                    layer.scaling[record.adapter] = record.scaling[name]
+        model.base_model.set_adapter([r.adapter for r in ctx.history], inference_mode=True)
+        model.eval()
+        return Models(train=model, eval=model)

@@ -3,6 +3,7 @@ plug-in state, stage history and task vectors, the one fold with its fp32 master
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -384,3 +385,11 @@ def test_a_merge_may_keep_the_model_wrapped_with_one_adapter_per_stage(tiny_mode
     saved = load_tensors(StageFiles(tmp_path, 2).model_state)
     pretrained = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
     assert saved and all(torch.equal(t, pretrained[k]) for k, t in saved.items())
+    # a crash during stage 2's evaluation: the resumed run rebuilds the branches (merge.restore
+    # from the history) and scores the same row
+    partial = json.loads((tmp_path / "results.json").read_text())
+    partial.update(complete=False, stages=partial["stages"][:1])
+    partial["matrix"][2] = [None, None]
+    (tmp_path / "results.json").write_text(json.dumps(partial))
+    again = run(cfg, tmp_path)
+    assert again["matrix"] == json.loads(json.dumps(results["matrix"]))
