@@ -18,9 +18,9 @@ Initializers, regularizers and merges all derive from `Plugin` and receive the s
        loss  = LM loss (summed over trained tokens, divided by the trained tokens of the WHOLE
                step) + Σ_k regularizer.loss(model, batch, ctx)[k] / grad_accum
        loss.backward()
-     then regularizer.after_backward(model, ctx)   # after every backward, before clipping
-     then clip, optimizer step, scheduler step; every checkpoint_every_steps the in-stage
-     checkpoint also holds every plug-in's state_dict()
+     then regularizer.after_backward(model, ctx)   # once, after the step's last backward
+     then clip, optimizer step, scheduler step (HF's linear warmup/decay); the in-stage
+     checkpoint (every checkpoint_every_steps) also holds every plug-in's state_dict()
   5. end_stage(peft_model, ctx)     initializer, then regularizer, then merge
   6. the runner appends stage t to ctx.history (trained factors, absorbed init factors, s) and
      writes them to stages/stage_XX/{adapter,init}.safetensors
