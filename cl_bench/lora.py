@@ -20,14 +20,16 @@ master is what is saved and restored, so a resumed run repeats the same arithmet
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
-from peft.tuners.lora.layer import Linear as LoraLinear
 
 from . import merges
 from .errors import ConfigError
 from .stage import Factors, lora_scaling
+
+if TYPE_CHECKING:  # peft is imported where it is used: config checks and --help stay fast
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -48,6 +50,7 @@ def lora_layers(model: torch.nn.Module, adapter: str) -> dict[str, LoraLinear]:
     Raises ConfigError if a LoRA layer of another kind holds the adapter, or if none does.
     """
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
     layers: dict[str, LoraLinear] = {}
     for name, module in unwrapped(model).named_modules():
