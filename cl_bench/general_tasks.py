@@ -185,5 +185,6 @@ def write_task_yaml(path: Path, config: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------------------- metric used by lm-eval
 def rouge_l(references: Sequence[str], predictions: Sequence[str]) -> float:
     """Per-document ROUGE-L F1 in lm-eval's metric-function signature (lm-eval has no ROUGE-L of
-    its own for generate_until); the score comes from `rouge_score` via cl_bench.scoring."""
-    return _rouge_l_f1(predictions[0].strip(), references[0].strip())
+    its own for generate_until), the best over the document's references; the score comes from
+    `rouge_score` (by script for non-ASCII text) via cl_bench.scoring."""
+    return max(_rouge_l_f1(predictions[0].strip(), ref.strip()) for ref in references)

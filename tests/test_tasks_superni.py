@@ -61,13 +61,14 @@ def test_per_task_json_prompt_target_and_split(tmp_path):
     name = "task088_identify_typo_verification"
     write_task(tmp_path / "superni" / f"{name}.json", 20)
     task = superni.load_task(name, root=str(tmp_path), n_train=None, n_eval=200, seed=42)
-    assert task.metric == "exact_match"
+    assert task.metric == "ni_exact_match"  # exact match by the natural-instructions rules
     # Small task: eval holds out half, never more.
     assert len(task.eval) == 10 and len(task.train) == 10
     ex = task.train[0]
     i = ex.id.removeprefix("t-w")
     assert ex.prompt == f"Say the word.\n\nInput: word w{i}"
-    assert ex.target == f"w{i}"  # first reference only
+    assert ex.target == f"w{i}"  # trained on the first reference
+    assert ex.references == (f"w{i}", "alt")  # scored against all of them
     assert task.info["eval_from"] == "held out of the training file"
 
 
@@ -93,10 +94,11 @@ def test_cl_repo_layout_uses_its_test_file_and_drops_overlap(tmp_path):
     train["Instances"].append(dict(test["Instances"][0], id="dup"))
     (folder / "train.json").write_text(json.dumps(train))
     task = superni.load_task(name, root=str(tmp_path), n_train=None, n_eval=100, seed=42)
-    assert task.metric == "rouge_l"
+    assert task.metric == "ni_rouge_l"
     assert {e.target for e in task.eval} == {f"b{i}" for i in range(8)}
     assert len(task.train) == 30 and all(e.target.startswith("a") for e in task.train)
-    assert task.info == {"family": "superni", "eval_from": "test file", "train_dropped_overlap": 1}
+    assert task.info == {"family": "superni", "eval_from": "test file", "dropped_duplicates": 1}
+    assert task.split_stats == {"train": 30, "eval": 8, "dropped_duplicates": 1}
 
 
 def test_malformed_file_names_path_and_key(tmp_path):
@@ -218,7 +220,7 @@ def test_unknown_task_asks_for_a_table_entry(tmp_path):
     with pytest.raises(DataError, match="METRIC_TABLE"):
         superni.load_task("task9999_made_up", root=str(tmp_path), n_train=None, n_eval=2, seed=0)
     task = superni.load_task("task9999_made_up", root=str(tmp_path), n_train=None, n_eval=2, seed=0, metric="rouge_l")
-    assert task.metric == "rouge_l"
+    assert task.metric == "ni_rouge_l"
     with pytest.raises(DataError, match="valid"):
         superni.load_task("task9999_made_up", root=str(tmp_path), n_train=None, n_eval=2, seed=0, metric="bleu")
 
