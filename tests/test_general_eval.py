@@ -371,7 +371,27 @@ def test_offline_synthetic_and_local_benchmarks(own_tiny, data_root, tmp_path, m
                                                 "metric": "acc,none", "n": 8, "shots": 2}
     assert out["benchmarks"] == {"gp": ["synthetic_count_items", "commonsense_qa"],
                                  "ip": ["synthetic_count_items", "commonsense_qa"]}
-    assert out["truncated_contexts"] == {"zero_shot": 0, "few_shot": 8}
+    # 2-shot: every one of the 8 questions x 5 answer choices is a left-truncated loglikelihood request.
+    assert out["truncated_contexts"] == {"zero_shot": 0, "few_shot": 40}
+    assert out["details"]["commonsense_qa"]["truncated"] == {
+        "zero_shot": {"loglikelihood": 0, "generate_until": 0}, "few_shot": {"loglikelihood": 40, "generate_until": 0}}
+
+
+def test_truncated_generation_prompts_are_counted_per_benchmark(own_tiny, tmp_path):
+    """lm-eval cuts generation prompts longer than max_length - max_gen_toks from the left
+    without a word in its results: every such request is counted and shown in the summary."""
+    from cl_bench.summary import format_summary
+
+    model, tokenizer = own_tiny
+    # count_items questions are 13-17 tokens (fit in 40 - 8 new tokens); with 5 demonstrations they do not.
+    cfg = _cfg({"synthetic_count_items": {"shots": 5}, "synthetic_odd_one_out": {"ip": False}}, limit=6, max_length=40)
+    out = ge.evaluate_general(model, tokenizer, cfg, data_root=None, work_dir=str(tmp_path), device="cpu", seed=0)
+    assert out["details"]["synthetic_count_items"]["truncated"] == {
+        "zero_shot": {"loglikelihood": 0, "generate_until": 0}, "few_shot": {"loglikelihood": 0, "generate_until": 6}}
+    assert out["details"]["synthetic_odd_one_out"]["truncated"] == {"zero_shot": {"loglikelihood": 0, "generate_until": 0}}
+    assert out["truncated_contexts"] == {"zero_shot": 0, "few_shot": 6}
+    summary = format_summary({"sequence": "s", "tasks": ["a"], "matrix": [[1.0]], "general": {"0": out}})
+    assert "truncated prompts: zero-shot 0, few-shot 6" in summary
 
 
 def test_registry_benchmark_offline_is_a_data_error(own_tiny, tmp_path, monkeypatch):
