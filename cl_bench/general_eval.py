@@ -50,6 +50,8 @@ class BenchmarkSpec:
     # Local files that come with their own few-shot pool (else one is split off the eval file).
     local_pool_file: str | None = None
     split_names: tuple[str, str] = ("train", "test")  # (few-shot split, eval split) of the task
+    # Fields that make a row's prompt: a demonstration equal to a scored row on them is dropped.
+    prompt_fields: tuple[str, ...] = ()
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
@@ -57,13 +59,13 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         sources=("local_or_registry", "registry", "local"), metric="acc_norm,none",
         registry_task="hellaswag", lm_eval_yaml="hellaswag/hellaswag.yaml",
         local_file="hellaswag_validation.jsonl", local_pool_file="hellaswag_train.jsonl",
-        read_rows=gt.hellaswag_rows, split_names=("train", "validation"),
+        read_rows=gt.hellaswag_rows, split_names=("train", "validation"), prompt_fields=("activity_label", "ctx_a", "ctx_b"),
     ),
     "commonsense_qa": BenchmarkSpec(
         sources=("local_or_registry", "registry", "local"), metric="acc,none",
         registry_task="commonsense_qa", lm_eval_yaml="commonsense_qa/default.yaml",
         local_file="commonsenseqa_validation.jsonl", local_pool_file="commonsenseqa_train.jsonl",
-        read_rows=gt.commonsense_qa_rows, split_names=("train", "validation"),
+        read_rows=gt.commonsense_qa_rows, split_names=("train", "validation"), prompt_fields=("question", "choices"),
     ),
     # The SLICE authors' task: 3 fixed chain-of-thought demonstrations, answer after "the answer is".
     "bbh_object_counting": BenchmarkSpec(
@@ -76,6 +78,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "alpaca": BenchmarkSpec(
         sources=("local",), metric="rouge_l,none", template="alpaca.yaml",
         local_file="alpaca_eval_text_davinci_003_reference.json", read_rows=gt.alpaca_rows,
+        prompt_fields=("instruction", "input"),
     ),
     "synthetic_odd_one_out": BenchmarkSpec(
         sources=("synthetic",), metric="acc,none", template="synthetic_odd_one_out.yaml"),
@@ -237,6 +240,7 @@ class PreparedBenchmark:
     task: str  # lm-eval task name to load
     source: str  # "registry" | "local:<path>" | "synthetic"
     registry: bool
+    pool_dropped_duplicates: int = 0  # demonstrations dropped for repeating a scored document
 
 
 def _local_path(bench: BenchmarkConfig, spec: BenchmarkSpec, data_root: str | None) -> Path | None:
@@ -307,27 +311,31 @@ def prepare_benchmarks(
                      "test": gt.write_jsonl(tasks_dir / f"{task_name}.test.jsonl", test)}
             include = gt.TEMPLATE_DIR / spec.template
         else:
-            files = _write_local_data(bench, spec, Path(source.removeprefix("local:")), tasks_dir, task_name,
-                                      cfg.fewshot_pool, seed)
+            files, dropped = _write_local_data(bench, spec, Path(source.removeprefix("local:")), tasks_dir, task_name,
+                                               cfg.fewshot_pool, seed)
             # lm-eval's own task file when there is one: same prompt and splits, other data source.
             include = (_lm_eval_tasks_dir() / spec.lm_eval_yaml) if spec.lm_eval_yaml else gt.TEMPLATE_DIR / spec.template
         gt.write_task_yaml(tasks_dir / f"{task_name}.yaml", gt.task_yaml(task_name, include, files, cache_dir))
-        prepared.append(PreparedBenchmark(bench, task_name, source, registry=False))
+        prepared.append(PreparedBenchmark(bench, task_name, source, registry=False,
+                                          pool_dropped_duplicates=0 if source == "synthetic" else dropped))
     return prepared
 
 
 def _write_local_data(bench, spec, path: Path, tasks_dir: Path, task_name: str, n_pool: int, seed: int):
+    """Write the few-shot pool and the scored rows; returns (files, demonstrations dropped because
+    they repeat a scored document, which would put its answer in the prompt)."""
     rows = spec.read_rows(path)
     pool_split, eval_split = spec.split_names
     if not pool_split:  # demonstrations are fixed in the task config (BBH)
-        return {eval_split: gt.write_jsonl(tasks_dir / f"{task_name}.{eval_split}.jsonl", rows)}
+        return {eval_split: gt.write_jsonl(tasks_dir / f"{task_name}.{eval_split}.jsonl", rows)}, 0
     pool_path = path.parent / spec.local_pool_file if spec.local_pool_file and not bench.file else None
     if pool_path is not None and pool_path.is_file():
         pool, test = spec.read_rows(pool_path), rows
     else:
         pool, test = gt.seeded_split(rows, n_pool, seed)
+    pool, dropped = gt.drop_scored_prompts(pool, test, spec.prompt_fields)
     return {pool_split: gt.write_jsonl(tasks_dir / f"{task_name}.{pool_split}.jsonl", pool),
-            eval_split: gt.write_jsonl(tasks_dir / f"{task_name}.{eval_split}.jsonl", test)}
+            eval_split: gt.write_jsonl(tasks_dir / f"{task_name}.{eval_split}.jsonl", test)}, dropped
 
 
 def _lm_eval_tasks_dir() -> Path:
@@ -564,6 +572,7 @@ def run_benchmarks(
             "task": item.task, "metric": b.metric, "source": item.source, "n": ns.pop(),
             "shots": b.shots if b.ip else 0, "gp": b.gp, "ip": b.ip,
             "truncated": {m: truncated[m][b.name] for m in truncated if b.name in truncated[m]},
+            "pool_dropped_duplicates": item.pool_dropped_duplicates,
             **({"generation_kwargs": dict(b.generation_kwargs)} if b.generation_kwargs else {}),
         }
     totals = {m: sum(sum(c.values()) for c in per_bench.values()) for m, per_bench in truncated.items() if per_bench}

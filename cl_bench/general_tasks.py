@@ -149,6 +149,20 @@ def seeded_split(rows: Sequence[dict], n_pool: int, seed: int) -> tuple[list[dic
     return [rows[i] for i in idx[:n_pool]], [rows[i] for i in idx[n_pool:]]
 
 
+def drop_scored_prompts(pool: Sequence[dict], test: Sequence[dict], fields: Sequence[str]) -> tuple[list[dict], int]:
+    """Pool rows whose prompt fields equal a scored row's (a duplicated document in the file),
+    removed: as a demonstration it would show the scored document's answer. Returns (pool, n dropped)."""
+    if not fields:
+        return list(pool), 0
+
+    def key(row: dict) -> str:
+        return json.dumps([row.get(f) for f in fields], sort_keys=True, ensure_ascii=False)
+
+    scored = {key(r) for r in test}
+    kept = [r for r in pool if key(r) not in scored]
+    return kept, len(pool) - len(kept)
+
+
 # ---------------------------------------------------------------------------- lm-eval task files
 def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -464,3 +464,16 @@ def test_config_group_composes_with_hydra():
                                      "general_eval.limit=50"]).general_eval)
     assert paper.gp_benchmarks == ["commonsense_qa", "alpaca"] and paper.limit == 50
     assert ge.parse_config(compose(["general_eval=none"]).general_eval).when == "none"
+
+
+def test_demonstrations_never_repeat_a_scored_document(tmp_path):
+    """A duplicated document split into both the few-shot pool and the scored rows would show its
+    own answer as a demonstration: such pool rows are dropped and counted."""
+    rows = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(10) for _ in range(2)]
+    path = gt.write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    cfg = ge.parse_config(_cfg({"alpaca": {"file": str(path), "shots": 1}}, fewshot_pool=6))
+    (item,) = ge.prepare_benchmarks(cfg, data_root=None, work_dir=tmp_path / "w", seed=0)
+    read = lambda split: [json.loads(x) for x in (tmp_path / "w" / "tasks" / f"clb_alpaca.{split}.jsonl").read_text().splitlines()]  # noqa: E731
+    pool, test = read("train"), read("test")
+    assert not {r["instruction"] for r in pool} & {r["instruction"] for r in test}
+    assert len(test) == 14 and len(pool) + item.pool_dropped_duplicates == 6 and item.pool_dropped_duplicates > 0
