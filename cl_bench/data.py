@@ -62,6 +62,9 @@ class PromptFormat:
             raise ConfigError(f"evaluation.prompt.format={self.format!r} is invalid; valid: {', '.join(PROMPT_FORMATS)}")
         if self.system is not None and not isinstance(self.system, str):
             raise ConfigError(f"evaluation.prompt.system={self.system!r} is invalid; valid: null or a text")
+        if self.system is not None and not self.use_chat_template:
+            raise ConfigError("evaluation.prompt.system is set but evaluation.use_chat_template=false renders bare "
+                              "prompts without a system turn; set one of them back")
         try:
             ok = datetime.strptime(str(self.date_string), DATE_FORMAT).strftime(DATE_FORMAT) == self.date_string
         except ValueError:

@@ -72,13 +72,14 @@ def test_rerun_of_a_finished_run_is_not_redone(finished_run, capsys):
     ("evaluation.prompt.format=llama", "evaluation.prompt.format='llama' is invalid; valid: chat_template, slice_paper"),
     ("evaluation.prompt.date_string=2024-07-26", "evaluation.prompt.date_string='2024-07-26' is invalid"),
     ("+evaluation.prompt.today=1", "evaluation.prompt.today is not a known key"),
+    ("evaluation.use_chat_template=false evaluation.prompt.system=hi", "evaluation.prompt.system is set but"),
 ])
 def test_bad_protocol_or_prompt_is_a_one_line_config_error(override, message):
     from cl_bench import config
     from cl_bench.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:
-        config.validate(compose([override]))
+        config.validate(compose(override.split()))
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
