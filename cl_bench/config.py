@@ -65,6 +65,12 @@ def validate(cfg: Any) -> None:
         _positive_int(cfg, "evaluation.limit")
     _require(len(seq.tasks) > 0, "sequence.tasks", list(seq.tasks), "a non-empty list of task names")
     _require(len(set(seq.tasks)) == len(seq.tasks), "sequence.tasks", list(seq.tasks), "distinct task names")
+    from .data import prompt_format  # ConfigError on a bad evaluation.prompt
+    from .tasks.base import PROTOCOLS
+
+    protocol = ev.get("protocol", "per_task")
+    _require(protocol in PROTOCOLS, "evaluation.protocol", protocol, ", ".join(PROTOCOLS))
+    prompt_format(ev)
     dev = str(cfg.device)
     _require(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), "device", dev, "auto, cpu, cuda, cuda:N")
     root = cfg.data.get("root")

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import config as config_checks
-from .data import TrainingEncoder
+from .data import TrainingEncoder, prompt_format
 from .evaluation import evaluate_task
 from .errors import CLBenchError, ConfigError
 from .faults import kill_point
@@ -28,7 +28,7 @@ from .run_dir import (
 )
 from .stage import PLUGIN_GROUPS, History, Models, StageContext, StageRecord, adapter_name, lora_scaling, stage_seed
 from .summary import format_summary
-from .tasks import load_sequence
+from .tasks import evaluation_record, load_sequence, split_stats
 from .tracking import make_tracker
 from .training import steps_per_stage, train_stage
 
@@ -92,6 +92,8 @@ class Runner:
             "schema": SCHEMA, "sequence": str(self.cfg.sequence.name), "tasks": [t.name for t in self.tasks],
             "matrix": [[None] * T for _ in range(T + 1)], "metrics": {}, "general": {}, "stages": [],
             "eval_sizes": [len(t.eval[: self.cfg.evaluation.limit or None]) for t in self.tasks],
+            "split_stats": split_stats(self.tasks),
+            "evaluation": evaluation_record(self.tasks, str(self.cfg.evaluation.protocol)),
             "config": self.config, "versions": package_versions(), "complete": False, "status": "running",
         }
 
@@ -127,7 +129,7 @@ class Runner:
         # Never feed more positions than the model has (the tiny model has 512).
         max_pos = getattr(model.config, "max_position_embeddings", None) or 10**9
         self.max_prompt_len = min(int(ev.max_prompt_len), max_pos - int(ev.max_new_tokens))
-        self.encoder = TrainingEncoder(self.tokenizer, min(int(tr.max_len), max_pos), bool(tr.mask_prompt), bool(ev.use_chat_template))
+        self.encoder = TrainingEncoder(self.tokenizer, min(int(tr.max_len), max_pos), bool(tr.mask_prompt), prompt_format(ev))
         self.targets = list(cfg.lora.target_modules)
         self.master = WeightMaster.attach(model, self.targets)  # before any weight changes
         self.history = History()
@@ -267,8 +269,8 @@ class Runner:
                 continue
             score, records = evaluate_task(
                 self.models.eval, self.tokenizer, task, batch_size=int(ev.batch_size), max_new_tokens=int(ev.max_new_tokens),
-                max_prompt_len=self.max_prompt_len, device=self.device, use_chat_template=bool(ev.use_chat_template),
-                limit=ev.limit, progress=bool(cfg.progress),
+                max_prompt_len=self.max_prompt_len, device=self.device, prompt=self.encoder.prompt,
+                limit=ev.limit, progress=bool(cfg.progress), protocol=str(ev.protocol),
             )
             row[j] = score
             write_jsonl(self.run_dir / "predictions" / f"stage_{stage:02d}" / f"{task.name}.jsonl", records)
@@ -277,6 +279,7 @@ class Runner:
             self.results["general"][str(stage)] = self.general_eval.evaluate_general(
                 self.models.eval, self.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"),
                 work_dir=str(self.run_dir / "general_eval"), device=self.device, seed=int(cfg.seed),
+                prompt=self.encoder.prompt,
             )
 
     def finish(self) -> None:

@@ -24,6 +24,8 @@ def format_summary(results: dict[str, Any]) -> str:
     for stage, g in sorted(general.items(), key=lambda kv: int(kv[0])):
         zs = ", ".join(f"{b}={v:.1f}" for b, v in (g.get("zero_shot") or {}).items())
         fs = ", ".join(f"{b}={v:.1f}" for b, v in (g.get("few_shot") or {}).items())
-        lines.append(f"general @ stage {stage}: zero-shot [{zs}]  few-shot [{fs}]")
+        cut = g.get("truncated_contexts") or {}
+        cut_text = f"  truncated prompts: zero-shot {cut.get('zero_shot', 0)}, few-shot {cut.get('few_shot', 0)}" if cut else ""
+        lines.append(f"general @ stage {stage}: zero-shot [{zs}]  few-shot [{fs}]{cut_text}")
     lines.append(f"status: {results.get('status', 'complete' if results.get('complete') else 'incomplete')}")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import inspect
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from .base import Example, TaskData, split_examples
+from .base import PROTOCOLS, Example, TaskData, split_examples
 
 # family name -> module; a new family = one module + an entry here.
 FAMILIES = {
@@ -53,4 +53,15 @@ def load_sequence(seq: Any, root: str | None, seed: int) -> list[TaskData]:
     return tasks
 
 
-__all__ = ["Example", "TaskData", "split_examples", "load_sequence", "family_module", "FAMILIES"]
+def split_stats(tasks: list[TaskData]) -> dict[str, dict[str, int]]:
+    """results.json `split_stats`: {task: {"train", "eval", "dropped_duplicates"}}."""
+    return {t.name: t.split_stats for t in tasks}
+
+
+def evaluation_record(tasks: list[TaskData], protocol: str) -> dict[str, Any]:
+    """results.json `evaluation`: the scoring protocol and the metric each task is scored by."""
+    return {"protocol": protocol, "metrics": {t.name: t.metric_for(protocol) for t in tasks}}
+
+
+__all__ = ["Example", "TaskData", "PROTOCOLS", "split_examples", "split_stats", "evaluation_record",
+           "load_sequence", "family_module", "FAMILIES"]
