@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .results import atomic_save_tensors, atomic_write_json, load_tensors
 
 # Keys that do not change results: a resumed run may differ in these.
-NON_RESULT_KEYS = ("progress", "logger", "cache", "threads")
+NON_RESULT_KEYS = ("progress", "verbose", "logger", "cache", "threads")
 
 
 class RunLock:

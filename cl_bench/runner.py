@@ -10,6 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from . import config as config_checks
+from .baselines import baselines
+from .console import Progress
 from .data import TrainingEncoder
 from .evaluation import evaluate_task
 from .errors import CLBenchError, ConfigError
@@ -17,7 +19,8 @@ from .faults import kill_point
 from .initializers.base import InitContext
 from .metrics import compute_cl_metrics
 from .models import load_model, model_unavailable, resolve_device, resolve_model_path
-from .results import SCHEMA, atomic_save_tensors, atomic_write_json, load_tensors, package_versions, write_jsonl
+from .interrupt import InterruptGuard, Interrupted
+from .results import SCHEMA, atomic_save_tensors, atomic_write_json, load_tensors, package_versions, provenance, write_jsonl
 from .run_dir import (
     RunLock, StageFiles, factors_to_tensors, load_checkpoint, load_model_state, load_previous_results,
     save_checkpoint, save_model_state,
@@ -92,30 +95,38 @@ class Runner:
             "matrix": [[None] * T for _ in range(T + 1)], "metrics": {}, "general": {}, "stages": [],
             "eval_sizes": [len(t.eval[: self.cfg.evaluation.limit or None]) for t in self.tasks],
             "config": self.config, "versions": package_versions(), "complete": False, "status": "running",
+            "baselines": baselines(self.tasks, self.cfg.evaluation.limit), "provenance": provenance(self.device),
         }
 
     def save(self) -> None:
         atomic_write_json(self.run_dir / "results.json", self.results)
 
     # ---- the run ---------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        self.prepare()
-        with RunLock(self.run_dir):
-            previous = load_previous_results(self.run_dir, self.config)
-            if previous and previous.get("complete"):
-                log.info("run in %s is already complete; not redoing it", self.run_dir)
-                self.results = previous
-                print(format_summary(previous))
-                return previous
-            self.results = previous or self.new_results()
-            try:
-                self._run_stages()
-            except BaseException as exc:
-                self.results["status"] = f"failed: {type(exc).__name__}: {exc}"
-                self.results["complete"] = False
-                self.save()
-                raise
-        print(format_summary(self.results))
+    def run(self, stream=None) -> dict[str, Any]:
+        self.progress = Progress(0, stream=stream, bars=bool(self.cfg.progress))
+        with InterruptGuard(where=lambda: self.progress.where()):
+            self.prepare()
+            self.progress.T = len(self.tasks)
+            with RunLock(self.run_dir):
+                previous = load_previous_results(self.run_dir, self.config)
+                if previous and previous.get("complete"):
+                    log.info("run in %s is already complete; not redoing it", self.run_dir)
+                    self.results = previous
+                    print(format_summary(previous, self.run_dir))
+                    return previous
+                self.results = previous or self.new_results()
+                if previous:  # a resume may run other code or another machine: record each one
+                    self.results.setdefault("provenance", {}).setdefault("resumed", []).append(provenance(self.device))
+                try:
+                    self._run_stages()
+                except BaseException as exc:
+                    self.progress.close()
+                    interrupted = isinstance(exc, Interrupted)
+                    self.results["status"] = f"interrupted during {exc.where}" if interrupted else f"failed: {type(exc).__name__}: {exc}"
+                    self.results["complete"] = False
+                    self.save()
+                    raise
+        print(format_summary(self.results, self.run_dir))
         return self.results
 
     def _run_stages(self) -> None:
@@ -161,13 +172,12 @@ class Runner:
         # Only the latest model state is needed to resume; older ones would cost a model each.
         if stage > 1:
             StageFiles(self.run_dir, stage - 1).model_state.unlink(missing_ok=True)
-        log.info("stage %d/%d (%s) done: row %s", stage, len(self.tasks), task.name,
-                 [None if v is None else round(v, 1) for v in self.results["matrix"][stage]])
 
     def train_stage(self, stage: int, task, files: StageFiles, seconds: dict[str, float]) -> dict[str, Any]:
         from peft import LoraConfig, get_peft_model
 
         cfg = self.cfg
+        self.progress.init_begin(stage, task.name)
         stage_seed = int(cfg.seed) * 1000 + stage
         torch.manual_seed(stage_seed)
         ctx = InitContext(
@@ -199,13 +209,16 @@ class Runner:
         if resumed:
             log.info("stage %d: resuming training at step %d", stage, resumed[0].step)
         t0 = time.time()
+        self.progress.train_begin(stage, task.name, tr["total_steps"], resumed[0].step if resumed else 0)
         train_summary = train_stage(
             peft_model, task, self.encoder, OmegaConf.create(tr), self.regularizer, device=self.device,
             seed=stage_seed, state=resumed[0] if resumed else None, optimizer_state=resumed[1] if resumed else None,
             checkpoint=lambda st, opt, sch: save_checkpoint(files, peft_model, st, opt, sch),
-            progress=bool(cfg.progress), log=log.info,
-            on_step=lambda step, terms: (self.tracker.log_step(stage, step, terms), kill_point(f"train:{stage}:{step}")),
+            progress=False, log=log.info,  # the display is self.progress's, fed by on_step
+            on_step=lambda step, terms: (self.tracker.log_step(stage, step, terms), self.progress.train_step(step, terms),
+                                         kill_point(f"train:{stage}:{step}")),
         )
+        self.progress.train_end(train_summary)
         seconds["train"] = time.time() - t0
         self.regularizer.end_stage(peft_model, stage, task)
 
@@ -229,22 +242,28 @@ class Runner:
         cfg = self.cfg
         ev = cfg.evaluation
         row = self.results["matrix"][stage]
+        self.progress.eval_begin(stage, len(self.tasks) if ev.full_matrix or not stage else stage)
         for j, task in enumerate(self.tasks):
             if not ev.full_matrix and stage and j >= stage:
                 continue
+            self.progress.eval_task_begin(task.name)
             score, records = evaluate_task(
                 self.model, self.tokenizer, task, batch_size=int(ev.batch_size), max_new_tokens=int(ev.max_new_tokens),
                 max_prompt_len=self.max_prompt_len, device=self.device, use_chat_template=bool(ev.use_chat_template),
-                limit=ev.limit, progress=bool(cfg.progress),
+                limit=ev.limit, progress=False,
             )
+            self.progress.eval_task_end(task.name, score)
             row[j] = score
             write_jsonl(self.run_dir / "predictions" / f"stage_{stage:02d}" / f"{task.name}.jsonl", records)
             kill_point(f"eval:{stage}:{j}")
+        self.progress.eval_end()
         if self.general_eval and self.general_eval.should_run(cfg.general_eval, stage, len(self.tasks)):
+            self.progress.general_begin(stage)
             self.results["general"][str(stage)] = self.general_eval.evaluate_general(
                 self.model, self.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"),
                 work_dir=str(self.run_dir / "general_eval"), device=self.device, seed=int(cfg.seed),
             )
+            self.progress.general_end(self.results["general"][str(stage)])
 
     def finish(self) -> None:
         metrics = compute_cl_metrics(self.results["matrix"], self.results["eval_sizes"])
@@ -271,5 +290,6 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run(cfg, run_dir: str | Path) -> dict[str, Any]:
-    return Runner(cfg, Path(run_dir)).run()
+def run(cfg, run_dir: str | Path, stream=None) -> dict[str, Any]:
+    """`stream`: where cl_bench's progress bars go (the console's stderr; default sys.stderr)."""
+    return Runner(cfg, Path(run_dir)).run(stream)
