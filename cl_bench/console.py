@@ -176,8 +176,8 @@ class Progress:
         self.step = step
         shown = {k: v for k, v in terms.items() if k not in ("grad_norm", "lr")}
         if self.bar is not None:
-            self.bar.update(step - self.bar.n)
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
+            self.bar.update(step - self.bar.n)
         self._heartbeat(f"stage {self.stage}/{self.T} train {self.task}: step {step}/{self.total} "
                         + " ".join(f"{k}={v:.3f}" for k, v in shown.items()))
 

@@ -107,16 +107,16 @@ def check_general(path: Path, root: Path) -> list[tuple[str, str]]:
 
 def report(root: Path, conf_dir: Path = CONF_DIR) -> tuple[str, list[SequenceStatus]]:
     statuses = [check_sequence(p, root) for p in sorted((conf_dir / "sequence").glob("*.yaml"))]
-    width = max(len(s.name) for s in statuses)
+    general = {p.stem: check_general(p, root) for p in sorted((conf_dir / "general_eval").glob("*.yaml"))}
+    width = max([len(s.name) for s in statuses] + [len(name) for checks in general.values() for name, _ in checks])
     lines = [f"data.root = {root}", "", "sequences:"]
     for s in statuses:
         n = len(s.present) + len(s.missing)
         state = "runnable" if s.runnable else f"missing {', '.join(s.missing)}"
         lines.append(f"  {s.name:<{width}}  {s.family:<12} {len(s.present):>2}/{n:<2} {state}")
-    for path in sorted((conf_dir / "general_eval").glob("*.yaml")):
-        checks = check_general(path, root)
+    for name, checks in general.items():
         if checks:
-            lines.append(f"general_eval={path.stem}:")
+            lines.append(f"general_eval={name}:")
             lines.extend(f"  {name:<{width}}  {where}" for name, where in checks)
     runnable = [s.name for s in statuses if s.runnable]
     lines += ["", f"runnable ({len(runnable)}/{len(statuses)}): {', '.join(runnable) or 'none'}",

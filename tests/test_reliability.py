@@ -1,5 +1,5 @@
-"""Crash safety: SIGKILL at several points, resume, same final matrix; one writer per run dir;
-NaN guard; determinism."""
+"""Crash safety: SIGKILL at several points and Ctrl-C, resume, same final matrix; one writer per
+run dir; NaN guard; determinism."""
 import json
 
 import pytest
@@ -35,6 +35,22 @@ def test_sigkill_then_resume_gives_the_same_matrix(reference, tmp_path, point):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = json.loads((tmp_path / "results.json").read_text())
     assert final["complete"] is True
+    assert final["matrix"] == reference["matrix"]
+    assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
+
+
+def test_ctrl_c_prints_one_line_then_the_rerun_resumes_to_the_same_matrix(reference, tmp_path):
+    stopped = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"],
+                      env_extra={"CL_BENCH_KILL_AT": "train:2:4", "CL_BENCH_KILL_SIGNAL": "INT"})
+    assert stopped.returncode == 130, stopped.stderr[-2000:]  # a real SIGINT, handled: 128 + 2
+    assert stopped.stderr.strip().splitlines() == [
+        "cl_bench: interrupted during stage 2 step 4 (training parity); rerun the same command to resume"]
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert partial["complete"] is False and partial["status"].startswith("interrupted during stage 2 step 4")
+    assert (tmp_path / "stages" / "stage_02" / "checkpoint" / "state.json").exists()
+    resumed = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = json.loads((tmp_path / "results.json").read_text())
     assert final["matrix"] == reference["matrix"]
     assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
 
