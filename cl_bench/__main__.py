@@ -135,7 +135,11 @@ def main() -> None:
         if failure is not None:
             _fail(failure)
 
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C before the run installed its own handler (imports, composition)
+        print("cl_bench: interrupted during startup (before the first stage)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

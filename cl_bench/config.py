@@ -97,6 +97,7 @@ def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     if any(a in ("-sc", "--shell-completion") or a.startswith("--shell-completion=") for a in argv):
         return  # tab completion queries pass partial words
     dirs = _conf_dirs(argv, conf_dir)
+    multirun = any(a in ("--multirun", "-m") for a in argv)
     groups = config_groups(dirs)
     top = paths = None
     skip_next = False
@@ -110,6 +111,8 @@ def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         if "=" not in arg or arg.startswith(("-", "+", "~", "hydra")):
             continue
         key, value = arg.split("=", 1)
+        if not multirun and "," in value and not value.startswith(("[", "{", "'", '"')):
+            raise ConfigError(f"{arg} lists several values; add --multirun to run one job per value")
         if key in groups:
             valid = group_choices(key, dirs)
             for choice in value.split(","):  # multirun sweeps list several

@@ -55,11 +55,12 @@ def projection_lines(results: dict[str, Any]) -> list[str]:
 
 def where_lines(run_dir: str | Path) -> list[str]:
     d = Path(run_dir)
+    log = [f"log:         {d / 'cl_bench.log'}"] if (d / "cl_bench.log").exists() else []
     return [
         f"run dir:     {d}",
         f"results:     {d / 'results.json'}",
         f"predictions: {d / 'predictions'}/stage_XX/<task>.jsonl",
-        f"log:         {d / 'cl_bench.log'}",
+        *log,
         f"report:      python -m cl_bench.report {d}   (several runs: give their parent folder)",
     ]
 
@@ -77,6 +78,8 @@ def format_summary(results: dict[str, Any], run_dir: str | Path | None = None) -
         values = [(baselines.get(t) or {}).get(kind) for t in tasks]
         if any(v is not None for v in values):
             lines.append(f"{kind:<10}" + " ".join("   n/a" if v is None else f"{v:6.1f}" for v in values))
+    if baselines and not any(v is not None for b in baselines.values() for v in (b.get("chance"), b.get("majority"))):
+        lines.append("chance/majority baselines: n/a (no task has a label set)")
     lines.append("tasks: " + ", ".join(f"{j + 1}={t:<{width}}".rstrip() for j, t in enumerate(tasks)))
     metrics = results.get("metrics") or {}
     if metrics:

@@ -78,3 +78,40 @@ def test_a_signal_during_an_atomic_write_waits_for_the_write(tmp_path):
     assert target.read_text() == "complete"
     assert info.value.exit_code == 130 and info.value.where == "stage 3 step 7"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_session_keeps_third_party_output_off_the_console_and_in_the_log(tmp_path):
+    import io
+    import sys
+    import warnings
+
+    from cl_bench.console import session
+
+    console, log_file = io.StringIO(), tmp_path / "run.log"
+    root = logging.getLogger()
+    handlers = [logging.StreamHandler(console), logging.FileHandler(log_file)]
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    for h in handlers:
+        root.addHandler(h)
+    try:
+        with session(verbose=False) as real_stderr:
+            assert sys.stderr is not real_stderr
+            logging.getLogger("cl_bench").info("stage 1/2 train a: 6 steps")
+            logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+            warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+            print("Running loglikelihood requests:  50%\rRunning loglikelihood requests: 100%", file=sys.stderr)
+        assert sys.stderr is real_stderr
+        with session(verbose=True) as stream:
+            assert sys.stderr is stream
+            logging.getLogger("lm_eval").warning("shown when verbose")
+    finally:
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(old_level)
+    assert console.getvalue() == "stage 1/2 train a: 6 steps\nshown when verbose\n"
+    log = log_file.read_text()
+    for line in ("stage 1/2 train a", "Retrying in 1s", "FutureWarning", "Running loglikelihood requests: 100%"):
+        assert line in log, line
+    assert "50%" not in log
