@@ -168,6 +168,22 @@ class Progress:
     def init_begin(self, stage: int, task: str) -> None:
         self.phase, self.stage, self.task, self.step = "init", stage, task, None
 
+    def init_log(self, message: str) -> None:
+        """An initializer's own messages (captures, cache keys): the log file only."""
+        log.info(message, extra=FILE_ONLY)
+
+    def init_end(self, stats: dict[str, Any], seconds: float) -> None:
+        """One line for inits that did something: the method, whether a projection fired (cos, gamma)."""
+        method, projection = stats.get("method"), stats.get("projection")
+        if method is None or (projection is None and not stats.get("capture") and seconds < 1.0):
+            return  # e.g. PEFT's default init: nothing worth a line
+        parts = [str(projection)] if projection is not None else []
+        if stats.get("cos_global") is not None:
+            parts.append(f"cos {stats['cos_global']:+.4f}")
+        if stats.get("gamma") is not None:
+            parts.append(f"gamma {stats['gamma']:.4g}")
+        log.info(f"stage {self.stage}/{self.T} init {method}: {', '.join(parts) or 'done'} ({seconds:.1f}s)")
+
     def train_begin(self, stage: int, task: str, total: int, start: int = 0) -> None:
         self.phase, self.stage, self.task, self.step, self.total = "train", stage, task, start, total
         self._open_bar(total, start, f"stage {stage}/{self.T} train {task}")

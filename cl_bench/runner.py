@@ -103,29 +103,33 @@ class Runner:
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self, stream=None) -> dict[str, Any]:
+        """`stream`: where the progress bars go (default sys.stderr). Ctrl-C / SIGTERM raise
+        Interrupted at the next safe point (never inside an atomic write)."""
         self.progress = Progress(0, stream=stream, bars=bool(self.cfg.progress))
         with InterruptGuard(where=lambda: self.progress.where()):
-            self.prepare()
-            self.progress.T = len(self.tasks)
-            with RunLock(self.run_dir):
-                previous = load_previous_results(self.run_dir, self.config)
-                if previous and previous.get("complete"):
-                    log.info("run in %s is already complete; not redoing it", self.run_dir)
-                    self.results = previous
-                    print(format_summary(previous, self.run_dir))
-                    return previous
-                self.results = previous or self.new_results()
-                if previous:  # a resume may run other code or another machine: record each one
-                    self.results.setdefault("provenance", {}).setdefault("resumed", []).append(provenance(self.device))
-                try:
-                    self._run_stages()
-                except BaseException as exc:
-                    self.progress.close()
-                    interrupted = isinstance(exc, Interrupted)
-                    self.results["status"] = f"interrupted during {exc.where}" if interrupted else f"failed: {type(exc).__name__}: {exc}"
-                    self.results["complete"] = False
-                    self.save()
-                    raise
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
+        self.prepare()
+        self.progress.T = len(self.tasks)
+        with RunLock(self.run_dir):
+            previous = load_previous_results(self.run_dir, self.config)
+            if previous and previous.get("complete"):
+                log.info("run in %s is already complete; not redoing it", self.run_dir)
+                self.results = previous
+                print(format_summary(previous, self.run_dir))
+                return previous
+            self.results = previous or self.new_results()
+            if previous:  # a resume may run other code or on another machine: record each one
+                self.results.setdefault("provenance", {}).setdefault("resumed", []).append(provenance(self.device))
+            try:
+                self._run_stages()
+            except BaseException as exc:
+                self.progress.close()
+                self.results["status"] = f"interrupted during {exc.where}" if isinstance(exc, Interrupted) else f"failed: {type(exc).__name__}: {exc}"
+                self.results["complete"] = False
+                self.save()
+                raise
         print(format_summary(self.results, self.run_dir))
         return self.results
 
@@ -185,7 +189,7 @@ class Runner:
             alpha=float(cfg.lora.alpha), scaling=lora_scaling(cfg.lora), target_modules=self.targets,
             device=self.device, seed=stage_seed,
             make_batches=lambda t, n, bs, seed: self.encoder.batches(t, n, bs, seed, self.device),
-            cache_dir=self.init_cache_dir, log=log.info,
+            cache_dir=self.init_cache_dir, log=self.progress.init_log,  # details to the log file
         )
         t0 = time.time()
         lora_config = LoraConfig(
@@ -201,6 +205,7 @@ class Runner:
 
             init_result.stats["apply"] = apply_init(peft_model, init_result)
         seconds["init"] = time.time() - t0
+        self.progress.init_end(init_result.stats, seconds["init"])
 
         self.regularizer.begin_stage(peft_model, stage, task)
         tr = OmegaConf.to_container(cfg.trainer, resolve=True)

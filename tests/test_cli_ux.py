@@ -33,10 +33,11 @@ def slice_run(tiny_model_dir, tmp_path_factory):
 def test_console_shows_cl_bench_lines_only_and_the_log_keeps_the_rest(slice_run):
     run_dir, proc, _ = slice_run
     console = proc.stdout + proc.stderr
-    for line in ("stage 0/2 eval: sentiment", "stage 1/2 train sentiment: 6 steps", "stage 2/2 eval: sentiment",
+    for line in ("stage 0/2 eval: sentiment", "stage 1/2 init slice: skipped: no previous task",
+                 "stage 1/2 train sentiment: 6 steps", "stage 2/2 eval: sentiment",
                  "stage 0/2 general: GP", "synthetic_odd_one_out"):
         assert line in console, line
-    for noise in ("it/s", "FutureWarning", "Running loglikelihood", "[INFO]", "Traceback"):
+    for noise in ("it/s", "FutureWarning", "Running loglikelihood", "[INFO]", "Traceback", "cache store"):
         assert noise not in console, noise
     log = (run_dir / "cl_bench.log").read_text()
     assert "Running loglikelihood requests: 100%" in log  # lm-eval's bars, final state only
