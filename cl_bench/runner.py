@@ -150,7 +150,7 @@ class Runner:
             reg_file = StageFiles(self.run_dir, done).regularizer
             if reg_file.exists():
                 self.regularizer.load_state_dict(load_tensors(reg_file))
-        if self.results["matrix"][0][0] is None:
+        if any(v is None for v in self.results["matrix"][0]):  # row 0 may be partial after an interrupt
             self.evaluate_row(0)
             self.save()
         for stage in range(done + 1, len(self.tasks) + 1):

@@ -83,7 +83,7 @@ def check_cl_bench(args: list[str], monkeypatch, capsys) -> None:
 
         name = args[args.index("--config-name") + 1]
         params = yaml.safe_load((REPO / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
-        check_group_overrides([f"{k}={v}" for k, v in params.items()])
+        check_group_overrides(["--multirun", *(f"{k}={v}" for k, v in params.items())])
     for run in _split_sweeps(args):
         code, out = run_main([*run, "--cfg", "job", "--resolve"], monkeypatch, capsys)
         assert code == 0, f"{run}: {out[-2000:]}"
@@ -131,6 +131,9 @@ def check_command(line: str, tmp_path, monkeypatch, capsys) -> None:
         recipe = re.search(rf"^{tokens[1]}:.*\n\t(.*)", makefile, re.M).group(1)
         if "-m cl_bench" in recipe:
             check_cl_bench(shlex.split(recipe.split("-m cl_bench", 1)[1]), monkeypatch, capsys)
+        return
+    if tokens[0] == "source":  # activating the venv the Makefile made
+        assert tokens[1] == ".venv/bin/activate" and (Path(sys.executable).parent / "activate").exists()
         return
     if tokens[0] in EXTERNAL:
         assert (Path(sys.executable).parent / tokens[0]).exists(), f"{tokens[0]} is not installed next to {sys.executable}"

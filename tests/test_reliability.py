@@ -1,13 +1,17 @@
-"""Crash safety: SIGKILL at several points and Ctrl-C, resume, same final matrix; one writer per
-run dir; NaN guard; determinism."""
+"""Crash safety: SIGKILL at several points, Ctrl-C and SIGTERM (one line, exit 130 / 143), resume,
+same final matrix; one writer per run dir; NaN guard; determinism."""
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
 from cl_bench.errors import TrainingError
 from cl_bench.run_dir import RunLock
 from cl_bench.runner import run
-from conftest import FAST, compose, run_cli
+from conftest import FAST, REPO, compose, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +57,23 @@ def test_ctrl_c_prints_one_line_then_the_rerun_resumes_to_the_same_matrix(refere
     final = json.loads((tmp_path / "results.json").read_text())
     assert final["matrix"] == reference["matrix"]
     assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
+
+
+def test_sigterm_names_the_phase_and_the_run_dir_to_resume_with(reference, tmp_path):
+    # No hydra.run.dir on the command line (the default timestamped dir under the working
+    # directory): the line must say which dir to rerun with, and that rerun must resume.
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "cl_bench", *ARGS]
+    stopped = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             env=dict(env, CL_BENCH_KILL_AT="eval:0:0", CL_BENCH_KILL_SIGNAL="TERM"))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]  # 128 + 15
+    line, = stopped.stderr.strip().splitlines()
+    match = re.fullmatch(r"cl_bench: interrupted during stage 0 evaluation \(sentiment, before training\); "
+                         r"rerun the same command with (hydra.run.dir=\S+) to resume", line)
+    assert match, line
+    resumed = subprocess.run([*cmd, match.group(1)], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / match.group(1).split("=", 1)[1] / "results.json").read_text())["matrix"] == reference["matrix"]
 
 
 def test_same_seed_same_matrix(reference, tmp_path):
