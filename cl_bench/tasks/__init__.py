@@ -46,10 +46,12 @@ def load_sequence(seq: Any, root: str | None, seed: int) -> list[TaskData]:
         try:
             tasks.append(module.load_task(name, root=root, n_train=seq.n_train, n_eval=int(seq.n_eval), seed=seed, **kwargs))
         except DataError as exc:
-            errors.append(str(exc))
+            errors.append((name, str(exc)))
     if errors:
-        more = f" (and {len(errors) - 1} more task(s): " + " | ".join(errors[1:]) + ")" if len(errors) > 1 else ""
-        raise DataError(errors[0] + more)
+        # The first task's full message, then only the names: one readable line, not one per task.
+        more = (f" (and {len(errors) - 1} more task(s): {', '.join(n for n, _ in errors[1:])}; "
+                f"`python -m cl_bench.data_check data.root=DIR` lists what each sequence lacks)") if len(errors) > 1 else ""
+        raise DataError(errors[0][1] + more)
     return tasks
 
 
