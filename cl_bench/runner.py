@@ -15,6 +15,7 @@ from .evaluation import evaluate_task
 from .errors import CLBenchError, ConfigError
 from .faults import kill_point
 from .initializers.base import InitContext
+from .jobs import Job, Requeued, job_scope
 from .metrics import compute_cl_metrics
 from .models import load_model, model_unavailable, resolve_device, resolve_model_path
 from .results import SCHEMA, atomic_save_tensors, atomic_write_json, load_tensors, package_versions, write_jsonl
@@ -53,9 +54,10 @@ def build_plugins(cfg):
 
 
 class Runner:
-    def __init__(self, cfg, run_dir: Path):
+    def __init__(self, cfg, run_dir: Path, job: Job | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.job = job or Job()  # preemption safe points and exit hooks (cl_bench/jobs.py)
         self.config = OmegaConf.to_container(cfg, resolve=True)
 
     # ---- setup -----------------------------------------------------------------------------
@@ -121,7 +123,8 @@ class Runner:
     def _run_stages(self) -> None:
         cfg = self.cfg
         self.model, self.tokenizer = load_model(cfg.model, self.device, str(cfg.cache.dir), log=log.info)
-        self.tracker = make_tracker(cfg.logger, self.config, str(self.run_dir), self.run_dir.name)
+        self.tracker = make_tracker(cfg.logger, self.results, self.run_dir)
+        self.job.on_exit(lambda exc: self.tracker.close(exit_code=1, preempted=isinstance(exc, Requeued)))
         tr, ev = cfg.trainer, cfg.evaluation
         # Never feed more positions than the model has (the tiny model has 512).
         max_pos = getattr(self.model.config, "max_position_embeddings", None) or 10**9
@@ -138,6 +141,7 @@ class Runner:
         if self.results["matrix"][0][0] is None:
             self.evaluate_row(0)
             self.save()
+            self.tracker.log_stage(0, self.results)
         for stage in range(done + 1, len(self.tasks) + 1):
             self.run_stage(stage)
         self.finish()
@@ -154,15 +158,16 @@ class Runner:
         t0 = time.time()
         self.evaluate_row(stage)
         record["seconds"]["eval"] = time.time() - t0
-        self.tracker.log_stage(stage, self.results["matrix"][stage], self.results["tasks"])
         self.results["stages"].append(record)
         self.save()
+        self.tracker.log_stage(stage, self.results)
         kill_point(f"saved:{stage}")
         # Only the latest model state is needed to resume; older ones would cost a model each.
         if stage > 1:
             StageFiles(self.run_dir, stage - 1).model_state.unlink(missing_ok=True)
         log.info("stage %d/%d (%s) done: row %s", stage, len(self.tasks), task.name,
                  [None if v is None else round(v, 1) for v in self.results["matrix"][stage]])
+        self.job.safe_point()  # stage saved: a pending preemption requeues here
 
     def train_stage(self, stage: int, task, files: StageFiles, seconds: dict[str, float]) -> dict[str, Any]:
         from peft import LoraConfig, get_peft_model
@@ -196,13 +201,23 @@ class Runner:
         tr = OmegaConf.to_container(cfg.trainer, resolve=True)
         tr["total_steps"] = steps_per_stage(len(task.train), cfg.trainer)
         resumed = load_checkpoint(files, peft_model)
+        every = int(tr.get("checkpoint_every_steps") or 0)
+        if self.job.preemptible:  # visit every step boundary: a preemption signal saves there
+            tr["checkpoint_every_steps"] = 1
+
+        def checkpoint(st, opt, sch):
+            save = lambda: save_checkpoint(files, peft_model, st, opt, sch)  # noqa: E731
+            if every and st.step % every == 0:
+                save()
+                save = None
+            self.job.safe_point(save)
         if resumed:
             log.info("stage %d: resuming training at step %d", stage, resumed[0].step)
         t0 = time.time()
         train_summary = train_stage(
             peft_model, task, self.encoder, OmegaConf.create(tr), self.regularizer, device=self.device,
             seed=stage_seed, state=resumed[0] if resumed else None, optimizer_state=resumed[1] if resumed else None,
-            checkpoint=lambda st, opt, sch: save_checkpoint(files, peft_model, st, opt, sch),
+            checkpoint=checkpoint,
             progress=bool(cfg.progress), log=log.info,
             on_step=lambda step, terms: (self.tracker.log_step(stage, step, terms), kill_point(f"train:{stage}:{step}")),
         )
@@ -256,7 +271,7 @@ class Runner:
         self.results["complete"] = True
         self.results["status"] = "complete"
         self.save()
-        self.tracker.finish(metrics)
+        self.tracker.finish(self.results)
 
 
 def _read_json(path: Path) -> dict:
@@ -272,4 +287,5 @@ def _remove_tree(path: Path) -> None:
 
 
 def run(cfg, run_dir: str | Path) -> dict[str, Any]:
-    return Runner(cfg, Path(run_dir)).run()
+    with job_scope(int(cfg.seed)) as job:  # nothing leaks into the next job of this process
+        return Runner(cfg, Path(run_dir), job).run()
