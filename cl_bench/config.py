@@ -7,7 +7,8 @@ from typing import Any
 from .errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "initializer", "sequence", "regularizer", "merge", "trainer", "evaluation", "general_eval", "logger")
+GROUPS = ("model", "initializer", "sequence", "regularizer", "merge", "trainer", "evaluation", "general_eval", "logger",
+          "experiment", "experiment/method")
 
 
 def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
