@@ -113,6 +113,7 @@ class Job:
             self._submitit_handler(signum, frame)  # checkpoint() -> pickle -> requeue -> sys.exit
         except SystemExit as exc:
             raise Requeued(exc.code) from None
+        self._pending = None  # the handler chose not to exit (e.g. not the rank-0 task): carry on
 
     # ---- cleanup ----------------------------------------------------------------------------
     def on_exit(self, hook: Callable[[BaseException | None], None]) -> None:

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -83,8 +84,8 @@ def heatmap(results: Mapping[str, Any], relative: bool = False, title: str | Non
     ax = fig.add_subplot()
     masked = np.ma.masked_invalid(values)
     vmax = max(100.0, float(np.nanmax(values))) if relative and np.isfinite(values).any() else 100.0
-    image = ax.imshow(masked, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
-    image.cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")  # grey: not evaluated
+    image = ax.imshow(masked, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto")
     for i in range(T + 1):
         for j in range(T):
             v = values[i, j]
@@ -150,7 +151,7 @@ def stability_plasticity(points: Iterable[Mapping[str, Any]], title: str = "Stab
     ax.set_ylabel("FP: stability (%)")
     ax.grid(alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
-    fig.suptitle(title + (f"\n(no AP/FP: {', '.join(skipped)})" if skipped else ""), fontsize=10)
+    ax.set_title(title + (f"\n(no AP/FP: {', '.join(skipped)})" if skipped else ""), fontsize=10)
     return fig
 
 
@@ -228,7 +229,7 @@ def loss_curves(results: Mapping[str, Any], title: str | None = None) -> Figure:
         fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     else:
         ax.text(0.5, 0.5, "no training steps recorded", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(title or f"{results.get('sequence', '')}: training loss per stage", fontsize=10)
+    ax.set_title(title or f"{results.get('sequence', '')}: training loss per stage", fontsize=10)
     return fig
 
 

@@ -8,7 +8,7 @@ One W&B run per cl_bench run dir:
 - group = the sweep dir's name in a multirun (all jobs of one sweep together), job_type = the
   method (initializer/regularizer/merge choices), config = the resolved run config;
 - per step: every loss term by name (train/<term>, x-axis train/global_step);
-- per stage: the row of R (eval/<task>), its seen-task mean, the GP/IP benchmarks when measured
+- per stage: the row of R (eval/<task>), AP/FP/Fgt of the tasks so far, the GP/IP benchmarks when measured
   (x-axis stage);
 - at the end: summary metrics (AP, FP, Fgt, ..., GP, IP), R as a table and two heatmaps, the
   stability-plasticity point (AP, FP) as a table and a plot, the loss curves.
@@ -104,9 +104,13 @@ class WandbTracker(NullTracker):
         tasks, row = results["tasks"], results["matrix"][stage]
         values: dict[str, Any] = {f"eval/{t}": v for t, v in zip(tasks, row) if v is not None}
         seen = [v for v in row[:stage] if v is not None]
-        if stage and len(seen) == stage:
-            values["eval/seen_mean"] = fmean(seen)
+        diag = [results["matrix"][i][i - 1] for i in range(1, stage + 1)]
+        if stage and len(seen) == stage and None not in diag:
+            # The metrics of the sequence so far (tasks 1..stage): FP and AP as if it ended here.
             values["eval/just_trained"] = row[stage - 1]
+            values["eval/FP_so_far"] = fmean(seen)
+            values["eval/AP_so_far"] = fmean(diag)
+            values["eval/Fgt_so_far"] = values["eval/AP_so_far"] - values["eval/FP_so_far"]
         general = (results.get("general") or {}).get(str(stage)) or {}
         for kind in ("zero_shot", "few_shot"):
             for bench, v in (general.get(kind) or {}).items():

@@ -229,7 +229,7 @@ def test_basic_launcher_jobs_leak_nothing_into_the_next(alone, tmp_path, monkeyp
     sweep = tmp_path / "sweep"
     LeakProbe.seen = []
     # In process, Hydra would look for ../conf as a Python package: name the folder instead.
-    monkeypatch.setattr(sys, "argv", ["cl_bench", "-m", "--config-path", str(CONF), *JOB_ARGS, f"experiment/method=lora_ga,{REFERENCE_METHOD}",
+    monkeypatch.setattr(sys, "argv", ["cl_bench", "-m", "--config-path", str(CONF), *JOB_ARGS, f"experiment/method=loram,{REFERENCE_METHOD}",
                                       "logger=wandb", f"hydra.sweep.dir={sweep}", "hydra/job_logging=none",
                                       "hydra/hydra_logging=none", "+hydra.callbacks.probe._target_=test_sweeps.LeakProbe"])
     main()
@@ -240,12 +240,12 @@ def test_basic_launcher_jobs_leak_nothing_into_the_next(alone, tmp_path, monkeyp
     # one W&B run per job: id from the run dir, the sweep as group, the method as job type
     assert [kw["id"] for kw in inits] == [run_id(sweep / "0"), run_id(sweep / "1")]
     assert {kw["group"] for kw in inits} == {"sweep"} and [kw["job_type"] for kw in inits] == [
-        "lora_ga/none/absorb", f"{REFERENCE_METHOD}/none/absorb"]
+        "loram/none/absorb", f"{REFERENCE_METHOD}/none/absorb"]
     second = json.loads((sweep / "1" / "results.json").read_text())
     assert second["matrix"] == alone["matrix"]
     assert [s["train"]["loss_curve"] for s in second["stages"]] == [s["train"]["loss_curve"] for s in alone["stages"]]
     first = json.loads((sweep / "0" / "results.json").read_text())
-    assert first["complete"] and first["config"]["initializer"]["_target_"].endswith("LoraGA")
+    assert first["complete"] and first["config"]["initializer"]["_target_"].endswith("LoRAM")
 
 
 @pytest.mark.slow
