@@ -19,6 +19,8 @@ GROUP_HELP = {
     "evaluation": "seen-task evaluation: batch size, generation length, example limit",
     "general_eval": "general capability GP (zero-shot) / IP (few-shot) through lm-eval",
     "logger": "experiment tracking: none or wandb",
+    "experiment": "presets of a paper's settings (slice_paper, ps_lora_paper, debug) and sweep grids",
+    "experiment/method": "one method row of a paper's table (vanilla, loram, lora_ga, slice_c050, ...)",
 }
 
 # Hydra flags whose next argument is a value, not an override.
@@ -27,9 +29,20 @@ _FLAGS_WITH_VALUE = {"-sc", "--shell-completion", "-cn", "--config-name", "-cp",
 
 
 def config_groups(conf_dirs: list[Path] | None = None) -> list[str]:
-    """Group names = the sub-folders of conf/ (and of any --config-dir)."""
+    """Group names = the sub-folders of conf/ (and of any --config-dir) holding YAMLs, nested ones
+    as "parent/child" (experiment/method); Hydra's own groups (conf/hydra/...) are not ours."""
     dirs = conf_dirs or [CONF_DIR]
-    return sorted({p.name for d in dirs if d.is_dir() for p in d.iterdir() if p.is_dir() and any(p.glob("*.yaml"))})
+    groups = set()
+    for i, d in enumerate(dirs):
+        for p in (d.glob("*/") if d.is_dir() else ()):
+            if p.name == "hydra":
+                continue
+            # one level of nesting (experiment/method) in conf/ itself; an extra --config-dir
+            # (the repo root, for multirun.yaml) contributes only its direct sub-folders
+            for g in (p, *(p.glob("*/") if i == 0 else ())):
+                if any(g.glob("*.yaml")):
+                    groups.add(g.relative_to(d).as_posix())
+    return sorted(groups)
 
 
 GROUPS = tuple(config_groups())

@@ -20,6 +20,7 @@ from .data import TrainingEncoder, prompt_format
 from .evaluation import evaluate_task
 from .errors import CLBenchError, ConfigError
 from .faults import kill_point
+from .jobs import Job, Requeued, job_scope
 from .lora import WeightMaster, adapter_factors, add_adapter, apply_init, follow_peft_absorption_, set_scaling
 from .metrics import compute_cl_metrics
 from .models import load_model, model_unavailable, resolve_device, resolve_model_path
@@ -56,9 +57,10 @@ def build_plugins(cfg) -> dict[str, Any]:
 
 
 class Runner:
-    def __init__(self, cfg, run_dir: Path):
+    def __init__(self, cfg, run_dir: Path, job: Job | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.job = job or Job()  # preemption safe points and exit hooks (cl_bench/jobs.py)
         self.config = OmegaConf.to_container(cfg, resolve=True)
 
     # ---- setup -----------------------------------------------------------------------------
@@ -139,7 +141,8 @@ class Runner:
     def _run_stages(self) -> None:
         cfg = self.cfg
         model, self.tokenizer = load_model(cfg.model, self.device, str(cfg.cache.dir), log=log.info)
-        self.tracker = make_tracker(cfg.logger, self.config, str(self.run_dir), self.run_dir.name)
+        self.tracker = make_tracker(cfg.logger, self.results, self.run_dir)
+        self.job.on_exit(lambda exc: self.tracker.close(exit_code=1, preempted=isinstance(exc, Requeued)))
         tr, ev = cfg.trainer, cfg.evaluation
         # Never feed more positions than the model has (the tiny model has 512).
         max_pos = getattr(model.config, "max_position_embeddings", None) or 10**9
@@ -158,6 +161,7 @@ class Runner:
         if any(v is None for v in self.results["matrix"][0]):  # row 0 may be partial after an interrupt
             self.evaluate_row(0)
             self.save()
+            self.tracker.log_stage(0, self.results)
         for stage in range(done + 1, len(self.tasks) + 1):
             self.run_stage(stage)
         self.finish()
@@ -192,15 +196,16 @@ class Runner:
         t0 = time.time()
         self.evaluate_row(stage)
         record["seconds"]["eval"] = time.time() - t0
-        self.tracker.log_stage(stage, self.results["matrix"][stage], self.results["tasks"])
         self.results["stages"].append(record)
         self.save()
+        self.tracker.log_stage(stage, self.results)
         kill_point(f"saved:{stage}")
         # Only the latest model and plug-in states are needed to resume; older ones cost a model each.
         if stage > 1:
             older = StageFiles(self.run_dir, stage - 1)
             for path in (older.model_state, *(older.state(g) for g in PLUGIN_GROUPS)):
                 path.unlink(missing_ok=True)
+        self.job.safe_point()  # stage saved: a pending preemption requeues here
 
     def train_stage(self, stage: int, files: StageFiles) -> dict[str, Any]:
         ctx = self.context(stage)
@@ -254,6 +259,17 @@ class Runner:
         tr = OmegaConf.to_container(cfg.trainer, resolve=True)
         tr["total_steps"] = steps_per_stage(len(ctx.current.train), cfg.trainer)
         resumed = load_checkpoint(files, peft_model)
+        every = int(tr.get("checkpoint_every_steps") or 0)
+        if self.job.preemptible:  # visit every step boundary: a preemption signal saves there
+            tr["checkpoint_every_steps"] = 1
+
+        def checkpoint(st, opt, sch):
+            save = lambda: save_checkpoint(files, peft_model, st, opt, sch, self.plugins)  # noqa: E731
+            if every and st.step % every == 0:
+                save()
+                save = None
+            self.job.safe_point(save)
+
         if resumed:
             load_plugin_states(files.checkpoint, self.plugins)
             log.info("stage %d: resuming training at step %d", ctx.stage, resumed[0].step)
@@ -261,7 +277,7 @@ class Runner:
         summary = train_stage(
             peft_model, ctx, self.encoder, OmegaConf.create(tr), self.regularizer,
             state=resumed[0] if resumed else None, optimizer_state=resumed[1] if resumed else None,
-            checkpoint=lambda st, opt, sch: save_checkpoint(files, peft_model, st, opt, sch, self.plugins),
+            checkpoint=checkpoint,
             progress=False,  # the display is self.progress's, fed by on_step
             on_step=lambda step, terms: (self.tracker.log_step(ctx.stage, step, terms), self.progress.train_step(step, terms),
                                          kill_point(f"train:{ctx.stage}:{step}")),
@@ -316,7 +332,7 @@ class Runner:
         self.results["complete"] = True
         self.results["status"] = "complete"
         self.save()
-        self.tracker.finish(metrics)
+        self.tracker.finish(self.results)
 
 
 def _read_json(path: Path) -> dict:
@@ -333,4 +349,5 @@ def _remove_tree(path: Path) -> None:
 
 def run(cfg, run_dir: str | Path, stream=None) -> dict[str, Any]:
     """`stream`: where cl_bench's progress bars go (the console's stderr; default sys.stderr)."""
-    return Runner(cfg, Path(run_dir)).run(stream)
+    with job_scope(int(cfg.seed)) as job:  # nothing leaks into the next job of this process
+        return Runner(cfg, Path(run_dir), job).run(stream)

@@ -27,6 +27,7 @@ def readme_commands() -> list[str]:
     for lang, body in re.findall(r"```(\w*)\n(.*?)```", README, re.S):
         if lang == "text":
             continue
+        body = re.sub(r"\\\n\s*", "", body)  # a shell line continued with a backslash is one command
         for line in body.splitlines():
             line = re.split(r"\s+#\s", line)[0].strip()
             if line and not line.startswith("#"):
