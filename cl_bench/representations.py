@@ -90,10 +90,10 @@ class InputMemory:
     rounded up to whole batches, drawn with ctx.make_batches and the stage seed) through the model
     as it ends the stage, and grows each basis with linalg.basis_update at ε_t =
     linalg.stage_threshold(threshold, increment, t). Bases live on the CPU in float32:
-    Σ_modules d_in·k·4 bytes, at most Σ d_in²·4 (tiny model: 28 modules, ≤ 3.6 MB; Llama-3.2-3B with
-    all seven projections: ≤ 28·(6·3072² + 8192²)·4 B ≈ 14 GB if every basis filled its space,
-    a few GB at ε ≈ 0.97 in practice). The collection holds one float64 Gram per module (2× that
-    bound while it runs). Shared by the gpm and inflora regularizers (and GainLoRA's gates).
+    Σ_modules d_in·k·4 bytes, at most Σ d_in²·4 (tiny model: 28 modules, ≤ 3.5 MB; Llama-3.2-3B with
+    all seven projections: ≤ 28·(6·3072² + 8192²)·4 B ≈ 14 GB if every basis filled its space;
+    memory ∝ k/d_in, which on the tiny model at ε ≈ 0.97 stays near 10%). The collection holds
+    one float64 Gram per module at once (2× that bound, ≈ 28 GB for the 3B model, while it runs). Shared by the gpm and inflora regularizers (and GainLoRA's gates).
     """
 
     def __init__(self, threshold: float, increment: float, n_samples: int, batch_size: int, where: str = "regularizer"):

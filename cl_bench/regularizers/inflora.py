@@ -18,15 +18,20 @@ design (how A is set):
   inputs (the CVPR paper's design): A = the r leading principal directions of the current task's
     inputs projected off M (Ĥ_t = H_t − M·Mᵀ·H_t), collected through the model as the stage
     starts; the initializer's A is replaced.
-Composition with initializers that absorb s·B0·A0 (SLICE, LoRA-GA, PiSSA, ...): InfLoRA owns A,
-so the new A replaces A0 and the absorbed init is re-folded, W ← W + s·B0·(A0 − A)
-(lora.replace_start_A_), which keeps the model's function at t = 0 exactly (up to float
-rounding) and the stage history records (A, B0) as the absorbed init. B0 is kept: B starts
-where the initializer put it. Note A − A0 = −A0·M·Mᵀ for `project` without rescale, so the fold
-changes W only on old inputs' directions and then the adapter's change cancels it there.
+Composition with initializers (InfLoRA owns A): `project` takes the initializer's A and
+projects it, which is faithful (A ⟂ M, frozen) and keeps what the initializer chose as far as the
+memory allows; `inputs` replaces it outright. Either way, if the init was absorbed (SLICE,
+LoRA-GA, PiSSA, ...: W = W_prev − s·B0·A0) the absorbed part is re-folded, W ← W + s·B0·(A0 − A)
+(lora.replace_start_A_), so the model's function at t = 0 is unchanged (up to float rounding)
+and the stage history records (A, B0) as the absorbed init; B starts at B0. Worth knowing: with A
+frozen the stage's model is W_prev + s·(B − B0)·A, and AdamW without weight decay does not
+depend on where B starts, so B0 has no effect: an absorbing initializer acts on InfLoRA only
+through its A under `project`, and not at all under `inputs` (measured: equal losses to 5 digits).
 
-Deviation: the reference code ranks directions by the squared eigenvalues of its input
-covariance; we apply the energy criterion of GPM (σ² = eigenvalues of the Gram matrix).
+Deviation: the LLM reference code applies its threshold to the squares of the singular values of
+the per-module matrix it accumulates; if that matrix is the input covariance (as in InfLoRA's own
+code) that ranks directions by σ⁴ instead of GPM's energy σ². We use GPM's energy criterion
+(Eqs. 16, 20–22), so the same ε keeps more directions than that code would.
 Cost per stage: the memory update (one no-grad pass over n_samples examples and one
 eigendecomposition per module); `inputs` adds one such pass over the current task at the start.
 """
@@ -55,7 +60,6 @@ class InfLoRA(Regularizer):
             raise ConfigError(f"regularizer (inflora): design={design!r}; valid: {', '.join(DESIGNS)}")
         self.memory = InputMemory(threshold, threshold_increment, n_samples, batch_size, where="regularizer (inflora)")
         self.design = design
-        self.last_design: dict = {}
 
     def begin_stage(self, model: torch.nn.Module, ctx: StageContext) -> None:
         layers = lora_layers(model, ctx.adapter)
@@ -68,7 +72,9 @@ class InfLoRA(Regularizer):
         else:
             new_A = {name: linalg.project_rows(layer.lora_A[ctx.adapter].weight, self.memory.basis(name))
                      for name, layer in layers.items() if self.memory.basis(name) is not None}
-        self.last_design = replace_start_A_(model, ctx.adapter, new_A, ctx.master, ctx.init_absorbed)
+        done = replace_start_A_(model, ctx.adapter, new_A, ctx.master, ctx.init_absorbed)
+        ctx.log(f"stage {ctx.stage}: inflora set A in {done['modules']} of {len(layers)} modules (design={self.design}; "
+                f"re-folded ‖s·B0·(A0 − A)‖_F = {done['refolded_fro']:.3g}); A frozen, B trains")
         for layer in layers.values():
             layer.lora_A[ctx.adapter].weight.requires_grad_(False)  # InfLoRA trains B only
 
