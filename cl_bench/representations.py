@@ -18,10 +18,13 @@ The model runs in eval mode under no_grad (dropout off, deterministic); its trai
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
+
+from .errors import ConfigError
+from .linalg import basis_update, stage_threshold
 
 
 @dataclass
@@ -30,7 +33,6 @@ class InputGrams:
     rows: dict[str, int]  # module -> number of input rows summed
     batches: int = 0
     seconds: float = 0.0
-    info: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -49,8 +51,8 @@ def collect_input_grams(
     mask_now: list[torch.Tensor | None] = [None]
 
     def make_hook(name: str):
-        def hook(module, args, kwargs=None):
-            x = args[0] if args else next(iter(kwargs.values()))
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))  # the input, passed by position or name
             mask = mask_now[0]
             if x.dim() == 3:
                 if mask is None or tuple(mask.shape) != tuple(x.shape[:2]):
@@ -64,7 +66,7 @@ def collect_input_grams(
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in modules.items()]
     was_training = model.training
     model.eval()
     n = 0
@@ -93,13 +95,11 @@ class InputMemory:
     Σ_modules d_in·k·4 bytes, at most Σ d_in²·4 (tiny model: 28 modules, ≤ 3.5 MB; Llama-3.2-3B with
     all seven projections: ≤ 28·(6·3072² + 8192²)·4 B ≈ 14 GB if every basis filled its space;
     memory ∝ k/d_in, which on the tiny model at ε ≈ 0.97 stays near 10%). The collection holds
-    one float64 Gram per module at once (2× that bound, ≈ 28 GB for the 3B model, while it runs). Shared by the gpm and inflora regularizers (and GainLoRA's gates).
+    one float64 Gram per module at once (2× that bound, ≈ 28 GB for the 3B model, while it runs).
+    Shared by the gpm and inflora regularizers (and GainLoRA's gates).
     """
 
     def __init__(self, threshold: float, increment: float, n_samples: int, batch_size: int, where: str = "regularizer"):
-        from .errors import ConfigError
-        from .linalg import stage_threshold
-
         try:
             stage_threshold(threshold, increment, 1)
         except ValueError as exc:
@@ -118,8 +118,6 @@ class InputMemory:
 
     def update(self, model: torch.nn.Module, modules: Mapping[str, torch.nn.Module], ctx) -> dict:
         """Grow every module's basis with the inputs of ctx.current (GPM Eqs. 16, 20–22)."""
-        from .linalg import basis_update, stage_threshold
-
         n = min(self.n_samples, len(ctx.current.train))
         bs = min(self.batch_size, n)
         collected = collect_input_grams(model, modules, ctx.make_batches(ctx.current, -(-n // bs), bs, ctx.seed))
