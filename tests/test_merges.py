@@ -254,3 +254,12 @@ def test_bf16_eval_model_comes_from_the_fp32_master():
         assert linear.weight.dtype == torch.bfloat16
         exact = train_exact[name] + merges.magmax(taus) - merges.task_sum(taus)  # = W0 + magmax, cast once
         assert torch.equal(linear.weight, exact.to(torch.bfloat16))
+
+
+def test_a_bad_knob_in_the_config_is_a_one_line_config_error():
+    from cl_bench.runner import build_plugins
+    from conftest import compose
+
+    with pytest.raises(ConfigError, match=r"merge\.density=5 is invalid"):
+        build_plugins(compose(["merge=ties", "merge.density=5"]))
+    assert build_plugins(compose(["merge=dare", "seed=7"]))["merge"].seed == 7  # ${seed}: the run's seed
