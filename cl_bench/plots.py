@@ -108,6 +108,8 @@ def heatmap(results: Mapping[str, Any], relative: bool = False, title: str | Non
     metrics = results.get("metrics") or {}
     sub = "  ".join(_fmt_metric(metrics, k) for k in ("AP", "FP", "Fgt", "GP", "IP"))
     head = title or f"{results.get('sequence', '')}: results matrix R" + (" relative to the diagonal" if relative else "")
+    if relative and any(not (R[j + 1, j] > 0) for j in range(T)):
+        sub += "   (grey: R[j,j] = 0 or missing, no % defined)"
     fig.suptitle(f"{head}\n{sub}", fontsize=9)
     return fig
 

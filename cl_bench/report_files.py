@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import plots
 from .report import CURVE_KNOBS, METRICS, STATES, Report, _block_label, _is_method_key, _method_label, _natural, _short_names
 from .stats import fmt_p
 
@@ -26,13 +25,13 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float, np.floating)) and math.isfinite(float(v))
 
 
-def cell(mean: Any, std: Any, delta: bool = False, tex: bool = False, digits: int = 2) -> str:
+def cell(mean: Any, std: Any, delta: bool = False, digits: int = 2) -> str:
     """'65.00 ± 7.07'; Δ values signed ('+1.25 ± 0.30'); no std for one seed; 'n/a' without value."""
     if not _num(mean):
         return "n/a"
     text = f"{mean:+.{digits}f}" if delta else f"{mean:.{digits}f}"
     if _num(std):
-        text += (r" $\pm$ " if tex else " ± ") + f"{std:.{digits}f}"
+        text += f" ± {std:.{digits}f}"
     return text
 
 
@@ -52,13 +51,13 @@ def summary_numbers(report: Report) -> pd.DataFrame:
     return ex[cols].rename(columns={"label": "method"}) if not ex.empty else pd.DataFrame(columns=cols)
 
 
-def summary_text(report: Report, tex: bool = False) -> pd.DataFrame:
+def summary_text(report: Report) -> pd.DataFrame:
     """The summary as text cells: block, method, row kind, n, seeds, one column per metric."""
     rows = []
     for _, r in report.experiments.iterrows():
         row = {"block": r["block"], "method": r["label"], "row": ROLE_TEXT[r["role"]], "n": int(r["n"]), "seeds": r["seeds"]}
         for m in report.metrics:
-            row[m] = cell(*_value_cols(r, m), tex=tex)
+            row[m] = cell(*_value_cols(r, m))
         rows.append(row)
     df = pd.DataFrame(rows, columns=["block", "method", "row", "n", "seeds", *report.metrics])
     if not report.baseline:
@@ -66,7 +65,7 @@ def summary_text(report: Report, tex: bool = False) -> pd.DataFrame:
     return df
 
 
-def paper_table(report: Report, tex: bool = False) -> tuple[pd.DataFrame, str]:
+def paper_table(report: Report) -> tuple[pd.DataFrame, str]:
     """The SLICE paper's Table-1 layout: one row per method, one column group per block with the
     table metrics; baseline absolute, other rows Δ (mean ± std over seeds). Returns the text
     table (index: method; columns: (block, metric)) and its caption."""
@@ -86,13 +85,13 @@ def paper_table(report: Report, tex: bool = False) -> tuple[pd.DataFrame, str]:
     for _, r in ex.iterrows():
         b = r["block"] + (" (absolute)" if r["block"] in absolute_blocks and report.baseline else "")
         for m in metrics:
-            text = cell(*_value_cols(r, m), tex=tex)
+            text = cell(*_value_cols(r, m))
             if int(r["n"]) != common_n:
                 text += f" (n={int(r['n'])})"
             table.loc[r["label"], (b, m)] = text
     n_text = f"{common_n} seed{'s' * (common_n != 1)}" + (" unless marked" if (ns != common_n).any() else "")
     if report.baseline and base_labels:
-        caption = (f"Rows {', '.join(base_labels)}: absolute mean ± std over seeds; other rows: Δ = mean(method) − "
+        caption = (f"{'Rows' if len(base_labels) > 1 else 'Row'} {', '.join(base_labels)}: absolute mean ± std over seeds; other rows: Δ = mean(method) − "
                    f"mean(baseline) ± the method's std over seeds; n = {n_text}.")
     else:
         caption = f"Mean ± std over seeds; n = {n_text}."
@@ -178,18 +177,18 @@ def tex_escape(s: Any) -> str:
 
 def latex(df: pd.DataFrame, caption: str, label: str, index: bool = False) -> str:
     """A booktabs table (\\toprule/\\midrule/\\bottomrule; needs \\usepackage{booktabs}) through
-    pandas' Styler; headers and text columns escaped, value cells (already TeX) kept."""
+    pandas' Styler; every cell and header escaped (± -> $\\pm$, Δ -> $\\Delta$, _ -> \\_)."""
     if df.empty:
         return f"% {tex_escape(caption)}: no rows\n"
-    text_cols = [c for c in df.columns if df[c].dtype == object and not df[c].astype(str).str.contains(r"\$\\pm\$|^n/a$|^[+-]?\d", regex=True).all()]
-    sty = df.style.format_index(tex_escape, axis=1).format(tex_escape, subset=text_cols)
+    sty = df.style.format_index(tex_escape, axis=1).format(tex_escape)
     sty = sty.format_index(tex_escape, axis=0).hide(axis="index", names=True) if index else sty.hide(axis="index")
     return sty.to_latex(hrules=True, multicol_align="c", caption=tex_escape(caption), label=label,
                         position_float="centering", column_format=("l" * (df.index.nlevels if index else 0)) + "l" * len(df.columns)) + "\n"
 
 
 def write_tables(report: Report, out: Path, formats: tuple[str, ...]) -> list[Path]:
-    """runs.csv always; summary, table_paper, paired_tests, projection, not_complete in `formats`."""
+    """runs.csv always; summary, table_paper, paired_tests (with a baseline) and projection (when
+    recorded) in each of `formats`."""
     out.mkdir(parents=True, exist_ok=True)
     files = []
 
@@ -200,16 +199,16 @@ def write_tables(report: Report, out: Path, formats: tuple[str, ...]) -> list[Pa
     runs_csv(report).to_csv(out / "runs.csv", index=False)
     files.append(out / "runs.csv")
     paper, caption = paper_table(report)
-    tables = {  # name: (numbers for CSV, text for Markdown, text for TeX, caption, index?)
-        "summary": (summary_numbers(report), summary_text(report), lambda: summary_text(report, tex=True),
+    tables = {  # name: (numbers for CSV, text for Markdown and TeX, caption, index?)
+        "summary": (summary_numbers(report), summary_text(report),
                     "All metrics per experiment: mean ± std over seeds" + (f"; Δ rows vs {report.baseline}" if report.baseline else ""), False),
-        "table_paper": (paper.reset_index() if len(paper) else paper, paper, lambda: paper_table(report, tex=True)[0], caption, True),
-        "paired_tests": (report.paired, paired_text(report), lambda: paired_text(report),
+        "table_paper": (paper.reset_index() if len(paper) else paper, paper, caption, True),
+        "paired_tests": (report.paired, paired_text(report),
                          "Paired tests over seeds, method vs baseline (two-sided)", False),
-        "projection": (report.projection.drop(columns=["exp_id"]), projection_text(report), lambda: projection_text(report),
+        "projection": (report.projection.drop(columns=["exp_id"]), projection_text(report),
                        "Gradient projection at each stage's init (fired in k of n seeds; cos and gamma mean ± std)", False),
     }
-    for name, (numbers, text, tex_text, cap, index) in tables.items():
+    for name, (numbers, text, cap, index) in tables.items():
         if name == "paired_tests" and not report.baseline:
             continue
         if name == "projection" and report.projection.empty:
@@ -220,7 +219,7 @@ def write_tables(report: Report, out: Path, formats: tuple[str, ...]) -> list[Pa
         if "md" in formats:
             put(f"{name}.md", f"{cap}\n\n{markdown(text, index=index)}\n")
         if "tex" in formats:
-            put(f"{name}.tex", latex(tex_text(), cap, f"tab:{name}", index=index))
+            put(f"{name}.tex", latex(text, cap, f"tab:{name}", index=index))
     return files
 
 
@@ -254,6 +253,8 @@ def write_figures(report: Report, fig_dir: Path, progress: bool | None = None, p
     """Every figure as PNG; returns {kind: [paths]} with kinds scatter, curves, heatmap_mean and,
     with `per_run`, heatmap_run and loss_run."""
     from tqdm.auto import tqdm
+
+    from . import plots  # matplotlib: imported only when figures are drawn
 
     jobs: list[tuple[str, Path, Any]] = []  # (kind, path, figure builder)
     ex = report.experiments
@@ -301,6 +302,7 @@ def write_figures(report: Report, fig_dir: Path, progress: bool | None = None, p
 def _curve_jobs(report: Report, fig_dir: Path) -> list[tuple[str, Path, Any]]:
     """Metrics against each swept knob of CURVE_KNOBS (SLICE Fig. 4), one figure per family of
     runs that share everything but that knob (and the seed); one line per method label."""
+    from . import plots
     done = report.runs[report.runs["complete"]]
     short = _short_names([k for kn in done["knobs"] for k in kn if _is_method_key(k)])
     jobs = []
@@ -368,8 +370,9 @@ def write_document(report: Report, path: Path, figures: dict[str, list[Path]], t
     runs = report.runs
     n_complete = int(runs["complete"].sum())
     lines = [f"# {title or 'cl_bench report'}", ""]
+    missing = len(runs) - n_complete
     lines += [f"Generated by `{command}`" if command else "Generated by `python -m cl_bench.report`",
-              f"from {len(runs)} runs ({n_complete} complete, {len(runs) - n_complete} not: see [Runs not complete](#runs-not-complete)).",
+              f"from {len(runs)} runs ({n_complete} complete" + (f", {missing} not: see [Runs not complete](#runs-not-complete))." if missing else ")."),
               "Scores in percent; mean ± sample std over distinct seeds (n); metric definitions in shared/DESIGN.md §4.", ""]
     if notes:
         lines += [notes.rstrip(), ""]

@@ -102,7 +102,7 @@ def check_module(module: str, args: list[str], tmp_path, capsys) -> None:
     if module == "cl_bench.report":
         from cl_bench.report import main
 
-        valued = {"--out", "--markdown", "--baseline", "--format", "--metrics", "--title", "--notes"}  # options taking a value
+        valued = {"--out", "--markdown", "--baseline", "--format", "--metrics", "--title", "--notes", "--plots"}  # options taking a value
         kinds = ["option" if a.startswith("-") else (args[i - 1] if i and args[i - 1] in valued else "path") for i, a in enumerate(args)]
         args = [str(tmp_path / a) if k in ("path", "--out", "--markdown", "--notes") else a for a, k in zip(args, kinds)]
         for path in [a for a, k in zip(args, kinds) if k == "path"]:

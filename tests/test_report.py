@@ -202,6 +202,7 @@ def test_tables_in_every_format(written):
     tex = (tables / "table_paper.tex").read_text()
     assert all(rule in tex for rule in (r"\toprule", r"\midrule", r"\bottomrule")) and r"20.00 $\pm$ 10.00" in tex
     assert r"\multicolumn{3}{c}{s}" in tex  # the block's column group over AP, FP, Fgt
+    assert r"Slice & $\Delta$ & 3 & 1,2,3 & +5.00 $\pm$ 10.54" in (tables / "summary.tex").read_text()  # escaped, not raw Δ/±
     proj = (tables / "projection.md").read_text()
     assert re.search(r"\|\s*s\s*\|\s*Slice\s*\|\s*2\s*\|\s*t2\s*\|\s*2/3 seeds\s*\|\s*-0\.100 ± 0\.173", proj), proj
     runs = pd.read_csv(tables / "runs.csv")
