@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError
-from .run_dir import NON_RESULT_KEYS
+from .config import NON_RESULT_KEYS
 
 METRICS = ["AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA", "GP", "IP"]
 PAPER_METRICS = ["AP", "FP", "Fgt", "GP", "IP"]  # SLICE Tables 1-2
