@@ -1,4 +1,4 @@
-"""Regularizers on hand-checked tensors: PS-LoRA's stability loss, EWC (penalty and
+"""Regularizers on hand-checked tensors: PS-LoRA's stability loss, O-LoRA, EWC (penalty and
 Fisher), replay and the one replay buffer SLICE shares; then every regularizer × {vanilla,
 slice} end to end, and EWC's Fisher across a kill -9 mid-stage 2."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cl_bench.errors import ConfigError
 from cl_bench.regularizers.ewc import EWC, empirical_fisher, ewc_penalty
+from cl_bench.regularizers.o_lora import OLoRA, orthogonality
 from cl_bench.regularizers.ps_loss import PSLoss, parameter_stability
 from cl_bench.regularizers.replay import Replay
 from cl_bench.run_dir import load_plugin_state, save_plugin_state
@@ -128,6 +129,37 @@ def test_ps_loss_plugin_is_eq4_on_the_stage_delta_against_the_history_and_zero_a
     theirs = torch.autograd.grad(expected, params)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+# ------------------------------------------------------------------ O-LoRA
+def test_o_lora_term_is_zero_for_orthogonal_rows_and_the_hand_value_otherwise():
+    eye = torch.eye(4)
+    assert float(orthogonality(eye[:2], eye[2:], "abs")) == 0.0
+    assert float(orthogonality(eye[:2], eye[2:], "fro_sq")) == 0.0
+    A_new, A_prev = torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[3.0, -1.0, 0.0], [0.0, 1.0, 1.0]])
+    # A_new·A_prevᵀ = [3 − 2, 2] = [1, 2]
+    assert float(orthogonality(A_new, A_prev, "abs")) == 3.0
+    assert float(orthogonality(A_new, A_prev, "fro_sq")) == 5.0
+    with pytest.raises(ConfigError, match="regularizer.norm"):
+        OLoRA(norm="l1")
+
+
+def test_o_lora_plugin_sums_over_modules_and_earlier_stages_with_its_l2_term():
+    model = _wrapped()
+    modules = list(_modules(model))
+    history = _history(modules)
+    reg = OLoRA(lambda_1=0.5, lambda_2=0.1)
+    reg.begin_stage(model, _ctx(History()))
+    terms = reg.loss(model, {}, _ctx(History()))
+    assert float(terms["orth"]) == 0.0  # stage 1: no earlier A
+    reg.begin_stage(model, _ctx(history))
+    terms = reg.loss(model, {}, _ctx(history))
+    layers = _modules(model)
+    with torch.no_grad():
+        orth = sum(float((layers[m].lora_A[ADAPTER].weight @ history[0].trained[m][0].T).abs().sum()) for m in modules)
+        l2 = sum(float(layers[m].lora_A[ADAPTER].weight.norm() + layers[m].lora_B[ADAPTER].weight.norm()) for m in modules)
+    assert float(terms["orth"].detach()) == pytest.approx(0.5 * orth, rel=1e-5)
+    assert float(terms["l2"].detach()) == pytest.approx(0.1 * l2, rel=1e-5)
 
 
 # ------------------------------------------------------------------ EWC
@@ -296,9 +328,9 @@ from conftest import FAST, compose, run_cli  # noqa: E402
 E2E = FAST + ["sequence=synthetic_conflict", "sequence.tasks=[sentiment,parity]", "trainer.max_steps=3",
               "trainer.checkpoint_every_steps=2", "threads=1"]
 INITS = {"vanilla": [], "slice": ["initializer=slice", "initializer.capture_steps=2", "initializer.capture_batch_size=4"]}
-REGULARIZERS = {"ps_loss": [], "ewc": ["regularizer.fisher_samples=8"], "replay": []}
-TERM = {"ps_loss": "ps_loss", "ewc": "ewc", "replay": None}
-STAGE_1_NEUTRAL = ["replay"]  # like EWC, nothing at stage 1 (ps_loss has Σ ΔW² there)
+REGULARIZERS = {"ps_loss": [], "o_lora": [], "ewc": ["regularizer.fisher_samples=8"], "replay": []}
+TERM = {"ps_loss": "ps_loss", "o_lora": "orth", "ewc": "ewc", "replay": None}
+STAGE_1_NEUTRAL = ["replay", "o_lora"]  # like EWC, nothing at stage 1 (ps_loss has Σ ΔW² there)
 
 
 def _args(reg: str, init: str) -> list[str]:
