@@ -62,7 +62,7 @@ def capture_cache_costs(common: list[str], cache_root: Path) -> list[dict]:
     """Stage-1 capture of the first task: cache off / cold / warm, and a whole-init hit."""
     from peft import LoraConfig, get_peft_model
 
-    from .data import TrainingEncoder
+    from .data import TrainingEncoder, prompt_format
     from .initializers.gradient import LoraGA
     from .models import load_model, resolve_device
     from .stage import StageContext, adapter_name, lora_scaling, stage_seed
@@ -71,7 +71,7 @@ def capture_cache_costs(common: list[str], cache_root: Path) -> list[dict]:
     cfg = compose(["initializer=lora_ga", *common])
     device = resolve_device(str(cfg.device))
     model, tokenizer = load_model(cfg.model, device, str(cfg.cache.dir), log=lambda s: None)
-    encoder = TrainingEncoder(tokenizer, int(cfg.trainer.max_len), bool(cfg.trainer.mask_prompt), bool(cfg.evaluation.use_chat_template))
+    encoder = TrainingEncoder(tokenizer, int(cfg.trainer.max_len), bool(cfg.trainer.mask_prompt), prompt_format(cfg.evaluation))
     task = load_sequence(cfg.sequence, cfg.data.get("root"), int(cfg.seed))[0]
     peft_model = get_peft_model(
         model,

@@ -6,7 +6,8 @@
   `scope="global"` computes one coefficient for all modules from per-module inner products,
   which equals the operator applied to the concatenation of all modules, without building it.
 * LoRA-GA subspace selection from a (randomized, seeded) SVD: B = U[:, :r], A = V[:, r:2r]ᵀ.
-* Variance-matched magnitude rescale β = (η_r·η_var)^(1/4), η_r = log_m r (LoRAM / SLICE Eq. 9).
+* Variance-matched magnitude rescale β = (η_r·η_var)^(1/4), η_r = log_m r (LoRAM / SLICE Eq. 9),
+  or LoRA-GA's original stable scale ζ = d_out^(1/4)/√γ on both factors.
 * Deterministic DST-I bases (LoRAM) and minor-singular-component factors (MiLoRA).
 
 Conventions: a module's gradient/weight is [d_out, d_in]; A is [r, d_in], B is [d_out, r];
@@ -198,7 +199,8 @@ def apply_plan(g: torch.Tensor, h: torch.Tensor, plan: ModulePlan) -> torch.Tens
         if plan.c == 0.0 or not plan.fired:
             return g.clone()
         k = min(plan.nullspace_rank, min(h.shape))
-        U, _, _ = randomized_svd(h.float(), q=k, niter=4, seed=plan.seed)
+        U, _, _ = randomized_svd(h.float(), q=oversampled_columns(k, h.shape), niter=4, seed=plan.seed)
+        U = U[:, :k]
         return g - plan.c * (U @ (U.T @ g))
     if not plan.fired or plan.coef == 0.0:
         return g.clone()
@@ -230,6 +232,13 @@ def randomized_svd(M: torch.Tensor, q: int, niter: int = 4, seed: int = 0) -> tu
     with torch.random.fork_rng(devices=devices, device_type=M.device.type if on_accelerator else "cuda"):
         torch.manual_seed(seed)
         return torch.svd_lowrank(M, q=q, niter=niter)
+
+
+def oversampled_columns(k: int, shape: tuple[int, ...]) -> int:
+    """Sketch width for the top-k singular vectors: q = 4k columns, the oversampling the LoRA-GA
+    selection uses (q = 4r), capped at min(shape). With q = k a flat spectrum mixes the k-th and
+    later directions into the result (Halko et al. 2011, §10: the error falls with q - k)."""
+    return min(4 * int(k), min(shape))
 
 
 def top_singular(M: torch.Tensor, q: int, *, method: str = "randomized", niter: int = 4, seed: int = 0):
@@ -298,6 +307,24 @@ def magnitude_beta(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> float:
 def rescale_factors(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     beta = magnitude_beta(W, A, B)
     return A * beta, B * beta, beta
+
+
+def stable_scale(d_out: int, gamma: float) -> float:
+    """LoRA-GA's stable scale ζ = d_out^(1/4)/√γ (Wang et al. 2024, LoRA-GA, §3.3 "scale
+    stability"; the authors' code, scale == "stable"): multiplying both A and B by ζ keeps the
+    adapter output's scale independent of the width; γ is the `stable_gamma` hyperparameter."""
+    if d_out < 1 or gamma <= 0:
+        raise ValueError(f"stable_scale needs d_out >= 1 and gamma > 0, got d_out={d_out}, gamma={gamma}")
+    return d_out**0.25 / math.sqrt(gamma)
+
+
+def stable_scale_factors(
+    A: torch.Tensor, B: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(ζ·A, ζ·B, ζ) with ζ = stable_scale(d_out, γ), d_out = B.shape[0]; the singular values of
+    the gradient are not used (A, B are the orthonormal singular vectors)."""
+    zeta = stable_scale(B.shape[0], gamma)
+    return A * zeta, B * zeta, zeta
 
 
 # --------------------------------------------------------------------------- data-free bases

@@ -14,21 +14,25 @@ import torch
 from omegaconf import OmegaConf
 
 from . import config as config_checks
-from .data import TrainingEncoder
+from .baselines import baselines
+from .console import Progress
+from .data import TrainingEncoder, prompt_format
 from .evaluation import evaluate_task
 from .errors import CLBenchError, ConfigError
 from .faults import kill_point
+from .jobs import Job, Requeued, job_scope
 from .lora import WeightMaster, adapter_factors, add_adapter, apply_init, follow_peft_absorption_, set_scaling
 from .metrics import compute_cl_metrics
 from .models import load_model, model_unavailable, resolve_device, resolve_model_path
-from .results import SCHEMA, atomic_write_json, package_versions, write_jsonl
+from .interrupt import InterruptGuard, Interrupted
+from .results import SCHEMA, atomic_write_json, package_versions, provenance, write_jsonl
 from .run_dir import (
     RunLock, StageFiles, load_checkpoint, load_model_state, load_plugin_states, load_previous_results,
     load_stage_record, save_checkpoint, save_model_state, save_plugin_states, save_stage_record,
 )
 from .stage import PLUGIN_GROUPS, History, Models, StageContext, StageRecord, adapter_name, lora_scaling, stage_seed
 from .summary import format_summary
-from .tasks import load_sequence
+from .tasks import evaluation_record, load_sequence, split_stats
 from .tracking import make_tracker
 from .training import steps_per_stage, train_stage
 
@@ -53,9 +57,10 @@ def build_plugins(cfg) -> dict[str, Any]:
 
 
 class Runner:
-    def __init__(self, cfg, run_dir: Path):
+    def __init__(self, cfg, run_dir: Path, job: Job | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.job = job or Job()  # preemption safe points and exit hooks (cl_bench/jobs.py)
         self.config = OmegaConf.to_container(cfg, resolve=True)
 
     # ---- setup -----------------------------------------------------------------------------
@@ -92,42 +97,57 @@ class Runner:
             "schema": SCHEMA, "sequence": str(self.cfg.sequence.name), "tasks": [t.name for t in self.tasks],
             "matrix": [[None] * T for _ in range(T + 1)], "metrics": {}, "general": {}, "stages": [],
             "eval_sizes": [len(t.eval[: self.cfg.evaluation.limit or None]) for t in self.tasks],
+            "split_stats": split_stats(self.tasks),
+            "evaluation": evaluation_record(self.tasks, str(self.cfg.evaluation.protocol)),
             "config": self.config, "versions": package_versions(), "complete": False, "status": "running",
+            "baselines": baselines(self.tasks, self.cfg.evaluation.limit), "provenance": provenance(self.device),
         }
 
     def save(self) -> None:
         atomic_write_json(self.run_dir / "results.json", self.results)
 
     # ---- the run ---------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self, stream=None) -> dict[str, Any]:
+        """`stream`: where the progress bars go (default sys.stderr). Ctrl-C / SIGTERM raise
+        Interrupted at the next safe point (never inside an atomic write)."""
+        self.progress = Progress(0, stream=stream, bars=bool(self.cfg.progress))
+        with InterruptGuard(where=lambda: self.progress.where()):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         self.prepare()
+        self.progress.T = len(self.tasks)
         with RunLock(self.run_dir):
             previous = load_previous_results(self.run_dir, self.config)
             if previous and previous.get("complete"):
                 log.info("run in %s is already complete; not redoing it", self.run_dir)
                 self.results = previous
-                print(format_summary(previous))
+                print(format_summary(previous, self.run_dir))
                 return previous
             self.results = previous or self.new_results()
+            if previous:  # a resume may run other code or on another machine: record each one
+                self.results.setdefault("provenance", {}).setdefault("resumed", []).append(provenance(self.device))
             try:
                 self._run_stages()
             except BaseException as exc:
-                self.results["status"] = f"failed: {type(exc).__name__}: {exc}"
+                self.progress.close()
+                self.results["status"] = f"interrupted during {exc.where}" if isinstance(exc, Interrupted) else f"failed: {type(exc).__name__}: {exc}"
                 self.results["complete"] = False
                 self.save()
                 raise
-        print(format_summary(self.results))
+        print(format_summary(self.results, self.run_dir))
         return self.results
 
     def _run_stages(self) -> None:
         cfg = self.cfg
         model, self.tokenizer = load_model(cfg.model, self.device, str(cfg.cache.dir), log=log.info)
-        self.tracker = make_tracker(cfg.logger, self.config, str(self.run_dir), self.run_dir.name)
+        self.tracker = make_tracker(cfg.logger, self.results, self.run_dir)
+        self.job.on_exit(lambda exc: self.tracker.close(exit_code=1, preempted=isinstance(exc, Requeued)))
         tr, ev = cfg.trainer, cfg.evaluation
         # Never feed more positions than the model has (the tiny model has 512).
         max_pos = getattr(model.config, "max_position_embeddings", None) or 10**9
         self.max_prompt_len = min(int(ev.max_prompt_len), max_pos - int(ev.max_new_tokens))
-        self.encoder = TrainingEncoder(self.tokenizer, min(int(tr.max_len), max_pos), bool(tr.mask_prompt), bool(ev.use_chat_template))
+        self.encoder = TrainingEncoder(self.tokenizer, min(int(tr.max_len), max_pos), bool(tr.mask_prompt), prompt_format(ev))
         self.targets = list(cfg.lora.target_modules)
         self.master = WeightMaster.attach(model, self.targets)  # before any weight changes
         self.history = History()
@@ -138,9 +158,10 @@ class Runner:
         if self.trained:
             log.info("resuming after stage %d of %d (trained: %d)", done, len(self.tasks), self.trained)
             self.restore(self.trained, model)
-        if self.results["matrix"][0][0] is None:
+        if any(v is None for v in self.results["matrix"][0]):  # row 0 may be partial after an interrupt
             self.evaluate_row(0)
             self.save()
+            self.tracker.log_stage(0, self.results)
         for stage in range(done + 1, len(self.tasks) + 1):
             self.run_stage(stage)
         self.finish()
@@ -153,7 +174,7 @@ class Runner:
             rank=r, alpha=alpha, scaling=lora_scaling(alpha, r, convention), scaling_convention=convention,
             target_modules=self.targets, device=self.device, seed=stage_seed(int(cfg.seed), stage),
             make_batches=lambda t, n, bs, seed, indices=None: self.encoder.batches(t, n, bs, seed, self.device, indices),
-            cache_dir=self.init_cache_dir, log=log.info, adapter=adapter_name(stage),
+            cache_dir=self.init_cache_dir, log=self.progress.init_log, adapter=adapter_name(stage),  # details to the log file
             grad_accum=int(cfg.trainer.grad_accum), history=self.history, master=self.master, run_seed=int(cfg.seed),
         )
 
@@ -167,7 +188,6 @@ class Runner:
         self.models = self.merger.restore(model, self.context(stage))
 
     def run_stage(self, stage: int) -> None:
-        task = self.tasks[stage - 1]
         files = StageFiles(self.run_dir, stage)
         if stage <= self.trained:  # restored by _run_stages: only its evaluation is missing
             record = _read_json(files.dir / "stage.json")
@@ -176,25 +196,26 @@ class Runner:
         t0 = time.time()
         self.evaluate_row(stage)
         record["seconds"]["eval"] = time.time() - t0
-        self.tracker.log_stage(stage, self.results["matrix"][stage], self.results["tasks"])
         self.results["stages"].append(record)
         self.save()
+        self.tracker.log_stage(stage, self.results)
         kill_point(f"saved:{stage}")
         # Only the latest model and plug-in states are needed to resume; older ones cost a model each.
         if stage > 1:
             older = StageFiles(self.run_dir, stage - 1)
             for path in (older.model_state, *(older.state(g) for g in PLUGIN_GROUPS)):
                 path.unlink(missing_ok=True)
-        log.info("stage %d/%d (%s) done: row %s", stage, len(self.tasks), task.name,
-                 [None if v is None else round(v, 1) for v in self.results["matrix"][stage]])
+        self.job.safe_point()  # stage saved: a pending preemption requeues here
 
     def train_stage(self, stage: int, files: StageFiles) -> dict[str, Any]:
         ctx = self.context(stage)
         torch.manual_seed(ctx.seed)
         seconds: dict[str, float] = {}
+        self.progress.init_begin(stage, ctx.current.name)
         t0 = time.time()
         peft_model, init_stats, init_factors, scaling = self.start_adapter(ctx)
         seconds["init"] = time.time() - t0
+        self.progress.init_end(init_stats, seconds["init"])
         for plugin in self.plugins.values():
             plugin.begin_stage(peft_model, ctx)
         t0 = time.time()
@@ -238,16 +259,31 @@ class Runner:
         tr = OmegaConf.to_container(cfg.trainer, resolve=True)
         tr["total_steps"] = steps_per_stage(len(ctx.current.train), cfg.trainer)
         resumed = load_checkpoint(files, peft_model)
+        every = int(tr.get("checkpoint_every_steps") or 0)
+        if self.job.preemptible:  # visit every step boundary: a preemption signal saves there
+            tr["checkpoint_every_steps"] = 1
+
+        def checkpoint(st, opt, sch):
+            save = lambda: save_checkpoint(files, peft_model, st, opt, sch, self.plugins)  # noqa: E731
+            if every and st.step % every == 0:
+                save()
+                save = None
+            self.job.safe_point(save)
+
         if resumed:
             load_plugin_states(files.checkpoint, self.plugins)
             log.info("stage %d: resuming training at step %d", ctx.stage, resumed[0].step)
-        return train_stage(
+        self.progress.train_begin(ctx.stage, ctx.current.name, tr["total_steps"], resumed[0].step if resumed else 0)
+        summary = train_stage(
             peft_model, ctx, self.encoder, OmegaConf.create(tr), self.regularizer,
             state=resumed[0] if resumed else None, optimizer_state=resumed[1] if resumed else None,
-            checkpoint=lambda st, opt, sch: save_checkpoint(files, peft_model, st, opt, sch, self.plugins),
-            progress=bool(cfg.progress),
-            on_step=lambda step, terms: (self.tracker.log_step(ctx.stage, step, terms), kill_point(f"train:{ctx.stage}:{step}")),
+            checkpoint=checkpoint,
+            progress=False,  # the display is self.progress's, fed by on_step
+            on_step=lambda step, terms: (self.tracker.log_step(ctx.stage, step, terms), self.progress.train_step(step, terms),
+                                         kill_point(f"train:{ctx.stage}:{step}")),
         )
+        self.progress.train_end(summary)
+        return summary
 
     def consolidate(self, peft_model, ctx: StageContext, files: StageFiles, init_factors, scaling) -> None:
         """Record the stage in the history (and its files), let the merge decide the models,
@@ -262,22 +298,29 @@ class Runner:
         cfg = self.cfg
         ev = cfg.evaluation
         row = self.results["matrix"][stage]
+        self.progress.eval_begin(stage, len(self.tasks) if ev.full_matrix or not stage else stage)
         for j, task in enumerate(self.tasks):
             if not ev.full_matrix and stage and j >= stage:
                 continue
+            self.progress.eval_task_begin(task.name)
             score, records = evaluate_task(
                 self.models.eval, self.tokenizer, task, batch_size=int(ev.batch_size), max_new_tokens=int(ev.max_new_tokens),
-                max_prompt_len=self.max_prompt_len, device=self.device, use_chat_template=bool(ev.use_chat_template),
-                limit=ev.limit, progress=bool(cfg.progress),
+                max_prompt_len=self.max_prompt_len, device=self.device, prompt=self.encoder.prompt,
+                limit=ev.limit, progress=False, protocol=str(ev.protocol),
             )
+            self.progress.eval_task_end(task.name, score)
             row[j] = score
             write_jsonl(self.run_dir / "predictions" / f"stage_{stage:02d}" / f"{task.name}.jsonl", records)
             kill_point(f"eval:{stage}:{j}")
+        self.progress.eval_end()
         if self.general_eval and self.general_eval.should_run(cfg.general_eval, stage, len(self.tasks)):
+            self.progress.general_begin(stage)
             self.results["general"][str(stage)] = self.general_eval.evaluate_general(
                 self.models.eval, self.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"),
                 work_dir=str(self.run_dir / "general_eval"), device=self.device, seed=int(cfg.seed),
+                prompt=self.encoder.prompt,
             )
+            self.progress.general_end(self.results["general"][str(stage)])
 
     def finish(self) -> None:
         metrics = compute_cl_metrics(self.results["matrix"], self.results["eval_sizes"])
@@ -289,7 +332,7 @@ class Runner:
         self.results["complete"] = True
         self.results["status"] = "complete"
         self.save()
-        self.tracker.finish(metrics)
+        self.tracker.finish(self.results)
 
 
 def _read_json(path: Path) -> dict:
@@ -304,5 +347,7 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run(cfg, run_dir: str | Path) -> dict[str, Any]:
-    return Runner(cfg, Path(run_dir)).run()
+def run(cfg, run_dir: str | Path, stream=None) -> dict[str, Any]:
+    """`stream`: where cl_bench's progress bars go (the console's stderr; default sys.stderr)."""
+    with job_scope(int(cfg.seed)) as job:  # nothing leaks into the next job of this process
+        return Runner(cfg, Path(run_dir), job).run(stream)

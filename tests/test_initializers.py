@@ -6,6 +6,7 @@ adapter was attached and the PEFT model right after init + absorption (observed 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -426,3 +427,66 @@ def test_slice_c_multirun_reuses_the_stage1_capture(request, tmp_path):
     assert "cache hit" in (proc.stdout + proc.stderr) or any(
         "cache hit" in p.read_text() for p in sweep.rglob("*.log")
     )
+
+
+# --------------------------------------------------------------------------- scales (issue 9, items 7 and 8)
+@pytest.mark.parametrize("rslora, adjust", [(True, True), (True, False), (False, True)])
+def test_eva_rank_redistribution_keeps_the_configured_scaling_per_module(base_model, rslora, adjust):
+    """rho = 2 moves rank between modules. adjust_scaling_factors: every module keeps the configured
+    s (rsLoRA α/√r = 4, standard α/r = 2); without it, the convention at the module's own rank.
+    PEFT alone gives α·√r_m/r under rsLoRA (2.8…5.7 here instead of 4)."""
+    scaling = 8 / RANK**0.5 if rslora else 8 / RANK
+    ctx = dataclasses.replace(_ctx(), scaling=scaling, scaling_convention="rslora" if rslora else "standard")
+    init = EVA(rho=2.0, tau=0.9, use_label_mask=False, steps=4, batch_size=8, adjust_scaling_factors=adjust)
+    peft_model, result, _ = _run_protocol(init, copy.deepcopy(base_model), ctx, rslora=rslora)
+    layers = lora_layers(peft_model)
+    ranks = {name: int(layer.r["default"]) for name, layer in layers.items()}
+    assert len(set(ranks.values())) > 1  # the redistribution happened
+    for name, layer in layers.items():
+        per_rank = ranks[name] ** 0.5 if rslora else ranks[name]
+        expected = scaling if adjust else 8 / per_rank
+        assert layer.scaling["default"] == pytest.approx(expected), name
+        assert layer.lora_alpha["default"] / per_rank == pytest.approx(expected), name  # α and r agree
+    assert result.stats["scaling"]["min"] == pytest.approx(min(l.scaling["default"] for l in layers.values()))
+
+
+def test_lora_ga_stable_scale_is_the_original_formula(base_model):
+    """scale=stable: A, B = ζ·(V[:, r:2r]ᵀ, U[:, :r]) with ζ = d_out^(1/4)/√γ, no singular values."""
+    ctx = _ctx()
+    result, peft_model = _factors(LoraGA(scale="stable", stable_gamma=9, svd="exact", **SMALL), base_model, ctx)
+    layers = lora_layers(peft_model)
+    weights = {n: base_weight(l) for n, l in layers.items()}
+    g = capture_gradients(peft_model, weights, make_batches(ctx.current, 2, 4, ctx.seed)).grads
+    d_outs = set()
+    for name, layer in layers.items():
+        U, _, Vh = torch.linalg.svd(g[name].double())
+        d_out = layer.out_features
+        d_outs.add(d_out)
+        zeta = d_out**0.25 / 3.0
+        A, B = result.factors[name]
+        # singular vectors are defined up to sign: compare the rank-one pieces B[:, k] A[k, :] instead
+        assert torch.allclose((A.double().T @ A.double()), zeta**2 * (Vh[RANK:2 * RANK].T @ Vh[RANK:2 * RANK]), atol=1e-5)
+        assert torch.allclose(B.double() @ B.double().T, zeta**2 * (U[:, :RANK] @ U[:, :RANK].T), atol=1e-5)
+    assert d_outs == {32, 64}  # attention and MLP widths both checked
+    assert result.stats["scale"] == "stable" and result.stats["stable_gamma"] == 9.0
+    assert result.stats["beta"]["min"] == pytest.approx(32**0.25 / 3) and result.stats["beta"]["max"] == pytest.approx(64**0.25 / 3)
+    with pytest.raises(ConfigError, match="initializer.scale"):
+        LoraGA(scale="peft")
+
+
+def test_lora_ga_peft_folds_singular_values_into_b_only(base_model):
+    """What PEFT's variant does (its YAML/docstring): A = V[:, :r]ᵀ orthonormal and unscaled,
+    B = U[:, r:2r]·diag(S[r:2r])·ζ (ArB2r, stable)."""
+    ctx = _ctx()
+    model = copy.deepcopy(base_model)
+    probe = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=RANK, lora_alpha=8, target_modules=TARGETS))
+    probe_layers = lora_layers(probe)
+    g = capture_gradients(probe, {n: base_weight(l) for n, l in probe_layers.items()},
+                          list(make_batches(ctx.current, 2, 4, ctx.seed))).grads
+    peft_model, _, _ = _run_protocol(LoraGAPeft(stable_gamma=9, **SMALL), model, ctx)
+    for name, layer in lora_layers(peft_model).items():
+        A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        S = torch.linalg.svdvals(g[name].double())
+        zeta = layer.out_features**0.25 / 3.0
+        assert torch.allclose(A @ A.T, torch.eye(RANK, dtype=torch.float64), atol=1e-4), name
+        assert torch.allclose(B.norm(dim=0), zeta * S[RANK:2 * RANK], rtol=1e-2), name

@@ -34,6 +34,10 @@ def test_results_json_contract(finished_run):
         assert set(s["seconds"]) == {"init", "train", "eval"} and s["init"]["method"] == "vanilla"
         assert s["train"]["steps"] == 6 and len(s["train"]["loss_curve"]) == 6
     assert on_disk["config"]["lora"]["scaling"] == "rslora"
+    # scoring protocol, the metric of every task, and the prompt policy are recorded
+    assert on_disk["evaluation"] == {"protocol": "per_task", "metrics": {t: "accuracy" for t in on_disk["tasks"]}}
+    assert on_disk["config"]["evaluation"]["prompt"] == {"format": "chat_template", "system": None, "date_string": "26 Jul 2024"}
+    assert on_disk["split_stats"] == {t: {"train": 48, "eval": 8, "dropped_duplicates": 0} for t in on_disk["tasks"]}
     assert on_disk["versions"]["torch"] and on_disk["versions"]["peft"]
     assert on_disk["complete"] is True
 
@@ -61,6 +65,22 @@ def test_rerun_of_a_finished_run_is_not_redone(finished_run, capsys):
     again = run(cfg, run_dir)
     assert again["matrix"] == json.loads(json.dumps(results["matrix"]))
     assert "results matrix" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("evaluation.protocol=paper", "evaluation.protocol='paper' is invalid; valid: per_task, slice_paper"),
+    ("evaluation.prompt.format=llama", "evaluation.prompt.format='llama' is invalid; valid: chat_template, slice_paper"),
+    ("evaluation.prompt.date_string=2024-07-26", "evaluation.prompt.date_string='2024-07-26' is invalid"),
+    ("+evaluation.prompt.today=1", "evaluation.prompt.today is not a known key"),
+    ("evaluation.use_chat_template=false evaluation.prompt.system=hi", "evaluation.prompt.system is set but"),
+])
+def test_bad_protocol_or_prompt_is_a_one_line_config_error(override, message):
+    from cl_bench import config
+    from cl_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        config.validate(compose(override.split()))
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_standard_scaling_is_one_config_field(tiny_model_dir, tmp_path):

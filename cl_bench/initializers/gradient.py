@@ -6,7 +6,9 @@ Per stage, on the current (merged) weights with a fresh no-op adapter:
      G_prev = (1/K) Σ_k G_k — equal weight per task, as in the paper.
   2. SLICE: G̃ = ψ(G_cur, G_prev) (linalg.projection_plan / apply_plan); LoRA-GA: G̃ = G_cur.
   3. B = U[:, :r], A = V[:, r:2r]ᵀ from the (randomized, seeded per module) SVD of G̃.
-  4. β-rescale so Var(B·A) = η_r·Var(W); the runner's lora.apply_init absorbs s·B·A into W.
+  4. β-rescale so Var(B·A) = η_r·Var(W) (scale=variance_matched, the SLICE paper's Eq. 9), or
+     LoRA-GA's original stable scale: A, B ← ζ·A, ζ·B with ζ = d_out^(1/4)/√γ (scale=stable);
+     the runner's lora.apply_init absorbs s·B·A into W.
 At stage 1 (no previous task) SLICE runs exactly LoRA-GA's computation (same batches, same
 SVD seeds, same cache entries) and records `projection: "skipped: no previous task"`.
 """
@@ -35,9 +37,13 @@ def _positive_int(key: str, value: Any) -> int:
 
 
 class LoraGA(Initializer):
-    """LoRA-GA subspace with LoRAM-style magnitude (the SLICE paper's LoRA-GA baseline)."""
+    """LoRA-GA subspace with LoRAM-style magnitude (the SLICE paper's LoRA-GA baseline), or with
+    LoRA-GA's own stable scale (`scale="stable"`, Wang et al. 2024 §3.3: both A and B times
+    d_out^(1/4)/√stable_gamma, singular values discarded). The subspace is the SLICE selection
+    B = U[:, :r], A = V[:, r:2r]ᵀ (PEFT's "A2rBr"; the LoRA-GA authors' default is "ArB2r")."""
 
     name = "lora_ga"
+    SCALES = ("variance_matched", "stable")
 
     def __init__(
         self,
@@ -46,7 +52,14 @@ class LoraGA(Initializer):
         svd: str = "randomized",
         niter: int = 4,
         offload: bool = False,
+        scale: str = "variance_matched",
+        stable_gamma: float = 16,
     ):
+        if scale not in self.SCALES:
+            raise ConfigError(f"initializer.scale={scale!r}; valid: {', '.join(self.SCALES)}")
+        if isinstance(stable_gamma, bool) or not isinstance(stable_gamma, (int, float)) or stable_gamma <= 0:
+            raise ConfigError(f"initializer.stable_gamma={stable_gamma!r} must be a number > 0")
+        self.scale, self.stable_gamma = scale, float(stable_gamma)
         self.capture_steps = _positive_int("capture_steps", capture_steps)
         self.capture_batch_size = _positive_int("capture_batch_size", capture_batch_size)
         if svd not in linalg.SVD_METHODS:
@@ -83,6 +96,7 @@ class LoraGA(Initializer):
             "rank": ctx.rank,
             "seed": ctx.seed,
             "projection": self._projection_knobs(has_previous),
+            "scale": [self.scale, self.stable_gamma if self.scale == "stable" else None],
         }
 
     # ------------------------------------------------------------------ the stage
@@ -124,6 +138,8 @@ class LoraGA(Initializer):
             "rank": ctx.rank,
             "svd": self.svd,
             "niter": self.niter,
+            "scale": self.scale,
+            **({"stable_gamma": self.stable_gamma} if self.scale == "stable" else {}),
             **proj_stats,
             **svd_stats,
             "capture": {"current": cur_info, "previous": prev_infos},
@@ -176,7 +192,10 @@ class LoraGA(Initializer):
             total_sq += g_sq
             mass_r += linalg.singular_value_mass(S, g_sq, r) * g_sq
             mass_2r += linalg.singular_value_mass(S, g_sq, 2 * r) * g_sq
-            A, B, beta = linalg.rescale_factors(as_out_in(layer, base_weight(layer)), A, B)
+            if self.scale == "stable":
+                A, B, beta = linalg.stable_scale_factors(A, B, self.stable_gamma)
+            else:
+                A, B, beta = linalg.rescale_factors(as_out_in(layer, base_weight(layer)), A, B)
             betas.append(beta)
             factors[name] = (A, B)
             del G
@@ -184,6 +203,7 @@ class LoraGA(Initializer):
             # share of ‖G̃‖_F² (summed over modules) in the r / 2r leading singular values
             "sv_mass_top_r": mass_r / total_sq if total_sq > 0 else 0.0,
             "sv_mass_top_2r": mass_2r / total_sq if total_sq > 0 else 0.0,
+            # the factor both A and B were multiplied by (β, or ζ under scale=stable)
             "beta": {"min": min(betas), "mean": sum(betas) / len(betas), "max": max(betas)},
         }
         return factors, stats

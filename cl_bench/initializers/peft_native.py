@@ -13,6 +13,7 @@ their determinism rests on the runner's per-stage seeding.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -91,8 +92,20 @@ class _PeftNative(Initializer):
 
 
 class LoraGAPeft(_PeftNative):
-    """PEFT's LoRA-GA (Wang et al. 2024) with its original stable scaling, for comparison with
-    `lora_ga` (the SLICE paper's protocol: A = V[:, r:2r]ᵀ, B = U[:, :r], variance-matched β)."""
+    """PEFT's own LoRA-GA variant (peft.tuners.lora.layer.LoraLayer.lora_ga_init), for comparison
+    with `lora_ga`. It is *not* LoRA-GA's original stable scaling:
+
+    mean gradient G over the capture batches -> torch.svd_lowrank(G, q=min(4r, d), niter=4)
+    (global RNG) -> with direction ArB2r: A = V[:, :r]ᵀ, B = U[:, r:2r]·diag(S[r:2r]), i.e. the
+    gradient's singular values are folded into B -> scale=stable multiplies B only by
+    d_out^(1/4)/√γ (A stays orthonormal) -> W ← W − s·B·A. scale=weight_svd multiplies B by
+    σ_1(W)/S_B[0], gd_scale divides A and B by s, unit adds nothing (S stays in B).
+    The original (Wang et al. 2024 §3.3; the authors' code) discards the singular values and
+    multiplies both A and B by d_out^(1/4)/√γ: that is `initializer=lora_ga scale=stable`.
+    Gradient singular values are small, so PEFT's initial adapter s·B·A is much smaller than the
+    original's: ‖s·B·A‖_F summed over modules 3.9 vs 72.9 on the tiny model (r = 8, α = 16, rsLoRA,
+    4×8 sentiment examples); the gap grows as the gradient's singular values shrink.
+    """
 
     name = "lora_ga_peft"
     init_lora_weights = "lora_ga"
@@ -176,7 +189,15 @@ class OLoRA(_PeftNative):
 
 class EVA(_PeftNative):
     """Explained-variance adaptation: A = top right singular vectors of the layer inputs on the
-    current task, B = 0 (no absorption needed)."""
+    current task, B = 0 (no absorption needed).
+
+    Scaling with rank redistribution (rho > 1): modules end with different ranks r_m. With
+    `adjust_scaling_factors` (EVA's default) every module keeps the configured scale s whatever its
+    rank (EVA's purpose: all LoRA updates on one scale) - s = α/√r under rsLoRA, α/r otherwise;
+    without it each module uses the configured convention at its own rank (α/√r_m or α/r_m).
+    PEFT rescales α by r_m/r, which gives exactly that under α/r but α·√r_m/r under rsLoRA
+    (2.8…8.0 instead of 5.66 at r = 8, α = 16), so the scale is set here per module.
+    """
 
     name = "eva"
     init_lora_weights = "eva"
@@ -238,14 +259,33 @@ class EVA(_PeftNative):
         initialize_lora_eva_weights(
             peft_model, dataloader=batches, forward_fn=forward, adapter_name=ctx.adapter, show_progress_bar=False
         )
+        rslora = ctx.scaling_convention == "rslora"
+        scales = self.set_module_scales(lora_layers(peft_model, ctx.adapter), ctx.adapter, ctx.scaling, ctx.alpha, rslora)
         ranks = sorted({int(layer.r[ctx.adapter]) for layer in lora_layers(peft_model, ctx.adapter).values()})
+        rule = "configured s for every module" if self.adjust_scaling_factors else (
+            "alpha/sqrt(r_module)" if rslora else "alpha/r_module")
         stats = self._stats(
             ctx,
-            {"rho": self.rho, "tau": self.tau, "forward_passes": passes, "ranks": ranks},
+            {"rho": self.rho, "tau": self.tau, "forward_passes": passes, "ranks": ranks,
+             "scaling": {"rule": rule, "min": min(scales.values()), "max": max(scales.values())}},
             init_seconds=time.perf_counter() - start,
         )
         self._before_wrap_seconds = 0.0
         return InitResult(factors=None, absorb=self.absorbs, stats=stats)
+
+
+    def set_module_scales(self, layers: dict, adapter: str, scaling: float, alpha: float, rslora: bool) -> dict[str, float]:
+        """Set every module's scaling (and its α, so that the runner's lora.set_scaling, which
+        recomputes s from α and r, gives it back) after EVA's rank redistribution; returns {module: scale}."""
+        scales = {}
+        for name, layer in layers.items():
+            r_m = int(layer.r[adapter])
+            per_rank = math.sqrt(r_m) if rslora else float(r_m)
+            s_m = float(scaling) if self.adjust_scaling_factors else float(alpha) / per_rank
+            layer.scaling[adapter] = s_m
+            layer.lora_alpha[adapter] = s_m * per_rank
+            scales[name] = s_m
+        return scales
 
 
 class CorDA(_PeftNative):

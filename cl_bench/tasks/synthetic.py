@@ -117,5 +117,6 @@ def load_task(name: str, *, root: str | None, n_train: int | None, n_eval: int, 
     _, metric, labels = FAMILY_SPECS[name]
     pool = max(_POOL_SIZE, (n_train or 0) + 2 * n_eval)
     # Data depend on a fixed generator seed; `seed` only drives the split, like a real data set.
-    train, held = split_examples(generate(name, pool, seed=0), n_train, n_eval, seed)
-    return TaskData(name=name, metric=metric, train=train, eval=held, labels=labels, origin=f"synthetic:{name}")
+    train, held, dropped = split_examples(generate(name, pool, seed=0), n_train, n_eval, seed)
+    return TaskData(name=name, metric=metric, train=train, eval=held, labels=labels, origin=f"synthetic:{name}",
+                    info={"family": "synthetic", "dropped_duplicates": dropped})
