@@ -218,6 +218,8 @@ class Runner:
         self.progress.init_end(init_stats, seconds["init"])
         for plugin in self.plugins.values():
             plugin.begin_stage(peft_model, ctx)
+        if ctx.init_absorbed:  # as training starts: begin_stage may have re-set A and re-folded (InfLoRA, GPM)
+            init_factors = adapter_factors(peft_model, ctx.adapter)
         t0 = time.time()
         train_summary = self.train(peft_model, ctx, files)
         seconds["train"] = time.time() - t0
@@ -250,6 +252,7 @@ class Runner:
             result.stats["apply"] = apply_init(peft_model, result, ctx.adapter, self.master)
         elif result.absorb:  # PEFT absorbed in the model's dtype: the fp32 master follows
             follow_peft_absorption_(peft_model, ctx.adapter, self.master)
+        ctx.init_absorbed = bool(result.absorb)
         init_factors = adapter_factors(peft_model, ctx.adapter) if result.absorb else None
         return peft_model, result.stats or {"method": self.initializer.name}, init_factors, scaling
 

@@ -12,14 +12,18 @@ Initializers, regularizers and merges all derive from `Plugin` and receive the s
        every layer's s is set from `lora_scaling` (the one formula), then result.factors are
        copied into the adapter and, if result.absorb, W ← W − s·B0·A0 (lora.apply_init, the
        one fold, through the fp32 master of low-precision weights)
-  3. begin_stage(peft_model, ctx)   initializer, then regularizer, then merge
+  3. begin_stage(peft_model, ctx)   initializer, then regularizer, then merge; ctx.init_absorbed
+     says whether W absorbed s·B0·A0. A plug-in may re-set the starting A here if it keeps the
+     function (lora.replace_start_A_ re-folds an absorbed init); the runner reads the absorbed
+     init factors for the history only after begin_stage, so the record is what training started from
   4. train (training.train_stage); per optimizer step, for each of its grad_accum micro-batches:
        batch = this task's examples + regularizer.extra_examples(ctx, step, micro)
        loss  = LM loss (summed over trained tokens, divided by the trained tokens of the WHOLE
                step) + Σ_k regularizer.loss(model, batch, ctx)[k] / grad_accum
        loss.backward()
      then regularizer.after_backward(model, ctx)   # once, after the step's last backward
-     then clip, optimizer step, scheduler step (HF's linear warmup/decay); the in-stage
+     then clip, optimizer step, then regularizer.after_step(model, ctx) (parameter projection:
+     GPM's exact form under Adam), scheduler step (HF's linear warmup/decay); the in-stage
      checkpoint (every checkpoint_every_steps) also holds every plug-in's state_dict()
   5. end_stage(peft_model, ctx)     initializer, then regularizer, then merge
   6. the runner appends stage t to ctx.history (trained factors, absorbed init factors, s) and
@@ -224,6 +228,7 @@ class StageContext:
     grad_accum: int = 1  # micro-batches per optimizer step (see Regularizer.loss on normalisation)
     history: History = field(default_factory=History)  # stages 1..t-1; stage t joins before consolidate
     master: Any = None  # lora.WeightMaster of the target weights (the one fold goes through it)
+    init_absorbed: bool = False  # W absorbed this stage's s·B0·A0 (set by the runner before begin_stage)
     run_seed: int = 0  # the run's `seed` (ctx.seed is this stage's seed)
 
     def __post_init__(self) -> None:

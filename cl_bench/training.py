@@ -154,6 +154,7 @@ def train_stage(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))
         lr = sched.get_last_lr()[0]  # the rate this step uses
         opt.step()
+        regularizer.after_step(model, ctx)
         sched.step()
         opt.zero_grad(set_to_none=True)
         state.step += 1

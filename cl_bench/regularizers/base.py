@@ -8,6 +8,9 @@ Who calls what, when (the full stage order is in cl_bench/stage.py):
                                   micro-batch, before gradient clipping and the optimizer step
                                   (gradient projection: GPM); .grad of the trainable params holds
                                   the step's full gradient
+  after_step(model, ctx)          once per optimizer step, right after optimizer.step() and before
+                                  the in-stage checkpoint (constraints on the parameters
+                                  themselves: GPM keeps the step off its memory under AdamW)
   end_stage(model, ctx)           after the last step, before the merge (Fisher, input covariance)
   state_dict / load_state_dict    saved after every stage and in every in-stage checkpoint
 
@@ -53,6 +56,10 @@ class Regularizer(Plugin):
 
     def after_backward(self, model: torch.nn.Module, ctx: StageContext) -> None:
         """Edit the accumulated gradients (p.grad of the trainable parameters) in place."""
+        return None
+
+    def after_step(self, model: torch.nn.Module, ctx: StageContext) -> None:
+        """Edit the trainable parameters in place after the optimizer step (wrap it in torch.no_grad)."""
         return None
 
     def extra_examples(self, ctx: StageContext, step: int, micro: int) -> list[tuple[TaskData, int]]:
