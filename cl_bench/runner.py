@@ -173,9 +173,9 @@ class Runner:
             stage=stage, current=self.tasks[stage - 1], previous=self.tasks[: stage - 1], tasks=self.tasks,
             rank=r, alpha=alpha, scaling=lora_scaling(alpha, r, convention), scaling_convention=convention,
             target_modules=self.targets, device=self.device, seed=stage_seed(int(cfg.seed), stage),
-            make_batches=lambda t, n, bs, seed: self.encoder.batches(t, n, bs, seed, self.device),
+            make_batches=lambda t, n, bs, seed, indices=None: self.encoder.batches(t, n, bs, seed, self.device, indices),
             cache_dir=self.init_cache_dir, log=self.progress.init_log, adapter=adapter_name(stage),  # details to the log file
-            grad_accum=int(cfg.trainer.grad_accum), history=self.history, master=self.master,
+            grad_accum=int(cfg.trainer.grad_accum), history=self.history, master=self.master, run_seed=int(cfg.seed),
         )
 
     def restore(self, stage: int, model: torch.nn.Module) -> None:
