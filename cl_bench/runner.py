@@ -223,9 +223,13 @@ class Runner:
         t0 = time.time()
         train_summary = self.train(peft_model, ctx, files)
         seconds["train"] = time.time() - t0
+        t0 = time.time()
         for plugin in self.plugins.values():
             plugin.end_stage(peft_model, ctx)
+        seconds["end_stage"] = time.time() - t0  # e.g. EWC's Fisher, GPM's/InfLoRA's input memory
+        t0 = time.time()
         self.consolidate(peft_model, ctx, files, init_factors, scaling)
+        seconds["merge"] = time.time() - t0
         record = {"stage": stage, "task": ctx.current.name, "init": init_stats, "train": train_summary, "seconds": seconds}
         atomic_write_json(files.dir / "stage.json", record)
         save_model_state(files, self.models.train, self.targets, self.master)  # marks "trained": eval may be redone alone
