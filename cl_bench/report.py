@@ -57,6 +57,10 @@ DEFAULT_PLUGINS = {"regularizer": "Regularizer", "merge": "Absorb"}
 CURVE_KNOBS = {"lora.alpha": ("alpha", "LoRA α (rsLoRA: s = α/√r)"), "initializer.c": ("c", "SLICE c (PCGrad strength)"),
                "lora.r": ("rank", "LoRA rank r")}
 PLOTS = ("all", "summary", "none")
+# The run mode (cl_bench/modes.py) is part of the method: a multitask or independent run is a row
+# beside the methods ("Multitask", "Independent"), not a block of its own.
+MODE_KEY = "mode"
+MODE_LABELS = {"multitask": "Multitask", "independent": "Independent"}
 STATES = ("complete", "pending", "incomplete", "interrupted", "failed", "missing", "unreadable")
 SKIP_DIRS = {"stages", "predictions", ".submitit", "wandb", "general_eval", ".hydra", "figures"}
 
@@ -108,7 +112,7 @@ def _ignored(key: str) -> bool:
 
 
 def _is_method_key(key: str) -> bool:
-    return key.split(".")[0] in METHOD_GROUPS
+    return key.split(".")[0] in METHOD_GROUPS or key == MODE_KEY
 
 
 def _class(config: dict, group: str) -> str | None:
@@ -118,8 +122,11 @@ def _class(config: dict, group: str) -> str | None:
 
 def method_of(config: dict) -> str:
     """The method's name: the initializer class, + the regularizer and merge when not the
-    defaults (e.g. "Vanilla", "Slice", "Vanilla+Replay", "LoraGA+TiesMerge")."""
-    parts = [_class(config, "initializer") or "?"]
+    defaults (e.g. "Vanilla", "Slice", "Vanilla+Replay", "LoraGA+TiesMerge"); a reference mode
+    replaces a Vanilla initializer ("Multitask", "Independent", "Multitask+LoraGA")."""
+    init = _class(config, "initializer") or "?"
+    mode = MODE_LABELS.get(str(config.get(MODE_KEY, "sequential")))
+    parts = [init] if mode is None else [mode] if init == "Vanilla" else [mode, init]
     for group, default in DEFAULT_PLUGINS.items():
         cls = _class(config, group)
         if cls is not None and cls != default:
@@ -175,6 +182,8 @@ def _run_row(path: Path) -> dict[str, Any]:
         return {"run": str(run_dir), "state": "unreadable", "status": f"results.json unreadable: {exc}",
                 "config": {}, "overrides": overrides, "results": {}}
     cfg = res.get("config") or {}
+    if cfg:  # runs from before `mode` existed are sequential runs (one experiment with the new ones)
+        cfg = {MODE_KEY: "sequential", **cfg}
     tasks = res.get("tasks") or []
     stages = res.get("stages") or []
     commit = ((res.get("provenance") or {}).get("cl_bench") or {}).get("commit")
@@ -265,7 +274,7 @@ def shown_keys(runs: pd.DataFrame, keys: list[str]) -> list[str]:
     keys of the sequence/method subtrees only when they vary within one (sequence, method)."""
     out = []
     for k in keys:
-        if k == "sequence.name" or (k.endswith("._target_") and _is_method_key(k)):
+        if k in ("sequence.name", MODE_KEY) or (k.endswith("._target_") and _is_method_key(k)):
             continue
         if k.startswith(CHOICE_SUBTREES):
             within = runs.groupby(["sequence", "method"], dropna=False)["config"].agg(lambda cs: len({_value(c, k) for c in cs}))
