@@ -166,3 +166,24 @@ def test_multitask_crash_during_evaluation_keeps_the_trained_stage(multitask, tm
     resumed = run(cfg, tmp_path)  # only the evaluation is redone
     assert resumed["matrix"] == reference["matrix"]
     assert resumed["stages"][0]["train"]["loss_curve"] == reference["stages"][0]["train"]["loss_curve"]
+
+
+def test_the_slice_claim_presets_hold_the_issue_grid():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from conftest import REPO
+
+    def sweep(name):  # as `--config-dir . --config-name multirun experiment=<name>`
+        return hydra_compose(config_name="multirun", return_hydra_config=True,
+                             overrides=[f"hydra.searchpath=[file://{REPO / 'conf'}]", f"experiment={name}"])
+
+    with initialize_config_dir(config_dir=str(REPO), version_base="1.3"):
+        main, alpha = sweep("slice_claim"), sweep("slice_claim_alpha")
+    assert dict(main.hydra.sweeper.params) == {
+        "experiment/method": "vanilla,loram,lora_ga,slice_c050,slice_c075,slice_c100,replay,multitask",
+        "sequence": "synthetic_conflict,synthetic", "seed": "42,43,44"}
+    assert dict(alpha.hydra.sweeper.params) == {**main.hydra.sweeper.params, "experiment/method": "slice_c050", "lora.alpha": "1,2,4"}
+    assert main.model.builder == "tiny" and main.hydra.sweep.dir == "multirun/slice_claim/main"  # the embedded defaults, resumable
+    assert compose(["experiment/method=multitask"]).mode == "multitask"
+    assert compose(["experiment/method=replay"]).regularizer._target_.endswith(".Replay")
