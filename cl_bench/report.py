@@ -40,7 +40,9 @@ import pandas as pd
 from .errors import ConfigError
 from .config import NON_RESULT_KEYS
 
-METRICS = ["AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA", "GP", "IP"]
+# FWT_scratch: PS-LoRA's FWT against the independent run of the same seed (`scratch_fwt`), shown
+# only when a block holds mode=independent runs.
+METRICS = ["AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA", "GP", "IP", "FWT_scratch"]
 PAPER_METRICS = ["AP", "FP", "Fgt", "GP", "IP"]  # SLICE Tables 1-2
 SEED_KEY = "seed"
 PATH_KEYS = ("data.root", "cache.dir")
@@ -372,6 +374,35 @@ def unexpected_differences(runs: pd.DataFrame) -> list[str]:
 
 
 # ---- numbers ------------------------------------------------------------------------------------
+def _learned(results: dict, i: int) -> float | None:
+    """R[i, i] (1-based task i) of a run's matrix, None when missing."""
+    m = results.get("matrix") or []
+    return m[i][i - 1] if i < len(m) and i - 1 < len(m[i]) else None
+
+
+def scratch_fwt(runs: pd.DataFrame) -> pd.Series:
+    """PS-LoRA's forward transfer (App. A.2): FWT = 1/(T−1) Σ_{i≥2} (a_{i,i} − a_scratch,i), where
+    a_scratch,i is task i trained from the base model: R[i, i] of the complete `mode=independent` run
+    of the same block, seed and task list. Per complete sequential run; NaN where there is no such
+    run, a cell is missing, or T < 2. The paper prints a_{i,i−1}, which would compare task i before and
+    after training it; its Table 2 values (near 0) fit a_{i,i}, which is what is computed here."""
+    out = pd.Series(np.nan, index=runs.index, dtype=float)
+    done = runs[runs["complete"]]
+    mode = done["config"].map(lambda c: c.get(MODE_KEY, "sequential"))
+    scratch = {(r["block_key"], str(r["seed"]), tuple(r["results"].get("tasks") or [])): r["results"]
+               for _, r in done[mode == "independent"].iterrows()}
+    for idx, r in done[mode == "sequential"].iterrows():
+        tasks = tuple(r["results"].get("tasks") or [])
+        ref = scratch.get((r["block_key"], str(r["seed"]), tasks))
+        if ref is None or len(tasks) < 2:
+            continue
+        pairs = [(_learned(r["results"], i), _learned(ref, i)) for i in range(2, len(tasks) + 1)]
+        if all(a is not None and b is not None for a, b in pairs):
+            out[idx] = float(np.mean([a - b for a, b in pairs]))
+    return out
+
+
+
 def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (experiment, seed) of the complete runs; duplicates averaged."""
     done = runs[runs["complete"]]
@@ -530,6 +561,7 @@ def collect(paths: list[str], baseline: str | None = None, table_metrics: list[s
         runs = pd.concat([runs, pd.DataFrame(extra)], ignore_index=True)
         runs["complete"] = runs["state"] == "complete"
     runs = label_experiments(runs)
+    runs["FWT_scratch"] = scratch_fwt(runs)
     experiments = mark_baseline(aggregate(runs), baseline)
     metrics = [m for m in METRICS if not experiments.empty and experiments[m].notna().any()]
     wanted = table_metrics or PAPER_METRICS

@@ -24,7 +24,11 @@ def write(path, seed, method, mode="sequential"):
     cfg = {"initializer": {"_target_": TARGETS[method]}, "trainer": {"lr": 0.001}, "mode": mode,
            "sequence": {"name": "conflict", "tasks": TASKS}, "seed": seed}
     i = SEEDS.index(seed)
-    if mode == "multitask":
+    if mode == "independent":  # every task from the base model: R[2,2] = 60 + seed is task 2's from-scratch score
+        matrix = [[0.0, 0.0], [50.0, 5.0], [3.0, 60.0 + seed]]
+        metrics = {"AP": fmean([50.0, 60.0 + seed]), "FP": fmean([50.0, 60.0 + seed]), "Fgt": 0.0}
+        stages = [{"stage": 1, "task": "a", "init": {"method": "vanilla"}}, {"stage": 2, "task": "b", "init": {"method": "vanilla"}}]
+    elif mode == "multitask":
         matrix = [[0.0, 0.0], [90.0 + seed, 80.0]]
         metrics = {"AP": 85.0 + seed / 2, "FP": 85.0 + seed / 2, "Fgt": 0.0}
         stages = [{"stage": 1, "task": "multitask", "tasks": TASKS, "init": {"method": "vanilla"}}]
@@ -52,8 +56,9 @@ def document(tmp_path_factory):
             write(root / "runs" / str(k), seed, method)
             k += 1
     for seed in SEEDS:
-        write(root / "runs" / str(k), seed, "vanilla", mode="multitask")
-        k += 1
+        for mode in ("multitask", "independent"):
+            write(root / "runs" / str(k), seed, "vanilla", mode=mode)
+            k += 1
     notes = root / "notes.md"
     notes.write_text("Human text: the benchmark as of this sweep.\n")
     doc = root / "docs" / "results.md"
@@ -96,3 +101,15 @@ def test_the_reading_is_computed_from_the_runs(document):
     assert "stage 2 (b): fired 2/3 seeds" in proj and f"cos {fmean([-0.2, -0.2, 0.1]):+.3f} ± {stdev([-0.2, -0.2, 0.1]):.3f}" in proj
     # the upper bound is read as a reference point, not as a method that "helps"
     assert "- Multitask (n=3): **reference, the joint-training upper bound**" in reading
+
+
+def test_fwt_against_the_independent_runs_is_paired_by_seed(document):
+    import pandas as pd
+
+    _, root = document
+    summary = pd.read_csv(root / "docs" / "results" / "summary.csv").set_index("method")
+    # PS-LoRA's FWT with T = 2: R[2,2] of the sequential run minus R[2,2] of the independent run, same seed
+    expected = fmean(FP["vanilla"][i] + FGT["vanilla"][i] - (60.0 + s) for i, s in enumerate(SEEDS))
+    assert summary.loc["Vanilla", "FWT_scratch"] == pytest.approx(expected)
+    assert summary.loc["Independent", "role"] == "delta" and pd.isna(summary.loc["Independent", "FWT_scratch"])
+    assert pd.isna(summary.loc["Multitask", "FWT_scratch"])
