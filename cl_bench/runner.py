@@ -2,6 +2,9 @@
 
 A stage is start_adapter → begin_stage hooks → train → end_stage hooks → consolidate →
 evaluate; cl_bench/stage.py lists every hook in that order and says who may do what.
+`mode` (cl_bench/modes.py) decides the stages: one per task on the last stage's model
+(sequential), one joint stage on all tasks (multitask), or one per task from the base weights
+(independent).
 """
 from __future__ import annotations
 
