@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= disabled
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench claim clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m cl_bench.bench
 	$(BIN)/python -m cl_bench.mine --bench
+
+# The SLICE claim on the embedded benchmark (issue 12 §3; README "The SLICE claim"): both sweeps
+# (66 jobs, 2 at a time, resumable: rerun to continue), then docs/results.md from their run dirs.
+claim: $(STAMP)
+	$(BIN)/python -m cl_bench -m --config-dir . --config-name multirun experiment=slice_claim hydra/launcher=local_jobs
+	$(BIN)/python -m cl_bench -m --config-dir . --config-name multirun experiment=slice_claim_alpha hydra/launcher=local_jobs
+	$(BIN)/python -m cl_bench.report multirun/slice_claim --baseline vanilla --plots summary --out docs/results \
+		--markdown docs/results.md --title "The SLICE claim on the embedded benchmark" \
+		$(if $(wildcard docs/results_notes.md),--notes docs/results_notes.md)
 
 clean:
 	rm -rf outputs .pytest_cache

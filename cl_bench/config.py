@@ -193,6 +193,9 @@ def validate(cfg: Any) -> None:
     protocol = ev.get("protocol", "per_task")
     _require(protocol in PROTOCOLS, "evaluation.protocol", protocol, ", ".join(PROTOCOLS))
     prompt_format(ev)
+    from .modes import check_mode
+
+    check_mode(cfg.get("mode", "sequential"))
     dev = str(cfg.device)
     _require(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), "device", dev, "auto, cpu, cuda, cuda:N")
     root = cfg.data.get("root")

@@ -99,3 +99,30 @@ def compute_cl_metrics(R: Matrix, sizes: Sequence[int]) -> dict[str, float | Non
         "Acc": weighted_final_accuracy(R, sizes),
         "AAA": average_anytime_accuracy(R),
     }
+
+
+def compute_mode_metrics(R: Matrix, sizes: Sequence[int], mode: str = "sequential") -> dict[str, float | None]:
+    """The metrics of a run mode (cl_bench/modes.py). `sequential`: compute_cl_metrics on the
+    T+1 rows. `multitask`: R has 2 rows (before, after joint training); `independent`: T+1 rows,
+    row i = the base model trained on task i alone. For both, the score of task j once learned is
+    s_j (multitask R[1, j], independent R[j, j]) and never changes afterwards, so
+    AP = FP = mean_j s_j, Acc = the same weighted by test size, Fgt = BWT = FR = 0 by
+    construction; FWT and AAA need the models between stages these modes do not have (None).
+    A missing s_j makes every metric None. Raises ValueError for an unknown mode or a matrix of
+    the wrong shape."""
+    if mode == "sequential":
+        return compute_cl_metrics(R, sizes)
+    T = len(R[0]) if R else 0
+    rows = 2 if mode == "multitask" else T + 1
+    if mode not in ("multitask", "independent"):
+        raise ValueError(f"unknown mode {mode!r}")
+    if len(R) != rows or any(len(row) != T for row in R) or len(sizes) != T:
+        raise ValueError(f"mode {mode}: need {rows} rows of {T} scores and {T} sizes; got {len(R)} rows, {len(sizes)} sizes")
+    learned = [R[1][j] if mode == "multitask" else R[j + 1][j] for j in range(T)]
+    none = dict.fromkeys(("AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA"))
+    if T == 0 or any(v is None for v in learned):
+        return none
+    mean = fmean(float(v) for v in learned)
+    acc = sum(float(v) * n for v, n in zip(learned, sizes)) / sum(sizes)
+    zero_if_sequence = 0.0 if T > 1 else None  # BWT/FR average over j < T: no term at T = 1
+    return {**none, "AP": mean, "FP": mean, "Fgt": 0.0, "BWT": zero_if_sequence, "FR": zero_if_sequence, "Acc": acc}

@@ -61,10 +61,18 @@ def _fmt_metric(metrics: Mapping[str, Any], key: str) -> str:
     return f"{key} {v:.1f}" if isinstance(v, (int, float)) and math.isfinite(v) else f"{key} n/a"
 
 
+def learned_scores(R: np.ndarray) -> np.ndarray:
+    """Each task's score right after it was trained: R[j, j] (rows 0..T), or the joint row of a
+    multitask run (R has 2 rows, cl_bench/modes.py). Shape (T,)."""
+    if R.shape[0] == 2 and R.shape[1] > 1:
+        return R[1].astype(float)
+    return np.array([R[j + 1, j] for j in range(R.shape[1])], dtype=float)
+
+
 def relative_to_diagonal(R: np.ndarray) -> np.ndarray:
     """R[i, j] / R[j, j] * 100: each task's score as a percentage of its score right after it was
-    trained (row j). NaN where R[j, j] is 0 or missing. Shape (T+1, T), like R."""
-    diag = np.array([R[j + 1, j] for j in range(R.shape[1])], dtype=float)
+    trained (row j; the joint row of a multitask run). NaN where that is 0 or missing. Shape like R."""
+    diag = learned_scores(R)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = R / diag[None, :] * 100.0
     rel[:, ~(diag > 0)] = np.nan
@@ -79,27 +87,30 @@ def heatmap(results: Mapping[str, Any], relative: bool = False, title: str | Non
     R = _matrix(results)
     tasks = list(results["tasks"])
     T = len(tasks)
+    mode = results.get("mode", "sequential")
+    rows = R.shape[0]  # T + 1, or 2 for a multitask run
     values = relative_to_diagonal(R) if relative else R
-    fig = _figure(2.2 + 1.15 * T, 2.0 + 0.55 * (T + 1))
+    fig = _figure(2.2 + 1.15 * T, 2.0 + 0.55 * rows)
     ax = fig.add_subplot()
     masked = np.ma.masked_invalid(values)
     vmax = max(100.0, float(np.nanmax(values))) if relative and np.isfinite(values).any() else 100.0
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")  # grey: not evaluated
     image = ax.imshow(masked, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto")
-    for i in range(T + 1):
+    for i in range(rows):
         for j in range(T):
             v = values[i, j]
             text = "–" if not np.isfinite(v) else (f"{v:.0f}%" if relative else f"{v:.1f}")
             light = np.isfinite(v) and v < 0.55 * vmax
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if light else "black")
-        if i:
+        if i and mode != "multitask":
             ax.add_patch(_diagonal_box(i))
     ax.set_xticks(range(T), [f"{j + 1}. {_short(t)}" for j, t in enumerate(tasks)], rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(T + 1), ["before"] + [f"after {i}" for i in range(1, T + 1)], fontsize=8)
+    after = {"multitask": ["after joint training"], "independent": [f"task {i} alone" for i in range(1, T + 1)]}
+    ax.set_yticks(range(rows), ["before"] + after.get(mode, [f"after {i}" for i in range(1, T + 1)])[: rows - 1], fontsize=8)
     ax.set_xlabel("evaluated task (training order)")
-    ax.set_ylabel("model after stage")
+    ax.set_ylabel("model trained on" if mode == "independent" else "model after stage")
+    diag = learned_scores(R)
     if relative:
-        diag = [R[j + 1, j] for j in range(T)]
         top = ax.secondary_xaxis("top")
         top.set_xticks(range(T), ["–" if not np.isfinite(d) else f"{d:.1f}" for d in diag], fontsize=7)
         top.set_xlabel("score right after training the task (R[j,j], %)", fontsize=8)
@@ -108,7 +119,7 @@ def heatmap(results: Mapping[str, Any], relative: bool = False, title: str | Non
     metrics = results.get("metrics") or {}
     sub = "  ".join(_fmt_metric(metrics, k) for k in ("AP", "FP", "Fgt", "GP", "IP"))
     head = title or f"{results.get('sequence', '')}: results matrix R" + (" relative to the diagonal" if relative else "")
-    if relative and any(not (R[j + 1, j] > 0) for j in range(T)):
+    if relative and any(not (d > 0) for d in diag):
         sub += "   (grey: R[j,j] = 0 or missing, no % defined)"
     fig.suptitle(f"{head}\n{sub}", fontsize=9)
     return fig

@@ -124,6 +124,8 @@ def remerge(run_dir: str | Path, overrides: list[str], name: str | None = None, 
         raise ConfigError(f"remerge: {path} not found; give the run dir of a cl_bench run")
     source = json.loads(path.read_text())
     k = len(source.get("stages", []))
+    if source.get("mode", "sequential") != "sequential":
+        raise ConfigError(f"remerge: {path} is a mode={source['mode']} run; only sequential runs have task vectors to merge")
     if k == 0:
         raise ConfigError(f"remerge: {path} has no finished stage yet")
     cfg = OmegaConf.create(source["config"])

@@ -40,7 +40,9 @@ import pandas as pd
 from .errors import ConfigError
 from .config import NON_RESULT_KEYS
 
-METRICS = ["AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA", "GP", "IP"]
+# FWT_scratch: PS-LoRA's FWT against the independent run of the same seed (`scratch_fwt`), shown
+# only when a block holds mode=independent runs.
+METRICS = ["AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA", "GP", "IP", "FWT_scratch"]
 PAPER_METRICS = ["AP", "FP", "Fgt", "GP", "IP"]  # SLICE Tables 1-2
 SEED_KEY = "seed"
 PATH_KEYS = ("data.root", "cache.dir")
@@ -57,6 +59,10 @@ DEFAULT_PLUGINS = {"regularizer": "Regularizer", "merge": "Absorb"}
 CURVE_KNOBS = {"lora.alpha": ("alpha", "LoRA α (rsLoRA: s = α/√r)"), "initializer.c": ("c", "SLICE c (PCGrad strength)"),
                "lora.r": ("rank", "LoRA rank r")}
 PLOTS = ("all", "summary", "none")
+# The run mode (cl_bench/modes.py) is part of the method: a multitask or independent run is a row
+# beside the methods ("Multitask", "Independent"), not a block of its own.
+MODE_KEY = "mode"
+MODE_LABELS = {"multitask": "Multitask", "independent": "Independent"}
 STATES = ("complete", "pending", "incomplete", "interrupted", "failed", "missing", "unreadable")
 SKIP_DIRS = {"stages", "predictions", ".submitit", "wandb", "general_eval", ".hydra", "figures"}
 
@@ -108,7 +114,7 @@ def _ignored(key: str) -> bool:
 
 
 def _is_method_key(key: str) -> bool:
-    return key.split(".")[0] in METHOD_GROUPS
+    return key.split(".")[0] in METHOD_GROUPS or key == MODE_KEY
 
 
 def _class(config: dict, group: str) -> str | None:
@@ -118,8 +124,11 @@ def _class(config: dict, group: str) -> str | None:
 
 def method_of(config: dict) -> str:
     """The method's name: the initializer class, + the regularizer and merge when not the
-    defaults (e.g. "Vanilla", "Slice", "Vanilla+Replay", "LoraGA+TiesMerge")."""
-    parts = [_class(config, "initializer") or "?"]
+    defaults (e.g. "Vanilla", "Slice", "Vanilla+Replay", "LoraGA+TiesMerge"); a reference mode
+    replaces a Vanilla initializer ("Multitask", "Independent", "Multitask+LoraGA")."""
+    init = _class(config, "initializer") or "?"
+    mode = MODE_LABELS.get(str(config.get(MODE_KEY, "sequential")))
+    parts = [init] if mode is None else [mode] if init == "Vanilla" else [mode, init]
     for group, default in DEFAULT_PLUGINS.items():
         cls = _class(config, group)
         if cls is not None and cls != default:
@@ -175,6 +184,8 @@ def _run_row(path: Path) -> dict[str, Any]:
         return {"run": str(run_dir), "state": "unreadable", "status": f"results.json unreadable: {exc}",
                 "config": {}, "overrides": overrides, "results": {}}
     cfg = res.get("config") or {}
+    if cfg:  # runs from before `mode` existed are sequential runs (one experiment with the new ones)
+        cfg = {MODE_KEY: "sequential", **cfg}
     tasks = res.get("tasks") or []
     stages = res.get("stages") or []
     commit = ((res.get("provenance") or {}).get("cl_bench") or {}).get("commit")
@@ -265,7 +276,7 @@ def shown_keys(runs: pd.DataFrame, keys: list[str]) -> list[str]:
     keys of the sequence/method subtrees only when they vary within one (sequence, method)."""
     out = []
     for k in keys:
-        if k == "sequence.name" or (k.endswith("._target_") and _is_method_key(k)):
+        if k in ("sequence.name", MODE_KEY) or (k.endswith("._target_") and _is_method_key(k)):
             continue
         if k.startswith(CHOICE_SUBTREES):
             within = runs.groupby(["sequence", "method"], dropna=False)["config"].agg(lambda cs: len({_value(c, k) for c in cs}))
@@ -363,6 +374,35 @@ def unexpected_differences(runs: pd.DataFrame) -> list[str]:
 
 
 # ---- numbers ------------------------------------------------------------------------------------
+def _learned(results: dict, i: int) -> float | None:
+    """R[i, i] (1-based task i) of a run's matrix, None when missing."""
+    m = results.get("matrix") or []
+    return m[i][i - 1] if i < len(m) and i - 1 < len(m[i]) else None
+
+
+def scratch_fwt(runs: pd.DataFrame) -> pd.Series:
+    """PS-LoRA's forward transfer (App. A.2): FWT = 1/(T−1) Σ_{i≥2} (a_{i,i} − a_scratch,i), where
+    a_scratch,i is task i trained from the base model: R[i, i] of the complete `mode=independent` run
+    of the same block, seed and task list. Per complete sequential run; NaN where there is no such
+    run, a cell is missing, or T < 2. The paper prints a_{i,i−1}, which would compare task i before and
+    after training it; its Table 2 values (near 0) fit a_{i,i}, which is what is computed here."""
+    out = pd.Series(np.nan, index=runs.index, dtype=float)
+    done = runs[runs["complete"]]
+    mode = done["config"].map(lambda c: c.get(MODE_KEY, "sequential"))
+    scratch = {(r["block_key"], str(r["seed"]), tuple(r["results"].get("tasks") or [])): r["results"]
+               for _, r in done[mode == "independent"].iterrows()}
+    for idx, r in done[mode == "sequential"].iterrows():
+        tasks = tuple(r["results"].get("tasks") or [])
+        ref = scratch.get((r["block_key"], str(r["seed"]), tasks))
+        if ref is None or len(tasks) < 2:
+            continue
+        pairs = [(_learned(r["results"], i), _learned(ref, i)) for i in range(2, len(tasks) + 1)]
+        if all(a is not None and b is not None for a, b in pairs):
+            out[idx] = float(np.mean([a - b for a, b in pairs]))
+    return out
+
+
+
 def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (experiment, seed) of the complete runs; duplicates averaged."""
     done = runs[runs["complete"]]
@@ -521,6 +561,7 @@ def collect(paths: list[str], baseline: str | None = None, table_metrics: list[s
         runs = pd.concat([runs, pd.DataFrame(extra)], ignore_index=True)
         runs["complete"] = runs["state"] == "complete"
     runs = label_experiments(runs)
+    runs["FWT_scratch"] = scratch_fwt(runs)
     experiments = mark_baseline(aggregate(runs), baseline)
     metrics = [m for m in METRICS if not experiments.empty and experiments[m].notna().any()]
     wanted = table_metrics or PAPER_METRICS

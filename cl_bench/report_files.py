@@ -337,7 +337,7 @@ def _mean_results(members: list[dict], ex: pd.Series) -> dict | None:
     with np.errstate(invalid="ignore"), _quiet_nanmean():
         mean = np.nanmean(stack, axis=0)
     matrix = [[None if not np.isfinite(v) else float(v) for v in row] for row in mean]
-    return {"sequence": members[0].get("sequence"), "tasks": members[0]["tasks"], "matrix": matrix,
+    return {"sequence": members[0].get("sequence"), "tasks": members[0]["tasks"], "matrix": matrix, "mode": members[0].get("mode", "sequential"),
             "metrics": {m: (float(ex[m]) if _num(ex[m]) else None) for m in METRICS}}
 
 
@@ -353,6 +353,74 @@ class _quiet_nanmean:
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
+
+
+# ---- the reading: computed sentences, never typed --------------------------------------------------
+# +1: higher is better; -1: lower is better (Fgt, FR: forgetting).
+BETTER = {"AP": 1, "FP": 1, "Fgt": -1, "BWT": 1, "FWT": 1, "FR": -1, "Acc": 1, "AAA": 1, "GP": 1, "IP": 1, "FWT_scratch": 1}
+READING_METRICS = ("FP", "Fgt", "AP")  # the claim: stability (FP), forgetting, plasticity (AP)
+ALPHA = 0.05
+# Rows of the run modes (cl_bench/modes.py): read as reference points, not as methods that help or hurt.
+REFERENCE_ROWS = {"Multitask": "the joint-training upper bound", "Independent": "each task from the base model"}
+
+
+def verdict(delta: Any, p: Any, metric: str, alpha: float = ALPHA) -> str:
+    """'better' / 'worse' when the paired t-test gives p < alpha (the sign of Δ and the metric's
+    direction decide which), 'within seed noise' otherwise, 'n/a' without a test."""
+    if not _num(delta) or not _num(p):
+        return "n/a"
+    if p >= alpha:
+        return "within seed noise"
+    return "better" if delta * BETTER[metric] > 0 else "worse"
+
+
+def reading_lines(report: Report, alpha: float = ALPHA) -> list[str]:
+    """The reading of the results as Markdown bullet lines, each number taken from the report:
+    per block, every row against the baseline on FP, Fgt and AP (Δ ± the method's std, the
+    baseline's seed std as the noise scale, the paired t-test and sign-flip p), a verdict per
+    row, and for rows with a gradient projection whether it fired at each stage (cos, γ)."""
+    ex, paired = report.experiments, report.paired
+    if not report.baseline or ex.empty or not (ex["role"] == "baseline").any():
+        return ["No baseline given (--baseline METHOD): no differences to read."]
+    metrics = [m for m in READING_METRICS if m in report.metrics]
+    proj = projection_text(report)
+    lines = [f"Each method against {report.baseline}, per block, on {', '.join(metrics)}: Δ = mean(method) − mean(baseline) "
+             f"± the method's std over seeds; noise = the baseline's std over seeds; p = paired t-test over seeds "
+             f"(sign-flip p in brackets); a difference counts as better or worse only at p < {alpha:g}."]
+    for block, g in ex.groupby("block", sort=False):
+        base = g[g["role"] == "baseline"]
+        if base.empty:
+            continue
+        b = base.iloc[0]
+        lines += ["", f"**{block}** — {b['label']} (n={int(b['n'])}): "
+                  + ", ".join(f"{m} {cell(b[m], b[f'{m}_std'])}" for m in metrics)]
+        for _, r in g[g["role"] == "delta"].iterrows():
+            parts, verdicts = [], []
+            for m in metrics:
+                t = paired[(paired["block"] == block) & (paired["label"] == r["label"]) & (paired["metric"] == m)]
+                p_t, p_flip = (t.iloc[0]["p_t"], t.iloc[0]["p_signflip"]) if len(t) else (np.nan, np.nan)
+                v = verdict(r[f"{m}_delta"], p_t, m, alpha)
+                verdicts.append(v)
+                noise = b[f"{m}_std"]
+                size = ""
+                if _num(r[f"{m}_delta"]) and _num(noise) and noise > 0:
+                    size = f", {abs(r[f'{m}_delta']) / noise:.1f}× noise"
+                parts.append(f"Δ{m} {cell(r[f'{m}_delta'], r[f'{m}_std'], delta=True)} (p {fmt_p(p_t)} [{fmt_p(p_flip)}]{size}; {v})")
+            overall = ("helps" if "better" in verdicts and "worse" not in verdicts else
+                       "hurts" if "worse" in verdicts and "better" not in verdicts else
+                       "mixed" if "better" in verdicts else "no difference beyond seed noise")
+            reference = REFERENCE_ROWS.get(str(r["method"]).split("+")[0])
+            if reference:  # a reference point, not a method: where the baseline stands against it
+                overall = f"reference, {reference}"
+            lines.append(f"- {r['label']} (n={int(r['n'])}): **{overall}** — " + "; ".join(parts))
+            stages = proj[(proj["block"] == block) & (proj["method"] == r["label"])] if len(proj) else proj
+            if len(stages):
+                fired = [f"stage {int(s['stage'])} ({s['task']}): fired {s['fired']}, cos {s['cos(G_cur, G_prev)']}, γ {s['γ']}"
+                         for _, s in stages.iterrows()]
+                never = all(str(s["fired"]).startswith("0/") for _, s in stages.iterrows())
+                lines.append("  - projection: " + "; ".join(fired)
+                             + (" — it never fired, so this row trained exactly as LoRA-GA would" if never else ""))
+    return lines
 
 
 # ---- the document and the console ---------------------------------------------------------------
@@ -378,6 +446,8 @@ def write_document(report: Report, path: Path, figures: dict[str, list[Path]], t
         lines += [notes.rstrip(), ""]
     paper, caption = paper_table(report)
     lines += ["## Main table", "", caption, "", markdown(paper, index=True), ""]
+    if report.baseline:
+        lines += ["## Reading (computed from the runs)", ""] + reading_lines(report) + [""]
     lines += ["## All metrics", "", markdown(summary_text(report)), ""]
     if report.baseline:
         lines += ["## Paired tests over seeds", "",

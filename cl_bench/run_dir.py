@@ -73,6 +73,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
+    # `mode` came after the first runs: a config without it is a sequential run
+    old, new = {"mode": "sequential", **old}, {"mode": "sequential", **new}
     a = {k: v for k, v in _flatten(old).items() if k.split(".")[0] not in NON_RESULT_KEYS}
     b = {k: v for k, v in _flatten(new).items() if k.split(".")[0] not in NON_RESULT_KEYS}
     return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))

@@ -2,6 +2,9 @@
 
 A stage is start_adapter → begin_stage hooks → train → end_stage hooks → consolidate →
 evaluate; cl_bench/stage.py lists every hook in that order and says who may do what.
+`mode` (cl_bench/modes.py) decides the stages: one per task on the last stage's model
+(sequential), one joint stage on all tasks (multitask), or one per task from the base weights
+(independent).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import config as config_checks
+from . import modes
 from .baselines import baselines
 from .console import Progress
 from .data import TrainingEncoder, prompt_format
@@ -21,8 +25,8 @@ from .evaluation import evaluate_task
 from .errors import CLBenchError, ConfigError
 from .faults import kill_point
 from .jobs import Job, Requeued, job_scope
-from .lora import WeightMaster, adapter_factors, add_adapter, apply_init, follow_peft_absorption_, set_scaling
-from .metrics import compute_cl_metrics
+from .lora import WeightMaster, adapter_factors, add_adapter, apply_init, follow_peft_absorption_, set_scaling, target_linears
+from .metrics import compute_mode_metrics
 from .models import load_model, model_unavailable, resolve_device, resolve_model_path
 from .interrupt import InterruptGuard, Interrupted
 from .results import SCHEMA, atomic_write_json, package_versions, provenance, write_jsonl
@@ -74,6 +78,10 @@ class Runner:
         self.tasks = load_sequence(cfg.sequence, cfg.data.get("root"), int(cfg.seed))
         self.plugins = build_plugins(cfg)
         self.initializer, self.regularizer, self.merger = (self.plugins[g] for g in PLUGIN_GROUPS)
+        # sequential | multitask (one joint stage) | independent (each stage from the base model): modes.py
+        self.mode = modes.check_mode(cfg.get("mode", "sequential"))
+        modes.check_plugins(self.mode, self.initializer, self.regularizer, self.merger, cfg.initializer)
+        self.stage_tasks = modes.stage_tasks(self.mode, self.tasks)
         self.general_eval = None  # lm-eval is imported only when general capability is measured
         if str(cfg.general_eval.get("when", "none")) != "none":
             from . import general_eval
@@ -94,8 +102,8 @@ class Runner:
     def new_results(self) -> dict[str, Any]:
         T = len(self.tasks)
         return {
-            "schema": SCHEMA, "sequence": str(self.cfg.sequence.name), "tasks": [t.name for t in self.tasks],
-            "matrix": [[None] * T for _ in range(T + 1)], "metrics": {}, "general": {}, "stages": [],
+            "schema": SCHEMA, "sequence": str(self.cfg.sequence.name), "tasks": [t.name for t in self.tasks], "mode": self.mode,
+            "matrix": [[None] * T for _ in range(len(self.stage_tasks) + 1)], "metrics": {}, "general": {}, "stages": [],
             "eval_sizes": [len(t.eval[: self.cfg.evaluation.limit or None]) for t in self.tasks],
             "split_stats": split_stats(self.tasks),
             "evaluation": evaluation_record(self.tasks, str(self.cfg.evaluation.protocol)),
@@ -116,7 +124,7 @@ class Runner:
 
     def _run(self) -> dict[str, Any]:
         self.prepare()
-        self.progress.T = len(self.tasks)
+        self.progress.T = len(self.stage_tasks)
         with RunLock(self.run_dir):
             previous = load_previous_results(self.run_dir, self.config)
             if previous and previous.get("complete"):
@@ -150,27 +158,33 @@ class Runner:
         self.encoder = TrainingEncoder(self.tokenizer, min(int(tr.max_len), max_pos), bool(tr.mask_prompt), prompt_format(ev))
         self.targets = list(cfg.lora.target_modules)
         self.master = WeightMaster.attach(model, self.targets)  # before any weight changes
+        # independent: every stage starts from W0, kept exactly (a CPU copy of the target weights)
+        self.base_weights = {name: self.master.value(name, linear.weight).detach().to("cpu", copy=True)
+                             for name, linear in target_linears(model, self.targets).items()} if self.mode == "independent" else None
         self.history = History()
         self.models = Models(train=model, eval=model)
-        done = len(self.results["stages"])
+        done, n_stages = len(self.results["stages"]), len(self.stage_tasks)
         # A stage whose model state exists was trained and merged before a crash in its evaluation.
-        self.trained = done + 1 if done < len(self.tasks) and StageFiles(self.run_dir, done + 1).model_state.exists() else done
+        self.trained = done + 1 if done < n_stages and StageFiles(self.run_dir, done + 1).model_state.exists() else done
         if self.trained:
-            log.info("resuming after stage %d of %d (trained: %d)", done, len(self.tasks), self.trained)
+            log.info("resuming after stage %d of %d (trained: %d)", done, n_stages, self.trained)
             self.restore(self.trained, model)
         if any(v is None for v in self.results["matrix"][0]):  # row 0 may be partial after an interrupt
             self.evaluate_row(0)
             self.save()
             self.tracker.log_stage(0, self.results)
-        for stage in range(done + 1, len(self.tasks) + 1):
+        for stage in range(done + 1, n_stages + 1):
             self.run_stage(stage)
         self.finish()
 
     def context(self, stage: int) -> StageContext:
         cfg = self.cfg
         r, alpha, convention = int(cfg.lora.r), float(cfg.lora.alpha), str(cfg.lora.scaling)
+        current = self.stage_tasks[stage - 1]
+        # Only a sequential stage has earlier tasks; a reference-mode stage sees what stage 1 sees.
+        previous, tasks = (self.stage_tasks[: stage - 1], self.stage_tasks) if self.mode == "sequential" else ([], [current])
         return StageContext(
-            stage=stage, current=self.tasks[stage - 1], previous=self.tasks[: stage - 1], tasks=self.tasks,
+            stage=stage, current=current, previous=previous, tasks=tasks,
             rank=r, alpha=alpha, scaling=lora_scaling(alpha, r, convention), scaling_convention=convention,
             target_modules=self.targets, device=self.device, seed=stage_seed(int(cfg.seed), stage),
             make_batches=lambda t, n, bs, seed, indices=None: self.encoder.batches(t, n, bs, seed, self.device, indices),
@@ -210,6 +224,9 @@ class Runner:
     def train_stage(self, stage: int, files: StageFiles) -> dict[str, Any]:
         ctx = self.context(stage)
         torch.manual_seed(ctx.seed)
+        if self.base_weights is not None:  # independent: back to W0 (the last stage left W0 + τ_{t-1})
+            for name, linear in target_linears(self.models.train, self.targets).items():
+                self.master.restore_(name, linear.weight, self.base_weights[name])
         seconds: dict[str, float] = {}
         self.progress.init_begin(stage, ctx.current.name)
         t0 = time.time()
@@ -231,6 +248,8 @@ class Runner:
         self.consolidate(peft_model, ctx, files, init_factors, scaling)
         seconds["merge"] = time.time() - t0
         record = {"stage": stage, "task": ctx.current.name, "init": init_stats, "train": train_summary, "seconds": seconds}
+        if self.mode == "multitask":
+            record["tasks"] = [t.name for t in self.tasks]
         atomic_write_json(files.dir / "stage.json", record)
         save_model_state(files, self.models.train, self.targets, self.master)  # marks "trained": eval may be redone alone
         _remove_tree(files.checkpoint)
@@ -264,7 +283,8 @@ class Runner:
         """The stage's optimizer steps, resumed from its in-stage checkpoint when there is one."""
         cfg = self.cfg
         tr = OmegaConf.to_container(cfg.trainer, resolve=True)
-        tr["total_steps"] = steps_per_stage(len(ctx.current.train), cfg.trainer)
+        # multitask: the joint stage's step cap is the sequential run's total (max_steps per task x T)
+        tr["total_steps"] = steps_per_stage(len(ctx.current.train), cfg.trainer, len(self.tasks) if self.mode == "multitask" else 1)
         resumed = load_checkpoint(files, peft_model)
         every = int(tr.get("checkpoint_every_steps") or 0)
         if self.job.preemptible:  # visit every step boundary: a preemption signal saves there
@@ -305,9 +325,10 @@ class Runner:
         cfg = self.cfg
         ev = cfg.evaluation
         row = self.results["matrix"][stage]
-        self.progress.eval_begin(stage, len(self.tasks) if ev.full_matrix or not stage else stage)
+        shown = [j for j in range(len(self.tasks)) if modes.evaluated(self.mode, stage, j, bool(ev.full_matrix))]
+        self.progress.eval_begin(stage, len(shown))
         for j, task in enumerate(self.tasks):
-            if not ev.full_matrix and stage and j >= stage:
+            if j not in shown:
                 continue
             self.progress.eval_task_begin(task.name)
             score, records = evaluate_task(
@@ -320,7 +341,9 @@ class Runner:
             write_jsonl(self.run_dir / "predictions" / f"stage_{stage:02d}" / f"{task.name}.jsonl", records)
             kill_point(f"eval:{stage}:{j}")
         self.progress.eval_end()
-        if self.general_eval and self.general_eval.should_run(cfg.general_eval, stage, len(self.tasks)):
+        if self.general_eval and self.general_eval.should_run(cfg.general_eval, stage, len(self.stage_tasks)) and not (
+                # independent: GP/IP are a mean over the T models, so one model alone is not worth measuring
+                self.mode == "independent" and stage and str(cfg.general_eval.get("when")) != "every_stage"):
             self.progress.general_begin(stage)
             self.results["general"][str(stage)] = self.general_eval.evaluate_general(
                 self.models.eval, self.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"),
@@ -330,10 +353,15 @@ class Runner:
             self.progress.general_end(self.results["general"][str(stage)])
 
     def finish(self) -> None:
-        metrics = compute_cl_metrics(self.results["matrix"], self.results["eval_sizes"])
+        metrics = compute_mode_metrics(self.results["matrix"], self.results["eval_sizes"], self.mode)
         gp_ip = {"GP": None, "IP": None}
-        if self.general_eval:
-            gp_ip = self.general_eval.aggregate_gp_ip(self.results["general"], self.cfg.general_eval, final_stage=len(self.tasks))
+        n_stages = len(self.stage_tasks)
+        if self.general_eval and self.mode == "independent":
+            # the mean over the T independent models (each task's own), when every one was measured
+            per = [self.general_eval.aggregate_gp_ip(self.results["general"], self.cfg.general_eval, final_stage=s) for s in range(1, n_stages + 1)]
+            gp_ip = {k: (sum(p[k] for p in per) / n_stages if all(p[k] is not None for p in per) else None) for k in gp_ip}
+        elif self.general_eval:
+            gp_ip = self.general_eval.aggregate_gp_ip(self.results["general"], self.cfg.general_eval, final_stage=n_stages)
         metrics.update(gp_ip)
         self.results["metrics"] = metrics
         self.results["complete"] = True

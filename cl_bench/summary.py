@@ -68,10 +68,13 @@ def where_lines(run_dir: str | Path) -> list[str]:
 def format_summary(results: dict[str, Any], run_dir: str | Path | None = None) -> str:
     tasks = results["tasks"]
     width = max(8, *(len(t) for t in tasks)) if tasks else 8
-    lines = [f"\n== {results['sequence']}: results matrix (%, row i = after stage i) =="]
+    mode = results.get("mode", "sequential")
+    rows = {"multitask": "row 1 = after joint training on all tasks",
+            "independent": "row i = the base model trained on task i alone"}.get(mode, "row i = after stage i")
+    lines = [f"\n== {results['sequence']}{'' if mode == 'sequential' else f' ({mode})'}: results matrix (%, {rows}) =="]
     lines.append(" " * 10 + " ".join(f"{j + 1:>6}" for j in range(len(tasks))))
     for i, row in enumerate(results["matrix"]):
-        label = "before" if i == 0 else f"stage {i}"
+        label = "before" if i == 0 else ("joint" if mode == "multitask" else f"stage {i}")
         lines.append(f"{label:<10}" + " ".join(_fmt(v) for v in row))
     baselines = results.get("baselines") or {}
     for kind in ("chance", "majority"):

@@ -105,7 +105,7 @@ class WandbTracker(NullTracker):
         values: dict[str, Any] = {f"eval/{t}": v for t, v in zip(tasks, row) if v is not None}
         seen = [v for v in row[:stage] if v is not None]
         diag = [results["matrix"][i][i - 1] for i in range(1, stage + 1)]
-        if stage and len(seen) == stage and None not in diag:
+        if stage and len(seen) == stage and None not in diag and results.get("mode", "sequential") == "sequential":
             # The metrics of the sequence so far (tasks 1..stage): FP and AP as if it ended here.
             values["eval/just_trained"] = row[stage - 1]
             values["eval/FP_so_far"] = fmean(seen)

@@ -52,11 +52,13 @@ def build_optimizer(model, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_s
     return opt, get_linear_schedule_with_warmup(opt, warmup, total)
 
 
-def steps_per_stage(n_examples: int, cfg) -> int:
+def steps_per_stage(n_examples: int, cfg, tasks: int = 1) -> int:
+    """Optimizer steps of a stage: `epochs` passes over `n_examples`, capped at max_steps per
+    task (`tasks` > 1: a joint stage over that many tasks, mode=multitask)."""
     per_epoch = math.ceil(n_examples / (int(cfg.batch_size) * int(cfg.grad_accum)))
     steps = per_epoch * int(cfg.epochs)
     if cfg.get("max_steps"):
-        steps = min(steps, int(cfg.max_steps))
+        steps = min(steps, int(cfg.max_steps) * int(tasks))
     return max(1, steps)
 
 
