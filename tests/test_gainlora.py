@@ -332,3 +332,95 @@ def test_bad_settings_are_one_line_config_errors():
         GainLoRA(hidden_dim=0)
     with pytest.raises(ConfigError, match="merge \\(gainlora\\)"):
         GainLoRA(threshold=1.5)
+
+
+# ------------------------------------------------------------------ end to end (runner, tiny model)
+E2E = ["sequence=synthetic_conflict", "sequence.tasks=[sentiment,parity]", "merge=gainlora", "trainer.checkpoint_every_steps=2"]
+COMBOS = {
+    "vanilla": [],
+    "slice": ["initializer=slice", "initializer.capture_steps=2"],
+    "inflora": ["regularizer=inflora"],
+}
+
+
+def _overrides(combo):
+    from conftest import FAST
+
+    return FAST + E2E + COMBOS[combo]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    from cl_bench.runner import run
+    from conftest import compose
+
+    out = {}
+    for combo in COMBOS:
+        run_dir = tmp_path_factory.mktemp(f"gainlora_{combo}")
+        out[combo] = run_dir, run(compose(_overrides(combo)), run_dir)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_runs_keep_every_branch_gated_and_the_base_weights_unchanged(runs, combo, tiny_model_dir):
+    """gainlora × vanilla, slice and + InfLoRA: complete matrices; nothing folded into W (slice's
+    absorbed init went into a companion: W is pretrained up to rounding); gates and memory saved;
+    the second gate is nearly closed on task 1 and open on task 2 (mean g over training prompts)."""
+    from transformers import AutoModelForCausalLM
+
+    from cl_bench.results import load_tensors
+    from cl_bench.run_dir import StageFiles, load_plugin_state, load_stage_record
+
+    run_dir, results = runs[combo]
+    assert results["complete"] and all(v is not None for row in results["matrix"] for v in row)
+    pretrained = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    saved = load_tensors(StageFiles(run_dir, 2).model_state)
+    for name, W in saved.items():
+        torch.testing.assert_close(W, pretrained[name], atol=1e-6 if combo == "slice" else 0.0, rtol=0)
+    state = load_plugin_state(run_dir / "stages" / "stage_02" / "merge.safetensors")
+    assert {f"gate.stage_0{i}.{n}.weight" for i in (1, 2) for n in ("hidden", "output", "key")} <= set(state)
+    assert [b["companion"] for b in state["branches"]] == (["stage_01_init", "stage_02_init"] if combo == "slice" else [None, None])
+    g = state["gate_means"][1]["mean_g"]  # [gate i][task j] after stage 2
+    assert g[1][0] < 0.1 and g[1][1] > 0.5 and g[0][0] > 0.5
+    record = load_stage_record(StageFiles(run_dir, 2))
+    assert (record.init is not None) == (combo == "slice")
+    if combo == "inflora":  # InfLoRA's A stays frozen inside its memory's complement under gainlora's begin_stage
+        memory = load_plugin_state(run_dir / "stages" / "stage_02" / "regularizer.safetensors")
+        k1 = memory["memory_stages"][0]["k"]
+        for m in record.modules:
+            A = record.trained[m][0]
+            assert float((A @ memory[f"basis.{m}"][:, :k1[m]]).abs().max()) < 1e-5, m
+
+
+@pytest.mark.slow
+def test_gainlora_resumes_after_sigkill_mid_stage_2_to_the_identical_matrix(runs, tmp_path):
+    """With slice: the resumed run rebuilds branch 1, its init companion and gate 1 (restore), then
+    stage 2 from its in-stage checkpoint (gate 2 is a trainable parameter of the model)."""
+    from cl_bench.results import load_tensors
+    from cl_bench.runner import run
+    from conftest import compose, run_cli
+
+    killed = run_cli(_overrides("slice") + [f"hydra.run.dir={tmp_path}"], env_extra={"CL_BENCH_KILL_AT": "train:2:4"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "stages" / "stage_02" / "checkpoint" / "state.json").exists()
+    final = run(compose(_overrides("slice")), tmp_path)
+    ref_dir, reference = runs["slice"]
+    assert final["matrix"] == reference["matrix"]
+    assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
+    ours = load_tensors(tmp_path / "stages" / "stage_02" / "merge.safetensors")
+    ref = load_tensors(ref_dir / "stages" / "stage_02" / "merge.safetensors")
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+@pytest.mark.slow
+def test_superni15_samples_run_with_gainlora(shared_data, tmp_path):
+    from cl_bench.runner import run
+    from conftest import FAST, compose
+
+    cfg = compose(FAST + ["sequence=superni15_samples", "sequence.tasks=[task363_sst2_polarity_classification,"
+                          "task1510_evalution_relation_extraction]", f"data.root={shared_data}", "merge=gainlora",
+                          "trainer.max_steps=2", "sequence.n_eval=4", "trainer.max_len=128"])
+    results = run(cfg, tmp_path)
+    assert results["complete"] and all(v is not None for row in results["matrix"] for v in row)
+    assert results["tasks"] == ["task363_sst2_polarity_classification", "task1510_evalution_relation_extraction"]
