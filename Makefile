@@ -31,6 +31,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m cl_bench.bench
 	$(BIN)/python -m cl_bench.mine --bench
+	$(BIN)/python -m cl_bench.branch_cost
 
 clean:
 	rm -rf outputs .pytest_cache
