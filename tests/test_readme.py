@@ -118,6 +118,11 @@ def check_module(module: str, args: list[str], tmp_path, capsys) -> None:
         (tmp_path / "data").mkdir()
         assert main([f"data.root={tmp_path / 'data'}"]) == 0
         assert "runnable (" in capsys.readouterr().out
+    elif module == "cl_bench.remerge":
+        from cl_bench.remerge import parse_overrides
+
+        assert args[0] == "RUN_DIR"  # a placeholder: parse the overrides as the tool does
+        assert parse_overrides(args[1:])[0] in args[1]
     else:
         pytest.fail(f"README runs module {module}, which this test does not know")
 
