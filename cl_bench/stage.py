@@ -49,6 +49,8 @@ stage holds all of it and `load_state_dict` gets back exactly what was returned.
 """
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -90,6 +92,33 @@ def trained_tokens(batch: Batch) -> torch.Tensor:
 def stage_seed(seed: int, stage: int) -> int:
     """The seed of stage `stage` (1-based) of a run seeded with `seed`: RNG, data order, SVDs."""
     return int(seed) * 1000 + int(stage)
+
+
+def check_buffer_size(size) -> int | float:
+    """A replay-buffer size per task: an int >= 1 (a count of training examples) or a float in
+    (0, 1] (a fraction of the task's training split). Returns it; raises ValueError otherwise."""
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise ValueError(f"{size!r} must be a count (an integer >= 1) or a fraction in (0, 1]")
+    if isinstance(size, int) and size < 1 or isinstance(size, float) and not 0.0 < size <= 1.0:
+        raise ValueError(f"{size!r} must be a count (an integer >= 1) or a fraction in (0, 1]")
+    return size
+
+
+def replay_buffer_indices(task: TaskData, size: int | float, seed: int) -> list[int]:
+    """The replay buffer of `task`: sorted indices into task.train (never its eval split).
+
+    `size` is a count (int, capped at the split) or a fraction of the split (float, rounded up,
+    at least 1). The examples are the first k of a permutation seeded by (run seed, task name)
+    alone, so the buffer of a task is the same at every later stage, after any resume and for
+    every plug-in that asks with the same size (replay, SLICE's previous-task capture), and a
+    smaller buffer is a subset of a larger one. Raises ValueError for a bad size.
+    """
+    check_buffer_size(size)
+    n = len(task.train)
+    k = min(n, size if isinstance(size, int) else max(1, math.ceil(size * n)))
+    # str seeding hashes with SHA-512: the same in every process, whatever PYTHONHASHSEED says
+    order = random.Random(f"replay-buffer/{int(seed)}/{task.name}").sample(range(n), n)
+    return sorted(order[:k])
 
 
 def adapter_name(stage: int) -> str:
@@ -191,9 +220,10 @@ class StageContext:
     target_modules: list[str]
     device: torch.device
     seed: int  # stage_seed(run seed, stage)
-    # make_batches(task, n_batches, batch_size, seed) -> iterator over tokenized training batches
-    # drawn only from task.train (any task of the run), on `device`.
-    make_batches: Callable[[TaskData, int, int, int], Iterator[Batch]]
+    # make_batches(task, n_batches, batch_size, seed, indices=None) -> iterator over tokenized
+    # training batches drawn only from task.train (any task of the run), on `device`; with
+    # `indices` (into task.train, e.g. ctx.replay_buffer(task, size)) only from those examples.
+    make_batches: Callable[..., Iterator[Batch]]
     cache_dir: str | None = None  # content-keyed cache of captures / inits; None = off
     log: Callable[[str], None] = print
     tasks: list[TaskData] = field(default_factory=list)  # the whole sequence; [] = previous + [current]
@@ -203,10 +233,16 @@ class StageContext:
     history: History = field(default_factory=History)  # stages 1..t-1; stage t joins before consolidate
     master: Any = None  # lora.WeightMaster of the target weights (the one fold goes through it)
     init_absorbed: bool = False  # W absorbed this stage's s·B0·A0 (set by the runner before begin_stage)
+    run_seed: int = 0  # the run's `seed` (ctx.seed is this stage's seed)
 
     def __post_init__(self) -> None:
         if not self.tasks:
             self.tasks = [*self.previous, self.current]
+
+    def replay_buffer(self, task: TaskData, size: int | float) -> list[int]:
+        """The replay buffer of `task` (indices into task.train): replay_buffer_indices with the
+        run seed, so every plug-in asking with the same size gets the same examples."""
+        return replay_buffer_indices(task, size, self.run_seed)
 
 
 @dataclass

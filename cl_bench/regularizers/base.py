@@ -32,8 +32,12 @@ shift) tokens in the whole step; `batch` also holds input_ids, attention_mask an
 """
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..lora import lora_layers
 from ..stage import Plugin, StageContext
 from ..tasks.base import TaskData
 
@@ -58,3 +62,58 @@ class Regularizer(Plugin):
         named. Must be a pure function of (state, ctx.seed, step, micro) so a resumed stage
         draws the same examples."""
         return []
+
+
+def fp32_penalty(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """fn(*tensors) in float32 outside autocast, its intermediates recomputed in backward
+    (activation checkpointing) instead of kept until the step's backward: a penalty over full
+    [d_out, d_in] matrices then holds one module's intermediates at a time, not all modules'."""
+
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(args[0].device.type, enabled=False):
+            return fn(*(a.float() for a in args))
+
+    if not any(t.requires_grad for t in tensors):
+        return run(*tensors)
+    return checkpoint(run, *tensors, use_reentrant=False)
+
+
+class StageDelta:
+    """ΔW_t of this stage's adapter, per module: s·(B·A − B0·A0) [d_out, d_in], differentiable
+    in (A, B) — what the stage has added to the weights so far.
+
+    (A0, B0) is the adapter as begin_stage finds it. An absorbed init left W − s·B0·A0 behind,
+    so ΔW_t is then exactly StageRecord.task_vector's τ_t; inits that absorb nothing start
+    with B0 = 0. ΔW_t = 0 before the first step. Build it in begin_stage; module names are
+    the unwrapped model's (as in ctx.history).
+    """
+
+    def __init__(self, model: torch.nn.Module, ctx: StageContext):
+        self.adapter = ctx.adapter
+        self.layers = lora_layers(model, ctx.adapter)
+        self.init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, layer in self.layers.items():
+            A0, B0 = layer.lora_A[self.adapter].weight.detach(), layer.lora_B[self.adapter].weight.detach()
+            if bool(B0.any()):  # B0 = 0 (vanilla, EVA): nothing to subtract
+                self.init[name] = (A0.float().clone(), B0.float().clone())
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.layers)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live (A, B) parameters of module `name`."""
+        layer = self.layers[name]
+        return layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight
+
+    def scaling(self, name: str) -> float:
+        return float(self.layers[name].scaling[self.adapter])
+
+    def of(self, name: str, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """ΔW_t of module `name` from its factors A [r, d_in], B [d_out, r] (float32)."""
+        s = self.scaling(name)
+        if name not in self.init:
+            return s * (B.float() @ A.float())
+        A0, B0 = self.init[name]
+        # two products, not one of rank 2r: at the stage start they are bitwise equal, so ΔW_t = 0 exactly
+        return s * (B.float() @ A.float() - B0.to(B.device) @ A0.to(A.device))
