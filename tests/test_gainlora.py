@@ -1,6 +1,6 @@
 """GainLoRA: gated mixing of kept branches (Eqs. 23–25), the gates' projected init and update
 (Eqs. 26–32), the absorbed init moved into the branch, resume, and end-to-end runs
-(× vanilla, slice; + InfLoRA; SuperNI samples) with one kill -9 mid-stage-2."""
+(× vanilla; slice + O-LoRA; + InfLoRA; SuperNI samples) with one kill -9 mid-stage-2."""
 from __future__ import annotations
 
 import json
@@ -325,6 +325,23 @@ def test_restore_rebuilds_branches_companions_and_gates_on_a_fresh_model(staged,
     assert [g["stage"] for g in fresh.gate_means] == [1, 2, 3] and len(fresh.gate_means[2]["mean_g"]) == 3
 
 
+def test_o_lora_anchors_on_every_earlier_lora_of_the_forward_pass(staged):
+    """GainLoRA+O-LoRA: kept branches 1-3 give their trained A's; branch 3's absorbed init sits in
+    the forward pass as companion stage_03_init, so its A0 is an anchor too. Folded stages
+    (adapters gone from the model, merge=absorb) give the trained A's alone."""
+    from cl_bench.regularizers.o_lora import anchor_rows
+
+    history = staged["history"]
+    for m, layer in lora_layers(staged["model"], "stage_01").items():
+        kept = anchor_rows(history, m, set(layer.lora_A))
+        assert len(kept) == 4
+        for got, record in zip(kept, history):
+            assert torch.equal(got, record.trained[m][0]) and torch.equal(got, layer.lora_A[record.adapter].weight)
+        assert torch.equal(kept[3], staged["factors3"][m][0]) and torch.equal(kept[3], layer.lora_A["stage_03_init"].weight)
+        folded = anchor_rows(history, m, set())
+        assert len(folded) == 3 and all(torch.equal(a, b) for a, b in zip(folded, kept))
+
+
 def test_bad_settings_are_one_line_config_errors():
     with pytest.raises(ConfigError, match="key_init"):
         GainLoRA(key_init="zeros")
@@ -339,7 +356,9 @@ E2E = ["sequence=synthetic_conflict", "sequence.tasks=[sentiment,parity]", "merg
        "trainer.checkpoint_every_steps=2"]
 COMBOS = {
     "vanilla": [],
-    "slice": ["initializer=slice", "initializer.capture_steps=2"],
+    # GainLoRA+O-LoRA (the paper's variant) on an absorbing init: the kept branches' A's and their
+    # companions' A0's are O-LoRA's anchors; one run covers both compositions (test time is scarce)
+    "slice_olora": ["initializer=slice", "initializer.capture_steps=2", "regularizer=o_lora"],
     "inflora": ["regularizer=inflora"],
 }
 
@@ -365,7 +384,7 @@ def runs(tiny_model_dir, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("combo", list(COMBOS))
 def test_runs_keep_every_branch_gated_and_the_base_weights_unchanged(runs, combo, tiny_model_dir):
-    """gainlora × vanilla, slice and + InfLoRA: complete matrices; nothing folded into W (slice's
+    """gainlora × vanilla, slice + O-LoRA and + InfLoRA: complete matrices; nothing folded into W (slice's
     absorbed init went into a companion: W is pretrained up to rounding); gates and memory saved;
     the second gate is nearly closed on task 1 and open on task 2 (mean g over training prompts)."""
     from transformers import AutoModelForCausalLM
@@ -378,14 +397,21 @@ def test_runs_keep_every_branch_gated_and_the_base_weights_unchanged(runs, combo
     pretrained = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
     saved = load_tensors(StageFiles(run_dir, 2).model_state)
     for name, W in saved.items():
-        torch.testing.assert_close(W, pretrained[name], atol=1e-6 if combo == "slice" else 0.0, rtol=0)
+        torch.testing.assert_close(W, pretrained[name], atol=1e-6 if combo == "slice_olora" else 0.0, rtol=0)
     state = load_plugin_state(run_dir / "stages" / "stage_02" / "merge.safetensors")
     assert {f"gate.stage_0{i}.{n}.weight" for i in (1, 2) for n in ("hidden", "output", "key")} <= set(state)
-    assert [b["companion"] for b in state["branches"]] == (["stage_01_init", "stage_02_init"] if combo == "slice" else [None, None])
+    assert [b["companion"] for b in state["branches"]] == (["stage_01_init", "stage_02_init"] if combo == "slice_olora" else [None, None])
     g = state["gate_means"][1]["mean_g"]  # [gate i][task j] after stage 2
     assert g[1][0] < 0.1 and g[1][1] > 0.5 and g[0][0] > 0.5
     record = load_stage_record(StageFiles(run_dir, 2))
-    assert (record.init is not None) == (combo == "slice")
+    assert (record.init is not None) == (combo == "slice_olora")
+    if combo == "slice_olora":  # stage 2's first O-LoRA term: its start A0_2 against branch 1's A_1 AND companion A0_1
+        first = results["stages"][1]["train"]["loss_first"]["orth"]
+        one = load_stage_record(StageFiles(run_dir, 1))
+        kept = sum(float((record.init[m][0] @ torch.cat([one.trained[m][0], one.init[m][0]]).T).abs().sum())
+                   for m in record.modules)
+        folded = sum(float((record.init[m][0] @ one.trained[m][0].T).abs().sum()) for m in record.modules)
+        assert first == pytest.approx(0.5 * kept, rel=1e-4) and kept > folded * 1.01
     if combo == "inflora":  # InfLoRA's A stays frozen inside its memory's complement under gainlora's begin_stage
         memory = load_plugin_state(run_dir / "stages" / "stage_02" / "regularizer.safetensors")
         k1 = memory["memory_stages"][0]["k"]
@@ -402,11 +428,11 @@ def test_gainlora_resumes_after_sigkill_mid_stage_2_to_the_identical_matrix(runs
     from cl_bench.runner import run
     from conftest import compose, run_cli
 
-    killed = run_cli(_overrides("slice") + [f"hydra.run.dir={tmp_path}"], env_extra={"CL_BENCH_KILL_AT": "train:2:2"})
+    killed = run_cli(_overrides("slice_olora") + [f"hydra.run.dir={tmp_path}"], env_extra={"CL_BENCH_KILL_AT": "train:2:2"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (tmp_path / "stages" / "stage_02" / "checkpoint" / "state.json").exists()
-    final = run(compose(_overrides("slice")), tmp_path)
-    ref_dir, reference = runs["slice"]
+    final = run(compose(_overrides("slice_olora")), tmp_path)
+    ref_dir, reference = runs["slice_olora"]
     assert final["matrix"] == reference["matrix"]
     assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
     ours = load_tensors(tmp_path / "stages" / "stage_02" / "merge.safetensors")
