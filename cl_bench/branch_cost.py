@@ -1,8 +1,9 @@
 """`python -m cl_bench.branch_cost`: how a branch-keeping merge's per-stage cost grows with its branches.
 
 Runs the same T-task sequence with merge=absorb and merge=gainlora (the default pair; --merges)
-through the runner and prints, per stage t = 1..T: CPU seconds of the stage's training (and per
-optimizer step) and of its evaluation row, the process's peak resident memory while training (and
+through the runner and prints, per stage t = 1..T: CPU seconds of the whole stage (init,
+begin_stage, training, end_stage, merge), of its training (and per optimizer step) and of its
+evaluation row, the process's peak resident memory while training (and
 its rise over the resident memory at the start of training), and the MB of LoRA factors and gates
 the model holds (float32 bytes as stored). CPU time (time.process_time) rather than wall time, so
 that a busy machine does not inflate it; run single-threaded (threads=1) for comparable figures.
@@ -68,6 +69,12 @@ class MeasuredRunner(Runner):
         }
         return summary
 
+    def train_stage(self, stage, files):
+        cpu0 = time.process_time()  # the whole stage: init, begin_stage, training, end_stage, merge
+        record = super().train_stage(stage, files)
+        self.measured.setdefault(stage, {})["stage_cpu_s"] = time.process_time() - cpu0
+        return record
+
     def evaluate_row(self, stage: int) -> None:
         cpu0 = time.process_time()
         super().evaluate_row(stage)
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
               "trainer.max_steps=20", "general_eval=none", "progress=false", "threads=1", *args.overrides]
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cl_bench_branch_cost_"))
     rows = measure(args.merges.split(","), common, out)
-    cols = ["merge", "stage", "adapters", "train_cpu_s", "s_per_step", "eval_cpu_s", "peak_rss_mb", "train_rise_mb",
+    cols = ["merge", "stage", "adapters", "stage_cpu_s", "train_cpu_s", "s_per_step", "eval_cpu_s", "peak_rss_mb", "train_rise_mb",
             "lora_mb", "gate_mb"]
     print("\n== per-stage cost with the number of branches ==")
     print_table([{c: r.get(c) for c in cols} for r in rows])
