@@ -31,6 +31,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m cl_bench.bench
 	$(BIN)/python -m cl_bench.mine --bench
+	$(BIN)/python -m cl_bench.branch_cost
 
 # The SLICE claim on the embedded benchmark (issue 12 §3; README "The SLICE claim"): both sweeps
 # (66 jobs, 2 at a time, resumable: rerun to continue), then docs/results.md from their run dirs.

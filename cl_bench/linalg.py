@@ -439,6 +439,17 @@ def project_off(X: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (Xw - (Xw @ M) @ M.T).to(X.dtype)
 
 
+def pin_update(W: torch.Tensor, W0: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """W0 + (W − W0)·(I − M·Mᵀ) [d_out, d_in] float32: the update W − W0 made so far with its
+    component on span M [d_in, k] removed, so W'·x = W0·x for every x ∈ span M.
+
+    GPM's Eq. 18 (GainLoRA's Eq. 32 on a gate layer) applied to the step of any optimizer instead of
+    the gradient: Adam(W)'s per-element 1/√v rescale does not commute with the gradient projection,
+    this does. Under SGD with projected gradients it changes nothing."""
+    W32, W0_32 = W.detach().float(), W0.detach().to(device=W.device, dtype=torch.float32)
+    return W0_32 + project_off(W32 - W0_32, basis)
+
+
 def range_basis(X: torch.Tensor, tol: float) -> torch.Tensor:
     """Orthonormal basis [m, q] of the column space of X [m, n]: left singular vectors with σ > tol."""
     if X.numel() == 0:

@@ -97,14 +97,64 @@ def module_shapes(layers: dict[str, LoraLinear]) -> dict[str, tuple[int, int]]:
 
 def add_adapter(model: torch.nn.Module, lora_config, adapter: str) -> torch.nn.Module:
     """`model` with a new trainable adapter named `adapter`: PEFT-wrap a plain model, or add the
-    adapter beside the existing ones (and make it the active one) when the model stayed wrapped."""
+    adapter beside the existing ones when the model stayed wrapped.
+
+    The adapters that were active stay active and are frozen (requires_grad False): a merge that
+    keeps branches (GainLoRA) leaves the model whose function the next stage starts from, so the
+    initializer and every begin_stage see that function, and only the new adapter trains.
+    """
     from peft import PeftModel, get_peft_model
 
     if isinstance(model, PeftModel):
+        kept = [a for a in model.base_model.active_adapters if a != adapter]
         model.add_adapter(adapter, lora_config)
-        model.set_adapter(adapter)
+        model.base_model.set_adapter([*kept, adapter])  # PEFT makes every listed adapter trainable ...
+        for name in kept:  # ... the kept ones are part of the starting model, not trained
+            set_adapter_trainable(model, name, False)
         return model
     return get_peft_model(model, lora_config, adapter_name=adapter)
+
+
+@torch.no_grad()
+def add_frozen_adapter(model: torch.nn.Module, lora_config, adapter: str, factors: Factors,
+                       scaling: dict[str, float]) -> torch.nn.Module:
+    """`model` with one more adapter holding the given (A, B) and s per module, active and frozen;
+    the other adapters keep their activity and every parameter its requires_grad.
+
+    For branch methods: GainLoRA rebuilds its kept branches on resume, and holds an absorbed init
+    as a frozen branch of its own. Raises ValueError if the factors do not match the adapter's shapes.
+    """
+    from peft import PeftModel, get_peft_model
+
+    if not isinstance(model, PeftModel):
+        model = get_peft_model(model, lora_config, adapter_name=adapter)
+    else:
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        active = [a for a in model.base_model.active_adapters if a != adapter]
+        model.add_adapter(adapter, lora_config)  # PEFT freezes every non-LoRA parameter here ...
+        model.base_model.set_adapter([*active, adapter])
+        for n, p in model.named_parameters():  # ... and set_adapter unfreezes the listed adapters
+            if n in grads:
+                p.requires_grad_(grads[n])
+    set_adapter_trainable(model, adapter, False)
+    layers = lora_layers(model, adapter)
+    if set(layers) != set(factors):
+        raise ValueError(f"adapter {adapter!r}: factors for {len(factors)} modules, the model has {len(layers)} LoRA layers")
+    for name, (A, B) in factors.items():
+        layer = layers[name]
+        if tuple(A.shape) != tuple(layer.lora_A[adapter].weight.shape) or tuple(B.shape) != tuple(layer.lora_B[adapter].weight.shape):
+            raise ValueError(f"{name}: factors A{tuple(A.shape)} B{tuple(B.shape)} do not fit adapter {adapter!r}")
+        layer.lora_A[adapter].weight.copy_(A)
+        layer.lora_B[adapter].weight.copy_(B)
+        layer.scaling[adapter] = float(scaling[name])
+    return model
+
+
+def set_adapter_trainable(model: torch.nn.Module, adapter: str, trainable: bool) -> None:
+    """requires_grad of every LoRA factor of `adapter` (lora_A and lora_B of every layer)."""
+    for layer in lora_layers(model, adapter).values():
+        layer.lora_A[adapter].requires_grad_(trainable)
+        layer.lora_B[adapter].requires_grad_(trainable)
 
 
 def set_scaling(model: torch.nn.Module, adapter: str, convention: str) -> dict[str, float]:

@@ -39,7 +39,7 @@ class InputGrams:
 def collect_input_grams(
     model: torch.nn.Module, modules: Mapping[str, torch.nn.Module], batches: Iterable[dict[str, torch.Tensor]]
 ) -> InputGrams:
-    """Run `batches` (input_ids, attention_mask; labels ignored) through `model` and return the
+    """Run `batches` (input_ids, attention_mask, and labels when present) through `model` and return the
     Gram matrix of every module's inputs on real tokens (see the module docstring).
 
     Raises ValueError if a module's token input does not match the batch's attention mask, or if
@@ -73,7 +73,11 @@ def collect_input_grams(
     try:
         for batch in batches:
             mask_now[0] = batch["attention_mask"]
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            # labels too when the batch has them: a forward that depends on which tokens are the
+            # prompt (GainLoRA's gates pool the prompt, told apart by label -100) then sees the
+            # batch as training did; the loss it computes is discarded.
+            extra = {"labels": batch["labels"]} if "labels" in batch else {}
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
             n += 1
     finally:
         for h in handles:

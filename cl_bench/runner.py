@@ -304,7 +304,7 @@ class Runner:
         summary = train_stage(
             peft_model, ctx, self.encoder, OmegaConf.create(tr), self.regularizer,
             state=resumed[0] if resumed else None, optimizer_state=resumed[1] if resumed else None,
-            checkpoint=checkpoint,
+            checkpoint=checkpoint, plugins=list(self.plugins.values()),  # after_backward/after_step for all three
             progress=False,  # the display is self.progress's, fed by on_step
             on_step=lambda step, terms: (self.tracker.log_step(ctx.stage, step, terms), self.progress.train_step(step, terms),
                                          kill_point(f"train:{ctx.stage}:{step}")),

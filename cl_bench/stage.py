@@ -7,7 +7,9 @@ Initializers, regularizers and merges all derive from `Plugin` and receive the s
   2. start the adapter (Runner.start_adapter):
        kwargs = initializer.lora_config_kwargs()
        initializer.before_wrap(model, lora_config, ctx)   # model as the last stage left it
-       wrap under ctx.adapter (get_peft_model; add_adapter when the model stayed wrapped)
+       wrap under ctx.adapter (get_peft_model; add_adapter when the model stayed wrapped: the
+       adapters the merge left active stay active, frozen, beside the new one, so the init and
+       every begin_stage see the function the last stage ended with, lora.add_adapter)
        result = initializer.init(peft_model, ctx)         # (A0, B0) per module + stats
        every layer's s is set from `lora_scaling` (the one formula), then result.factors are
        copied into the adapter and, if result.absorb, W ← W − s·B0·A0 (lora.apply_init, the
@@ -21,10 +23,12 @@ Initializers, regularizers and merges all derive from `Plugin` and receive the s
        loss  = LM loss (summed over trained tokens, divided by the trained tokens of the WHOLE
                step) + Σ_k regularizer.loss(model, batch, ctx)[k] / grad_accum
        loss.backward()
-     then regularizer.after_backward(model, ctx)   # once, after the step's last backward
-     then clip, optimizer step, then regularizer.after_step(model, ctx) (parameter projection:
-     GPM's exact form under Adam), scheduler step (HF's linear warmup/decay); the in-stage
-     checkpoint (every checkpoint_every_steps) also holds every plug-in's state_dict()
+     then after_backward(model, ctx) of initializer, regularizer, merge   # once, after the
+         step's last backward (gradient projection: GPM, GainLoRA's gates)
+     then clip, optimizer step, then after_step(model, ctx) of the three (parameter projection:
+     GPM's and GainLoRA's exact form under Adam), scheduler step (HF's linear warmup/decay); the
+     in-stage checkpoint (every checkpoint_every_steps) also holds every plug-in's state_dict()
+     and every trainable parameter of the model (a merge's gates included)
   5. end_stage(peft_model, ctx)     initializer, then regularizer, then merge
   6. the runner appends stage t to ctx.history (trained factors, absorbed init factors, s) and
      writes them to stages/stage_XX/{adapter,init}.safetensors
@@ -257,6 +261,9 @@ class Plugin:
     begin_stage after the adapter is initialised (and any init absorbed), before the first
     optimizer step, and end_stage after the last optimizer step, before consolidate; end_stage
     may draw training batches with ctx.make_batches (a Fisher, an input covariance).
+    after_backward / after_step run every optimizer step for all three plug-ins (initializer,
+    regularizer, merge, in that order): any plug-in may constrain the trainable parameters it
+    owns (a regularizer its LoRA factors, a merge the gates it added to the model).
     """
 
     name = "none"
@@ -265,6 +272,16 @@ class Plugin:
         return None
 
     def end_stage(self, model: torch.nn.Module, ctx: StageContext) -> None:
+        return None
+
+    def after_backward(self, model: torch.nn.Module, ctx: StageContext) -> None:
+        """Once per optimizer step, after the backward of its last micro-batch, before gradient
+        clipping: edit the accumulated gradients (p.grad of trainable parameters) in place."""
+        return None
+
+    def after_step(self, model: torch.nn.Module, ctx: StageContext) -> None:
+        """Once per optimizer step, right after optimizer.step() and before the in-stage
+        checkpoint: edit trainable parameters in place (wrap it in torch.no_grad)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .data import TrainingEncoder
 from .errors import TrainingError
 from .regularizers.base import Regularizer
-from .stage import StageContext, trained_tokens
+from .stage import Plugin, StageContext, trained_tokens
 from .tasks.base import TaskData
 
 
@@ -70,9 +70,11 @@ def step_gradients(
     *,
     autocast: bool = False,
     where: str = "",
+    plugins: Sequence[Plugin] | None = None,
 ) -> dict[str, float]:
-    """Forward and backward of one optimizer step over its micro-batches, then the regularizer's
-    after_backward hook. Leaves the step's gradient in .grad; returns the logged terms.
+    """Forward and backward of one optimizer step over its micro-batches, then the after_backward
+    hook of every plug-in in `plugins` (default: the regularizer alone), in order. Leaves the
+    step's gradient in .grad; returns the logged terms.
 
     The LM loss is normalised by the trained tokens of all micro-batches together; regularizer
     terms are averaged over the micro-batches (regularizers/base.py states the rule).
@@ -104,7 +106,8 @@ def step_gradients(
         logged["lm"] = logged.get("lm", 0.0) + float(lm.detach())
         for k, v in extra.items():
             logged[k] = logged.get(k, 0.0) + float(v.detach()) / accum
-    regularizer.after_backward(model, ctx)
+    for plugin in (regularizer,) if plugins is None else plugins:
+        plugin.after_backward(model, ctx)
     return logged
 
 
@@ -120,8 +123,12 @@ def train_stage(
     checkpoint: Callable[[TrainState, torch.optim.Optimizer, Any], None] | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    plugins: Sequence[Plugin] | None = None,
 ) -> dict[str, Any]:
-    """Train the trainable (LoRA) parameters on ctx.current; returns a summary for results.json.
+    """Train the trainable parameters (LoRA factors, and whatever a plug-in added, e.g. gates) on
+    ctx.current; returns a summary for results.json. `plugins` get after_backward / after_step
+    every step, in order (the runner passes initializer, regularizer, merge; default: the
+    regularizer alone); the regularizer also gives the loss terms and extra examples.
 
     `cfg` needs lr, weight_decay, warmup_ratio, epochs, batch_size, grad_accum, max_grad_norm,
     total_steps (filled by the runner), checkpoint_every_steps, autocast (bf16 on CUDA).
@@ -139,6 +146,7 @@ def train_stage(
     params = list(trainable_parameters(model).values())
     use_autocast = device.type == "cuda" and bool(cfg.get("autocast_bf16", True)) and torch.cuda.is_bf16_supported()
     every = int(cfg.get("checkpoint_every_steps") or 0)
+    plugins = (regularizer,) if plugins is None else tuple(plugins)
 
     def micro_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
         pos = (step * accum + micro) * bs
@@ -152,11 +160,12 @@ def train_stage(
     while state.step < total:
         micro_batches = [micro_batch(state.step, m) for m in range(accum)]
         terms = step_gradients(model, micro_batches, regularizer, ctx, autocast=use_autocast,
-                               where=f"task {task.name!r} step {state.step + 1} (trainer.lr={cfg.lr})")
+                               where=f"task {task.name!r} step {state.step + 1} (trainer.lr={cfg.lr})", plugins=plugins)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))
         lr = sched.get_last_lr()[0]  # the rate this step uses
         opt.step()
-        regularizer.after_step(model, ctx)
+        for plugin in plugins:
+            plugin.after_step(model, ctx)
         sched.step()
         opt.zero_grad(set_to_none=True)
         state.step += 1

@@ -264,7 +264,7 @@ def test_collector_sums_real_token_inputs_and_pooled_rows():
             torch.manual_seed(0)
             self.emb, self.lin, self.gate = torch.nn.Embedding(64, 6), torch.nn.Linear(6, 3), torch.nn.Linear(6, 1)
 
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids, attention_mask, labels=None):
             h = self.emb(input_ids)
             return self.lin(h), self.gate(h.mean(1))
 

@@ -13,6 +13,8 @@ Who calls what, when (the full stage order is in cl_bench/stage.py):
                                   themselves: GPM keeps the step off its memory under AdamW)
   end_stage(model, ctx)           after the last step, before the merge (Fisher, input covariance)
   state_dict / load_state_dict    saved after every stage and in every in-stage checkpoint
+(after_backward and after_step are hooks of the shared Plugin base, cl_bench/stage.py: the loop
+calls them for initializer, regularizer and merge alike.)
 
 Normalisation of loss terms (issue: exact gradient accumulation). An optimizer step is
 `ctx.grad_accum` micro-batches. The LM loss of a micro-batch is the sum of its trained-token
@@ -53,14 +55,6 @@ class Regularizer(Plugin):
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
         """Extra loss terms for this micro-batch, by name; each is logged and added to the loss."""
         return {}
-
-    def after_backward(self, model: torch.nn.Module, ctx: StageContext) -> None:
-        """Edit the accumulated gradients (p.grad of the trainable parameters) in place."""
-        return None
-
-    def after_step(self, model: torch.nn.Module, ctx: StageContext) -> None:
-        """Edit the trainable parameters in place after the optimizer step (wrap it in torch.no_grad)."""
-        return None
 
     def extra_examples(self, ctx: StageContext, step: int, micro: int) -> list[tuple[TaskData, int]]:
         """Training examples to add to micro-batch `micro` of optimizer step `step` (0-based), as

@@ -19,10 +19,18 @@ earlier stages and over modules. Defaults λ1 = 0.5, λ2 = 0 (O-LoRA's scripts; 
 reference uses λ = 0.5 and no L2 term). The terms are logged as `orth` and `l2` (already
 multiplied by λ1, λ2).
 
-Unlike O-LoRA, which keeps every earlier adapter in the forward pass, cl_bench folds them into
-W after each stage (merge=absorb); the earlier A's are only the penalty's anchor, as in the
-SLICE reference. No state of its own: the A's come from the history, which resume restores.
-Memory: the earlier A's, (t−1)·r·d_in float32 per module, on the device.
+Unlike O-LoRA, which keeps every earlier adapter in the forward pass, cl_bench by default folds
+them into W after each stage (merge=absorb); the earlier A's are then only the penalty's anchor,
+as in the SLICE reference. Under a branch-keeping merge (merge=gainlora: GainLoRA+O-LoRA, the
+paper's variant) an earlier stage's adapter is still in the model; if that stage's init was
+absorbed, its branch also carries the init term −s·B0·A0 in the forward pass (GainLoRA's frozen
+companion adapter), i.e. a second earlier LoRA whose A0 is not the trained A. O-LoRA constrains
+the new A against every earlier LoRA of the forward pass, so for a kept stage with an absorbed
+init the anchor is [A_i; A0_i] (A0 from ctx.history[i].init). A folded stage keeps the anchor A_i
+alone (main's behaviour). Whether stage i is kept is read off the model: its adapter name
+(history[i].adapter) is still a LoRA of the layer. No state of its own: the A's come from the
+history, which resume restores. Memory: the earlier A's, (t−1)·r·d_in float32 per module (twice
+that for kept absorbed branches), on the device.
 """
 from __future__ import annotations
 
@@ -48,6 +56,19 @@ def orthogonality(A_new: torch.Tensor, A_prev: torch.Tensor, norm: str = "abs") 
     return overlap.abs().sum() if norm == "abs" else overlap.pow(2).sum()
 
 
+def anchor_rows(history, module: str, adapters_in_model: set[str]) -> list[torch.Tensor]:
+    """The earlier A's of `module` the new A must be orthogonal to, each [r_i, d_in]: per stage
+    its trained A, plus its absorbed init's A0 when the stage's adapter is still in the model
+    (a kept branch carries −s·B0·A0 in the forward pass; see the module docstring)."""
+    rows = []
+    for record in history:
+        rows.append(record.trained[module][0])
+        init = record.init
+        if record.adapter in adapters_in_model and init is not None and module in init:
+            rows.append(init[module][0])
+    return rows
+
+
 class OLoRA(Regularizer):
     """O-LoRA's orthogonality (and L2) terms; see the module docstring."""
 
@@ -66,8 +87,8 @@ class OLoRA(Regularizer):
     def begin_stage(self, model: torch.nn.Module, ctx: StageContext) -> None:
         self.adapter = StageDelta(model, ctx)  # only for its live (A, B) per module
         self.previous = {
-            name: torch.cat([record.trained[name][0] for record in ctx.history]).to(ctx.device)
-            for name in self.adapter.modules
+            name: torch.cat(anchor_rows(ctx.history, name, set(layer.lora_A))).to(ctx.device)
+            for name, layer in self.adapter.layers.items()
         } if ctx.history else {}
 
     def loss(self, model, batch, ctx: StageContext) -> dict[str, torch.Tensor]:
