@@ -119,8 +119,10 @@ class LoraGA(Initializer):
                 return self._from_cache(hit, layers, has_previous, init_key, start, ctx.device)
 
         t0 = time.perf_counter()
-        g_cur, cur_info = captures.run(current)
+        # Previous tasks first: while they are captured only their running sum and one capture
+        # exist; then G_prev and G_cur. Never more than two full-size gradient sets at once.
         g_prev, prev_infos = captures.run_mean(previous) if previous else (None, [])
+        g_cur, cur_info = captures.run(current)
         t_capture = time.perf_counter() - t0
 
         t0 = time.perf_counter()
