@@ -191,7 +191,7 @@ def _forward_backward(
         batch["num_items_in_batch"] = n_items
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                lm = causal_lm_loss(forward or model, batch, n_items, keep=keep, targets=targets.to(device, non_blocking=True))
+                lm = causal_lm_loss(model if forward is None else forward, batch, n_items, keep=keep, targets=targets.to(device, non_blocking=True))
                 extra = regularizer.loss(model, batch, rctx)
                 loss = lm + sum(v / accum for v in extra.values()) if extra else lm
             finite = finite & torch.isfinite(loss.detach())
