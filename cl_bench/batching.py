@@ -143,10 +143,11 @@ class Layout:
                 for k in range(0, len(rows), per_forward)]
 
 
-def regroup(batches: Sequence[dict[str, torch.Tensor]], overhead_tokens: int = 256) -> list[dict[str, torch.Tensor]]:
-    """Right-padded batches (input_ids, attention_mask, labels) re-cut by `plan_groups` with the
-    largest input batch's rows·width as the cap: the same examples, no more tokens per forward
-    than before, less padding. Tensors come back on the device they came from. (The pad id is
+def regroup(batches: Sequence[dict[str, torch.Tensor]], overhead_tokens: int = 128,
+            max_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches (input_ids, attention_mask, labels) re-cut by `plan_groups` with
+    `max_tokens` (default: the largest input batch's rows·width) as the cap: the same examples,
+    no more tokens per forward than before, less padding. Tensors come back on the device they came from. (The pad id is
     0: pads sit after every real token and are masked, so their value never matters.)"""
     if not batches:
         return []
@@ -161,5 +162,5 @@ def regroup(batches: Sequence[dict[str, torch.Tensor]], overhead_tokens: int = 2
             if not bool(mask[r, :n].all()):
                 raise ValueError("regroup needs right-padded batches")
             rows.append(Encoded(ids[r, :n].tolist(), labels[r, :n].tolist(), False))
-    groups = plan_groups([len(e.input_ids) for e in rows], cap, overhead_tokens)
+    groups = plan_groups([len(e.input_ids) for e in rows], max_tokens or cap, overhead_tokens)
     return [{k: v.to(device) for k, v in collate_padded([rows[i] for i in g], 0).items()} for g in groups]

@@ -677,7 +677,7 @@ def specs_for(device: torch.device, args) -> list[ModelSpec]:
     if args.model in ("llama3b", "both"):
         if device.type == "cuda":
             out.append(ModelSpec("llama3b", layers=args.layers, rank=64, max_len=256, train_steps=args.steps or 8,
-                                 eval_prompt_len=512))
+                                 eval_prompt_len=512, eval_examples=16))
         else:  # a shape check in minutes: few layers, short rows, small batches
             out.append(ModelSpec("llama3b", layers=args.layers or 1, rank=64, max_len=128, batch_size=4, grad_accum=1,
                                  train_steps=args.steps or 2, capture_steps=2, capture_batch_size=4, stages=(1,),
@@ -705,6 +705,15 @@ def main(argv: list[str] | None = None) -> dict:
     from .models import resolve_device
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and HF's progress bars would bury the table
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     device = resolve_device("auto")
     threads, why = cpu_threads(args.threads)
     torch.set_num_threads(threads)

@@ -381,12 +381,15 @@ class _activation_checkpointing:
 
     def __enter__(self):
         if self.base is not None:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.base, "activation_checkpointing_enable"):  # transformers >= 5.x naming
+                self.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return self
 
     def __exit__(self, *exc):
         if self.base is not None:
-            self.base.gradient_checkpointing_disable()
+            (getattr(self.base, "activation_checkpointing_disable", None) or self.base.gradient_checkpointing_disable)()
         return False
 
 

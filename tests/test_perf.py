@@ -287,3 +287,25 @@ def test_a_run_from_cached_inits_is_the_run_that_computed_them(tiny_model_dir, t
     assert [s["init"]["cache"]["init"] for s in again["stages"]] == ["hit", "hit"]
     assert again["matrix"] == first["matrix"]
     assert [s["train"]["loss_curve"] for s in again["stages"]] == [s["train"]["loss_curve"] for s in first["stages"]]
+
+
+# ------------------------------------------------------------------ capture: tokens per forward pass
+def test_capture_max_tokens_only_changes_the_forward_passes():
+    from cl_bench.data import collate_training
+    from cl_bench.initializers.capture import capture_gradients
+    from cl_bench.initializers.gradient import Slice
+    from cl_bench.lora import base_weight, lora_layers
+
+    model = _llama()
+    weights = {n: base_weight(layer) for n, layer in lora_layers(model, "stage_01").items()}
+    exs = _examples()
+    batches = [collate_training(exs[:6], pad_id=0), collate_training(exs[6:], pad_id=0)]
+    whole = capture_gradients(model, weights, batches)
+    small = capture_gradients(model, weights, batches, max_tokens=30)
+    assert small.info["forward_passes"] > whole.info["forward_passes"]
+    assert small.loss == pytest.approx(whole.loss, rel=1e-6)
+    for n in whole.grads:
+        torch.testing.assert_close(small.grads[n], whole.grads[n], rtol=1e-5, atol=1e-7)
+    assert Slice(capture_max_tokens=512).capture_max_tokens == 512
+    with pytest.raises(ConfigError, match="initializer.capture_max_tokens=0"):
+        Slice(capture_max_tokens=0)

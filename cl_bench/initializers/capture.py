@@ -48,16 +48,18 @@ def capture_gradients(
     *,
     offload: bool = False,
     transposed: Iterable[str] = (),
+    max_tokens: int | None = None,
 ) -> Capture:
     """∂(mean token loss over all `batches`)/∂W for each weight in `weights` (float32).
 
     `transposed` names weights stored as [d_in, d_out] (Conv1D); their gradients are returned
-    in [d_out, d_in] layout like all others.
+    in [d_out, d_in] layout like all others. `max_tokens` caps rows·width of one forward pass
+    (default: the largest given batch's): activation memory only, the result is the same.
     """
     start = time.perf_counter()
     batches = [{k: v.cpu() for k, v in b.items()} for b in batches]  # token ids: small
     n_items = sum(int(trained_tokens(b)) for b in batches)
-    forwards = regroup(batches)
+    forwards = regroup(batches, max_tokens=max_tokens)
     device = next(iter(weights.values())).device if weights else torch.device("cpu")
     transposed = set(transposed)
     store = {name: (torch.device("cpu") if offload else w.device) for name, w in weights.items()}

@@ -70,6 +70,7 @@ class LoraGA(Initializer):
         offload: str | bool = "previous",
         scale: str = "variance_matched",
         stable_gamma: float = 16,
+        capture_max_tokens: int | None = None,
     ):
         if scale not in self.SCALES:
             raise ConfigError(f"initializer.scale={scale!r}; valid: {', '.join(self.SCALES)}")
@@ -83,6 +84,7 @@ class LoraGA(Initializer):
         self.svd = svd
         self.niter = _positive_int("niter", niter)
         self.offload = _offload_mode(offload)
+        self.capture_max_tokens = None if capture_max_tokens is None else _positive_int("capture_max_tokens", capture_max_tokens)
 
     # ------------------------------------------------------------------ validation
     def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
@@ -122,7 +124,7 @@ class LoraGA(Initializer):
         layers = lora_layers(peft_model, ctx.adapter)
         self.validate(module_shapes(layers), ctx.rank)
         cache = TensorCache(ctx.cache_dir, ctx.log)
-        captures = _Captures(peft_model, layers, ctx, cache, offload=self.offload)
+        captures = _Captures(peft_model, layers, ctx, cache, offload=self.offload, max_tokens=self.capture_max_tokens)
         current = captures.plan(ctx.current, self.capture_steps, self.capture_batch_size)
         previous = [captures.plan(t, *self._previous_shape()) for t in self._previous_tasks(ctx)]
         has_previous = bool(previous)
@@ -253,8 +255,9 @@ class Slice(LoraGA):
         svd: str = "randomized",
         niter: int = 4,
         offload: str | bool = "previous",
+        capture_max_tokens: int | None = None,
     ):
-        super().__init__(capture_steps, capture_batch_size, svd, niter, offload)
+        super().__init__(capture_steps, capture_batch_size, svd, niter, offload, capture_max_tokens=capture_max_tokens)
         if isinstance(c, bool) or not isinstance(c, (int, float)):
             raise ConfigError(f"initializer.c={c!r} must be a number in [0, 1]")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
@@ -323,8 +326,9 @@ class _CaptureSpec:
 class _Captures:
     """Plans (batches + content key) and runs cached gradient captures on one model state."""
 
-    def __init__(self, peft_model, layers, ctx: StageContext, cache: TensorCache, offload: str):
+    def __init__(self, peft_model, layers, ctx: StageContext, cache: TensorCache, offload: str, max_tokens: int | None = None):
         self.model, self.ctx, self.cache, self.offload = peft_model, ctx, cache, offload
+        self.max_tokens = max_tokens
         self.weights = {name: base_weight(layer) for name, layer in layers.items()}
         self.transposed = [name for name, layer in layers.items() if layer.fan_in_fan_out]
         base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
@@ -352,7 +356,8 @@ class _Captures:
                 grads, meta = hit
                 info.update(cache="hit", loss=meta.get("loss"), seconds=time.perf_counter() - t0)
                 return grads, info
-        cap = capture_gradients(self.model, self.weights, spec.batches, offload=self.offload == "all", transposed=self.transposed)
+        cap = capture_gradients(self.model, self.weights, spec.batches, offload=self.offload == "all",
+                                transposed=self.transposed, max_tokens=self.max_tokens)
         info.update(cache="off" if spec.key is None else "miss", loss=cap.loss, seconds=cap.seconds,
                     forward_passes=cap.info.get("forward_passes"))
         if spec.key is not None:
