@@ -7,6 +7,9 @@ from typing import Any
 from .errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Top-level config keys that never change results: ignored when a resume compares configs and
+# when the report groups runs into experiments.
+NON_RESULT_KEYS = ("progress", "verbose", "logger", "cache", "threads")
 
 # One line per config group for `cl_bench --help`; tests check it names exactly the folders of conf/.
 GROUP_HELP = {

@@ -298,11 +298,17 @@ class TrainingEncoder:
         return {k: v.to(device) for k, v in out.items()}
 
     def batches(
-        self, task: TaskData, n_batches: int, batch_size: int, seed: int, device: torch.device | str = "cpu"
+        self, task: TaskData, n_batches: int, batch_size: int, seed: int, device: torch.device | str = "cpu",
+        indices: Sequence[int] | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """`n_batches` batches drawn from task.train only (cycling with reshuffles if needed)."""
-        n = len(task.train)
+        """`n_batches` batches drawn from task.train only (cycling with reshuffles if needed);
+        with `indices` (into task.train, e.g. a replay buffer) only from those examples."""
+        pool = list(range(len(task.train))) if indices is None else [int(i) for i in indices]
+        if not pool or not all(0 <= i < len(task.train) for i in pool):
+            raise ValueError(f"task {task.name!r}: batch indices must be a non-empty subset of its {len(task.train)} training examples")
+        n = len(pool)
         epochs = max(1, -(-n_batches * batch_size // n))
-        order = self.order(task, seed, epochs)
+        gen = torch.Generator().manual_seed(seed)  # the same order as self.order when pool is the whole split
+        order = [pool[i] for _ in range(epochs) for i in torch.randperm(n, generator=gen).tolist()]
         for b in range(n_batches):
             yield self.batch(task, order[b * batch_size:(b + 1) * batch_size], device)

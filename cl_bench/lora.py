@@ -233,3 +233,33 @@ def apply_init(peft_model: torch.nn.Module, result, adapter: str, master: Weight
             delta_sq += float(delta.double().pow(2).sum())
             master.fold_(name, layer, -delta)
     return {"modules": len(factors), "absorbed": bool(absorb), "delta_fro": math.sqrt(delta_sq)}
+
+
+@torch.no_grad()
+def replace_start_A_(model: torch.nn.Module, adapter: str, new_A: dict[str, torch.Tensor], master: WeightMaster,
+                     absorbed: bool) -> dict:
+    """Give `adapter` a new starting A per module (before its first step) without changing the model.
+
+    For plug-ins that own the input-side factor (InfLoRA, GPM's projected start). When the stage's
+    init was absorbed (W = W_prev − s·B0·A0), W ← W + s·B0·(A0 − A_new) keeps W + s·B0·A_new = W_prev
+    (through the one fold); then the runner records (A_new, B0) as the absorbed init, because it
+    reads the init after begin_stage. Without absorption nothing is folded: B0 = 0 for every such
+    initializer we have (vanilla, EVA), so the function is unchanged anyway. Returns a small JSON
+    summary: modules changed and ‖s·B0·(A0 − A_new)‖_F folded over all modules.
+    """
+    layers = lora_layers(model, adapter)
+    folded_sq = 0.0
+    for name, A_new in new_A.items():
+        layer = layers[name]
+        weight = layer.lora_A[adapter].weight
+        if tuple(A_new.shape) != tuple(weight.shape):
+            raise ValueError(f"{name}: new A {tuple(A_new.shape)} does not match the adapter's {tuple(weight.shape)}")
+        if absorbed:
+            B0 = layer.lora_B[adapter].weight.detach()
+            A_cast = A_new.to(device=weight.device, dtype=weight.dtype)  # the A that will be used
+            delta = merges.lora_delta(weight.detach(), B0, float(layer.scaling[adapter])) - merges.lora_delta(
+                A_cast, B0, float(layer.scaling[adapter]))
+            folded_sq += float(delta.double().pow(2).sum())
+            master.fold_(name, layer, delta)
+        weight.copy_(A_new)
+    return {"modules": len(new_A), "absorbed": bool(absorbed), "refolded_fro": math.sqrt(folded_sq)}

@@ -108,6 +108,8 @@ def heatmap(results: Mapping[str, Any], relative: bool = False, title: str | Non
     metrics = results.get("metrics") or {}
     sub = "  ".join(_fmt_metric(metrics, k) for k in ("AP", "FP", "Fgt", "GP", "IP"))
     head = title or f"{results.get('sequence', '')}: results matrix R" + (" relative to the diagonal" if relative else "")
+    if relative and any(not (R[j + 1, j] > 0) for j in range(T)):
+        sub += "   (grey: R[j,j] = 0 or missing, no % defined)"
     fig.suptitle(f"{head}\n{sub}", fontsize=9)
     return fig
 
@@ -124,24 +126,25 @@ def stability_plasticity(points: Iterable[Mapping[str, Any]], title: str = "Stab
     points: dicts with `label`, `AP`, `FP` (percent) and optionally `AP_std`, `FP_std` (error
     bars, e.g. over seeds). The dashed line is FP = AP (no forgetting); the shaded region above it
     is FP > AP, i.e. positive backward transfer. Points with a missing AP or FP are skipped and
-    listed in the subtitle."""
+    listed in the subtitle, and so are points that coincide (one hides the other)."""
     pts = list(points)
     ok = [p for p in pts if _finite(p.get("AP")) and _finite(p.get("FP"))]
     skipped = [str(p.get("label")) for p in pts if p not in ok]
     fig = _figure(7.2, 4.8)
     ax = fig.add_subplot()
-    xs = [float(p["AP"]) for p in ok]
-    ys = [float(p["FP"]) for p in ok]
+    # The axes hold every marker with its error bars (a cut bar reads as a smaller spread).
+    xs = [float(p["AP"]) + s * _std(p.get("AP_std")) for p in ok for s in (-1, 1)]
+    ys = [float(p["FP"]) + s * _std(p.get("FP_std")) for p in ok for s in (-1, 1)]
     lo = min(xs + ys, default=0.0)
     hi = max(xs + ys, default=100.0)
     pad = max(2.0, 0.08 * (hi - lo))
-    lo, hi = max(0.0, lo - pad), (min(100.0, hi + pad) if hi <= 100.0 else hi + pad)
+    lo, hi = lo - pad, hi + pad  # not clipped at 0 or 100: a marker at FP = 0 stays whole
     ax.plot([lo, hi], [lo, hi], linestyle="--", color="grey", linewidth=1, label="FP = AP (no forgetting)")
     ax.fill_between([lo, hi], [lo, hi], [hi, hi], color="tab:green", alpha=0.08, label="FP > AP (positive BWT)")
     markers = "osD^vP*Xh<>p"
     for k, p in enumerate(ok):
         ax.errorbar(
-            float(p["AP"]), float(p["FP"]), xerr=p.get("AP_std") or None, yerr=p.get("FP_std") or None,
+            float(p["AP"]), float(p["FP"]), xerr=_std(p.get("AP_std")) or None, yerr=_std(p.get("FP_std")) or None,
             fmt=markers[k % len(markers)], markersize=7, capsize=3, label=str(p.get("label", k)),
         )
     ax.set_xlim(lo, hi)
@@ -151,8 +154,23 @@ def stability_plasticity(points: Iterable[Mapping[str, Any]], title: str = "Stab
     ax.set_ylabel("FP: stability (%)")
     ax.grid(alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
-    ax.set_title(title + (f"\n(no AP/FP: {', '.join(skipped)})" if skipped else ""), fontsize=10)
+    same = _coinciding(ok)
+    notes = [f"same point: {', '.join(g)}" for g in same] + ([f"no AP/FP: {', '.join(skipped)}"] if skipped else [])
+    ax.set_title("\n".join([title] + notes), fontsize=10 if not notes else 9)
     return fig
+
+
+def _std(v: Any) -> float:
+    return float(v) if _finite(v) else 0.0
+
+
+def _coinciding(points: list[Mapping[str, Any]]) -> list[list[str]]:
+    """Labels of points drawn on top of each other (equal AP and FP to 0.01): later markers hide
+    earlier ones, so the title names them."""
+    groups: dict[tuple[float, float], list[str]] = {}
+    for p in points:
+        groups.setdefault((round(float(p["AP"]), 2), round(float(p["FP"]), 2)), []).append(str(p.get("label")))
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def metric_curves(

@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
+from .config import NON_RESULT_KEYS
 from .errors import ConfigError
 from .lora import WeightMaster, target_linears
 from .results import atomic_save_tensors, atomic_write_json, load_tensors
 from .stage import Factors, Plugin, StageRecord
 
 # Keys that do not change results: a resumed run may differ in these.
-NON_RESULT_KEYS = ("progress", "verbose", "logger", "cache", "threads")
 
 
 class RunLock:

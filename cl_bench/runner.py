@@ -175,9 +175,9 @@ class Runner:
             stage=stage, current=self.tasks[stage - 1], previous=self.tasks[: stage - 1], tasks=self.tasks,
             rank=r, alpha=alpha, scaling=lora_scaling(alpha, r, convention), scaling_convention=convention,
             target_modules=self.targets, device=self.device, seed=stage_seed(int(cfg.seed), stage),
-            make_batches=lambda t, n, bs, seed: self.encoder.batches(t, n, bs, seed, self.device),
+            make_batches=lambda t, n, bs, seed, indices=None: self.encoder.batches(t, n, bs, seed, self.device, indices),
             cache_dir=self.init_cache_dir, log=self.progress.init_log, adapter=adapter_name(stage),  # details to the log file
-            grad_accum=int(cfg.trainer.grad_accum), history=self.history, master=self.master,
+            grad_accum=int(cfg.trainer.grad_accum), history=self.history, master=self.master, run_seed=int(cfg.seed),
         )
 
     def restore(self, stage: int, model: torch.nn.Module) -> None:
@@ -220,12 +220,18 @@ class Runner:
         self.progress.init_end(init_stats, seconds["init"])
         for plugin in self.plugins.values():
             plugin.begin_stage(peft_model, ctx)
+        if ctx.init_absorbed:  # as training starts: begin_stage may have re-set A and re-folded (InfLoRA, GPM)
+            init_factors = adapter_factors(peft_model, ctx.adapter)
         t0 = time.time()
         train_summary = self.train(peft_model, ctx, files)
         seconds["train"] = time.time() - t0
+        t0 = time.time()
         for plugin in self.plugins.values():
             plugin.end_stage(peft_model, ctx)
+        seconds["end_stage"] = time.time() - t0  # e.g. EWC's Fisher, GPM's/InfLoRA's input memory
+        t0 = time.time()
         self.consolidate(peft_model, ctx, files, init_factors, scaling)
+        seconds["merge"] = time.time() - t0
         record = {"stage": stage, "task": ctx.current.name, "init": init_stats, "train": train_summary, "seconds": seconds}
         atomic_write_json(files.dir / "stage.json", record)
         save_model_state(files, self.models.train, self.targets, self.master)  # marks "trained": eval may be redone alone
@@ -252,6 +258,7 @@ class Runner:
             result.stats["apply"] = apply_init(peft_model, result, ctx.adapter, self.master)
         elif result.absorb:  # PEFT absorbed in the model's dtype: the fp32 master follows
             follow_peft_absorption_(peft_model, ctx.adapter, self.master)
+        ctx.init_absorbed = bool(result.absorb)
         init_factors = adapter_factors(peft_model, ctx.adapter) if result.absorb else None
         return peft_model, result.stats or {"method": self.initializer.name}, init_factors, scaling
 

@@ -12,7 +12,10 @@ Initializers, regularizers and merges all derive from `Plugin` and receive the s
        every layer's s is set from `lora_scaling` (the one formula), then result.factors are
        copied into the adapter and, if result.absorb, W ← W − s·B0·A0 (lora.apply_init, the
        one fold, through the fp32 master of low-precision weights)
-  3. begin_stage(peft_model, ctx)   initializer, then regularizer, then merge
+  3. begin_stage(peft_model, ctx)   initializer, then regularizer, then merge; ctx.init_absorbed
+     says whether W absorbed s·B0·A0. A plug-in may re-set the starting A here if it keeps the
+     function (lora.replace_start_A_ re-folds an absorbed init); the runner reads the absorbed
+     init factors for the history only after begin_stage, so the record is what training started from
   4. train (training.train_stage); per optimizer step:
        the step's examples = for each of its grad_accum micro-batches, batch_size examples of
        this task + regularizer.extra_examples(ctx, step, micro); trainer.layout lays them out as
@@ -21,7 +24,8 @@ Initializers, regularizers and merges all derive from `Plugin` and receive the s
                step) + Σ_k regularizer.loss(model, batch, ctx)[k] / M   (ctx.grad_accum = M here)
        loss.backward()
      then regularizer.after_backward(model, ctx)   # once, after the step's last backward
-     then clip, optimizer step, scheduler step (HF's linear warmup/decay); the in-stage
+     then clip, optimizer step, then regularizer.after_step(model, ctx) (parameter projection:
+     GPM's exact form under Adam), scheduler step (HF's linear warmup/decay); the in-stage
      checkpoint (every checkpoint_every_steps) also holds every plug-in's state_dict()
   5. end_stage(peft_model, ctx)     initializer, then regularizer, then merge
   6. the runner appends stage t to ctx.history (trained factors, absorbed init factors, s) and
@@ -43,6 +47,8 @@ stage holds all of it and `load_state_dict` gets back exactly what was returned.
 """
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -133,6 +139,33 @@ def causal_lm_loss(model: torch.nn.Module, batch: Batch, n_items, *, keep: torch
 def stage_seed(seed: int, stage: int) -> int:
     """The seed of stage `stage` (1-based) of a run seeded with `seed`: RNG, data order, SVDs."""
     return int(seed) * 1000 + int(stage)
+
+
+def check_buffer_size(size) -> int | float:
+    """A replay-buffer size per task: an int >= 1 (a count of training examples) or a float in
+    (0, 1] (a fraction of the task's training split). Returns it; raises ValueError otherwise."""
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise ValueError(f"{size!r} must be a count (an integer >= 1) or a fraction in (0, 1]")
+    if isinstance(size, int) and size < 1 or isinstance(size, float) and not 0.0 < size <= 1.0:
+        raise ValueError(f"{size!r} must be a count (an integer >= 1) or a fraction in (0, 1]")
+    return size
+
+
+def replay_buffer_indices(task: TaskData, size: int | float, seed: int) -> list[int]:
+    """The replay buffer of `task`: sorted indices into task.train (never its eval split).
+
+    `size` is a count (int, capped at the split) or a fraction of the split (float, rounded up,
+    at least 1). The examples are the first k of a permutation seeded by (run seed, task name)
+    alone, so the buffer of a task is the same at every later stage, after any resume and for
+    every plug-in that asks with the same size (replay, SLICE's previous-task capture), and a
+    smaller buffer is a subset of a larger one. Raises ValueError for a bad size.
+    """
+    check_buffer_size(size)
+    n = len(task.train)
+    k = min(n, size if isinstance(size, int) else max(1, math.ceil(size * n)))
+    # str seeding hashes with SHA-512: the same in every process, whatever PYTHONHASHSEED says
+    order = random.Random(f"replay-buffer/{int(seed)}/{task.name}").sample(range(n), n)
+    return sorted(order[:k])
 
 
 def adapter_name(stage: int) -> str:
@@ -234,9 +267,10 @@ class StageContext:
     target_modules: list[str]
     device: torch.device
     seed: int  # stage_seed(run seed, stage)
-    # make_batches(task, n_batches, batch_size, seed) -> iterator over tokenized training batches
-    # drawn only from task.train (any task of the run), on `device`.
-    make_batches: Callable[[TaskData, int, int, int], Iterator[Batch]]
+    # make_batches(task, n_batches, batch_size, seed, indices=None) -> iterator over tokenized
+    # training batches drawn only from task.train (any task of the run), on `device`; with
+    # `indices` (into task.train, e.g. ctx.replay_buffer(task, size)) only from those examples.
+    make_batches: Callable[..., Iterator[Batch]]
     cache_dir: str | None = None  # content-keyed cache of captures / inits; None = off
     log: Callable[[str], None] = print
     tasks: list[TaskData] = field(default_factory=list)  # the whole sequence; [] = previous + [current]
@@ -245,10 +279,17 @@ class StageContext:
     grad_accum: int = 1  # micro-batches per optimizer step (see Regularizer.loss on normalisation)
     history: History = field(default_factory=History)  # stages 1..t-1; stage t joins before consolidate
     master: Any = None  # lora.WeightMaster of the target weights (the one fold goes through it)
+    init_absorbed: bool = False  # W absorbed this stage's s·B0·A0 (set by the runner before begin_stage)
+    run_seed: int = 0  # the run's `seed` (ctx.seed is this stage's seed)
 
     def __post_init__(self) -> None:
         if not self.tasks:
             self.tasks = [*self.previous, self.current]
+
+    def replay_buffer(self, task: TaskData, size: int | float) -> list[int]:
+        """The replay buffer of `task` (indices into task.train): replay_buffer_indices with the
+        run seed, so every plug-in asking with the same size gets the same examples."""
+        return replay_buffer_indices(task, size, self.run_seed)
 
 
 @dataclass

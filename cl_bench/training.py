@@ -337,6 +337,9 @@ def train_stage(
                     log.add(state.step + 1, terms, grad_norm, finite, lr)
                     read()  # raises
                 opt.step()
+                # after a skipped (non-finite) step too: its projection of unchanged parameters is a
+                # no-op up to rounding, and the stage stops at the next read before any checkpoint
+                regularizer.after_step(model, ctx)
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 state.step += 1

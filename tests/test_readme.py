@@ -102,15 +102,21 @@ def check_module(module: str, args: list[str], tmp_path, capsys) -> None:
     if module == "cl_bench.report":
         from cl_bench.report import main
 
-        args = [str(tmp_path / a) if not a.startswith("-") else a for a in args]
-        for path in [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] != "--out")]:
+        valued = {"--out", "--markdown", "--baseline", "--format", "--metrics", "--title", "--notes", "--plots"}  # options taking a value
+        kinds = ["option" if a.startswith("-") else (args[i - 1] if i and args[i - 1] in valued else "path") for i, a in enumerate(args)]
+        args = [str(tmp_path / a) if k in ("path", "--out", "--markdown", "--notes") else a for a, k in zip(args, kinds)]
+        for path in [a for a, k in zip(args, kinds) if k == "path"]:
             for seed in (1, 2):
                 fake_results(tmp_path / path / str(seed), seed)
+        if "--notes" in kinds:
+            Path(args[kinds.index("--notes")]).write_text("notes")
         assert main(args) == 0
         out = capsys.readouterr().out
         assert "Vanilla" in out and "51.50 ± 0.71" in out
         if "--out" in args:
             assert (tmp_path / args[args.index("--out") + 1] / "summary.csv").exists()
+        if "--markdown" in args:
+            assert "51.50 ± 0.71" in Path(args[args.index("--markdown") + 1]).read_text()
     elif module == "cl_bench.data_check":
         from cl_bench.data_check import main
 
@@ -118,6 +124,11 @@ def check_module(module: str, args: list[str], tmp_path, capsys) -> None:
         (tmp_path / "data").mkdir()
         assert main([f"data.root={tmp_path / 'data'}"]) == 0
         assert "runnable (" in capsys.readouterr().out
+    elif module == "cl_bench.remerge":
+        from cl_bench.remerge import parse_overrides
+
+        assert args[0] == "RUN_DIR"  # a placeholder: parse the overrides as the tool does
+        assert parse_overrides(args[1:])[0] in args[1]
     else:
         pytest.fail(f"README runs module {module}, which this test does not know")
 

@@ -31,7 +31,7 @@ def test_results_json_contract(finished_run):
     assert on_disk["metrics"]["AP"] == pytest.approx(sum(matrix[i][i - 1] for i in (1, 2, 3)) / 3)
     assert [s["stage"] for s in on_disk["stages"]] == [1, 2, 3]
     for s in on_disk["stages"]:
-        assert set(s["seconds"]) == {"init", "train", "eval"} and s["init"]["method"] == "vanilla"
+        assert set(s["seconds"]) == {"init", "train", "end_stage", "merge", "eval"} and s["init"]["method"] == "vanilla"
         assert s["train"]["steps"] == 6 and len(s["train"]["loss_curve"]) == 6
     assert on_disk["config"]["lora"]["scaling"] == "rslora"
     # scoring protocol, the metric of every task, and the prompt policy are recorded

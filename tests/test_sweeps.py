@@ -68,6 +68,8 @@ def test_presets_carry_the_papers_settings():
     p = compose(["experiment=ps_lora_paper"])
     assert (p.lora.r, p.lora.alpha, p.lora.scaling, list(p.lora.target_modules)) == (8, 8, "standard", ["q_proj", "v_proj"])
     assert (p.trainer.lr, p.trainer.batch_size, p.trainer.epochs, p.lora.dropout) == (3e-4, 4, 1, 0.1)
+    assert p.regularizer._target_.endswith(".PSLoss") and (p.regularizer.lam, p.regularizer.terms) == (0.001, "both")
+    assert p.merge._target_.endswith(".MagMax") and p.merge.train_on == "sum"  # Algorithm 1
     d = compose(["experiment=debug"])
     assert (d.model.builder, d.trainer.epochs, d.evaluation.limit) == ("tiny", 1, 8)
 

@@ -24,7 +24,7 @@ from .. import linalg
 from ..errors import ConfigError
 from ..tasks.base import TaskData
 from ..lora import as_out_in, base_weight, lora_layers, module_shapes
-from ..stage import StageContext
+from ..stage import StageContext, check_buffer_size
 from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 from .cache import TensorCache, batches_fingerprint, content_key, model_state_fingerprint
 from .capture import capture_gradients
@@ -126,7 +126,8 @@ class LoraGA(Initializer):
         cache = TensorCache(ctx.cache_dir, ctx.log)
         captures = _Captures(peft_model, layers, ctx, cache, offload=self.offload, max_tokens=self.capture_max_tokens)
         current = captures.plan(ctx.current, self.capture_steps, self.capture_batch_size)
-        previous = [captures.plan(t, *self._previous_shape()) for t in self._previous_tasks(ctx)]
+        previous = [captures.plan(t, *self._previous_shape(), indices=self._previous_indices(ctx, t))
+                    for t in self._previous_tasks(ctx)]
         has_previous = bool(previous)
 
         init_key = None
@@ -231,6 +232,9 @@ class LoraGA(Initializer):
     def _previous_shape(self) -> tuple[int, int]:
         return self.capture_steps, self.capture_batch_size
 
+    def _previous_indices(self, ctx: StageContext, task: TaskData) -> list[int] | None:
+        return None
+
     def _no_projection_stats(self) -> dict:
         return {"projection": "not applicable: lora_ga uses the current-task gradient only", "fired": False}
 
@@ -252,6 +256,7 @@ class Slice(LoraGA):
         capture_batch_size: int = 16,
         prev_capture_steps: int | None = None,
         prev_capture_batch_size: int | None = None,
+        prev_buffer: int | float | None = None,
         svd: str = "randomized",
         niter: int = 4,
         offload: str | bool = "previous",
@@ -275,6 +280,12 @@ class Slice(LoraGA):
         self.prev_capture_batch_size = _positive_int(
             "prev_capture_batch_size", capture_batch_size if prev_capture_batch_size is None else prev_capture_batch_size
         )
+        if prev_buffer is not None:
+            try:
+                check_buffer_size(prev_buffer)
+            except ValueError as exc:
+                raise ConfigError(f"initializer.prev_buffer={exc} (or null: the whole training split)") from None
+        self.prev_buffer = prev_buffer
 
     def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
         super().validate(module_shapes, rank)
@@ -291,6 +302,11 @@ class Slice(LoraGA):
 
     def _previous_shape(self) -> tuple[int, int]:
         return self.prev_capture_steps, self.prev_capture_batch_size
+
+    def _previous_indices(self, ctx: StageContext, task: TaskData) -> list[int] | None:
+        """The examples G_prev is captured on: the task's whole training split (the paper's
+        "sample on demand", §3), or its replay buffer, the one regularizer=replay replays."""
+        return None if self.prev_buffer is None else ctx.replay_buffer(task, self.prev_buffer)
 
     def _projection_knobs(self, has_previous: bool) -> dict | None:
         if not has_previous:  # stage 1: exactly LoRA-GA, so the init cache entry is shared too
@@ -321,6 +337,7 @@ class _CaptureSpec:
     batch_size: int
     batches: list
     key: str | None  # content key; None when the cache is off
+    source: str = "train split"  # or "replay buffer (k examples)"
 
 
 class _Captures:
@@ -337,17 +354,24 @@ class _Captures:
         self.state = model_state_fingerprint(peft_model) if cache.enabled else None
         self.key_seconds = time.perf_counter() - t0
 
-    def plan(self, task: TaskData, steps: int, batch_size: int) -> _CaptureSpec:
-        batches = list(self.ctx.make_batches(task, steps, batch_size, self.ctx.seed))
+    def plan(self, task: TaskData, steps: int, batch_size: int, indices: list[int] | None = None) -> _CaptureSpec:
+        """Capture batches from task.train, or only from `indices` into it (a replay buffer)."""
+        if indices is None:
+            batches = list(self.ctx.make_batches(task, steps, batch_size, self.ctx.seed))
+        else:
+            batches = list(self.ctx.make_batches(task, steps, batch_size, self.ctx.seed, indices=indices))
         key = None
         if self.cache.enabled:
             key = content_key("capture", self.model_class, self.state, sorted(self.weights), batches_fingerprint(batches))
-        return _CaptureSpec(task.name, steps, batch_size, batches, key)
+        source = "train split" if indices is None else f"replay buffer ({len(indices)} examples)"
+        return _CaptureSpec(task.name, steps, batch_size, batches, key, source)
 
     def run(self, spec: _CaptureSpec, on_cpu: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
         """One task's capture (from the cache when it holds it); on the CPU if `on_cpu` or
         offload=all."""
         info: dict[str, Any] = {"task": spec.task, "steps": spec.steps, "batch_size": spec.batch_size}
+        if spec.source != "train split":  # recorded only when it differs from the default
+            info["from"] = spec.source
         t0 = time.perf_counter()
         to_cpu = on_cpu or self.offload == "all"
         if spec.key is not None:

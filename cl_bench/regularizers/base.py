@@ -8,6 +8,9 @@ Who calls what, when (the full stage order is in cl_bench/stage.py):
                                   micro-batch, before gradient clipping and the optimizer step
                                   (gradient projection: GPM); .grad of the trainable params holds
                                   the step's full gradient
+  after_step(model, ctx)          once per optimizer step, right after optimizer.step() and before
+                                  the in-stage checkpoint (constraints on the parameters
+                                  themselves: GPM keeps the step off its memory under AdamW)
   end_stage(model, ctx)           after the last step, before the merge (Fisher, input covariance)
   state_dict / load_state_dict    saved after every stage and in every in-stage checkpoint
 
@@ -31,8 +34,12 @@ instead of attention_mask).
 """
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..lora import lora_layers
 from ..stage import Plugin, StageContext
 from ..tasks.base import TaskData
 
@@ -55,9 +62,68 @@ class Regularizer(Plugin):
         """Edit the accumulated gradients (p.grad of the trainable parameters) in place."""
         return None
 
+    def after_step(self, model: torch.nn.Module, ctx: StageContext) -> None:
+        """Edit the trainable parameters in place after the optimizer step (wrap it in torch.no_grad)."""
+        return None
+
     def extra_examples(self, ctx: StageContext, step: int, micro: int) -> list[tuple[TaskData, int]]:
         """Training examples to add to micro-batch `micro` of optimizer step `step` (0-based), as
         (task, index into task.train) with task one of ctx.tasks: evaluation examples cannot be
         named. Must be a pure function of (state, ctx.seed, step, micro) so a resumed stage
         draws the same examples."""
         return []
+
+
+def fp32_penalty(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """fn(*tensors) in float32 outside autocast, its intermediates recomputed in backward
+    (activation checkpointing) instead of kept until the step's backward: a penalty over full
+    [d_out, d_in] matrices then holds one module's intermediates at a time, not all modules'."""
+
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(args[0].device.type, enabled=False):
+            return fn(*(a.float() for a in args))
+
+    if not any(t.requires_grad for t in tensors):
+        return run(*tensors)
+    return checkpoint(run, *tensors, use_reentrant=False)
+
+
+class StageDelta:
+    """ΔW_t of this stage's adapter, per module: s·(B·A − B0·A0) [d_out, d_in], differentiable
+    in (A, B) — what the stage has added to the weights so far.
+
+    (A0, B0) is the adapter as begin_stage finds it. An absorbed init left W − s·B0·A0 behind,
+    so ΔW_t is then exactly StageRecord.task_vector's τ_t; inits that absorb nothing start
+    with B0 = 0. ΔW_t = 0 before the first step. Build it in begin_stage; module names are
+    the unwrapped model's (as in ctx.history).
+    """
+
+    def __init__(self, model: torch.nn.Module, ctx: StageContext):
+        self.adapter = ctx.adapter
+        self.layers = lora_layers(model, ctx.adapter)
+        self.init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, layer in self.layers.items():
+            A0, B0 = layer.lora_A[self.adapter].weight.detach(), layer.lora_B[self.adapter].weight.detach()
+            if bool(B0.any()):  # B0 = 0 (vanilla, EVA): nothing to subtract
+                self.init[name] = (A0.float().clone(), B0.float().clone())
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.layers)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live (A, B) parameters of module `name`."""
+        layer = self.layers[name]
+        return layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight
+
+    def scaling(self, name: str) -> float:
+        return float(self.layers[name].scaling[self.adapter])
+
+    def of(self, name: str, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """ΔW_t of module `name` from its factors A [r, d_in], B [d_out, r] (float32)."""
+        s = self.scaling(name)
+        if name not in self.init:
+            return s * (B.float() @ A.float())
+        A0, B0 = self.init[name]
+        # two products, not one of rank 2r: at the stage start they are bitwise equal, so ΔW_t = 0 exactly
+        return s * (B.float() @ A.float() - B0.to(B.device) @ A0.to(A.device))
