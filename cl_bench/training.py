@@ -306,15 +306,25 @@ def train_stage(
     start = time.time()
     bar = tqdm(total=total, initial=state.step, desc=f"train {task.name}", leave=False, disable=not progress)
 
-    def read() -> None:
+    def read() -> list[tuple[int, dict[str, float]]]:
+        """The pending steps' terms into state.losses; returns them for `report`. Raises
+        TrainingError at the first non-finite step (after reporting the finite ones before it)."""
+        done = []
         for step, row, ok in log.read():
             if not ok:
+                report(done)
                 shown = {k: v for k, v in row.items() if k != "lr"}
                 terms_ok = all(math.isfinite(v) for k, v in shown.items() if k != "grad_norm")
                 what = "gradient norm" if terms_ok else "loss"
                 raise TrainingError(f"non-finite {what} at task {task.name!r} step {step} (trainer.lr={cfg.lr}): "
                                     f"{shown}; lower trainer.lr or check the regularizer")
             state.losses.append(row)
+            done.append((step, row))
+        return done
+
+    def report(done: list[tuple[int, dict[str, float]]]) -> None:
+        # after the step's checkpoint: a callback that stops the process finds it written
+        for step, row in done:
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("grad_norm", "lr")})
             if on_step is not None:
@@ -349,9 +359,10 @@ def train_stage(
                 log.add(state.step, terms, grad_norm, finite, lr)
                 due = bool(checkpoint is not None and every and state.step % every == 0 and state.step < total)
                 if due or state.step % log_every == 0 or state.step == total:
-                    read()  # the only host sync of a step; raises on a non-finite step before any checkpoint
-                if due:
-                    checkpoint(state, opt, sched)
+                    done = read()  # the only host sync of a step; raises on a non-finite step before any checkpoint
+                    if due:
+                        checkpoint(state, opt, sched)
+                    report(done)
     finally:
         if deferred:
             opt.found_inf = None

@@ -105,18 +105,6 @@ def test_same_seed_same_matrix(reference, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["matrix"] == reference["matrix"]
 
 
-def test_the_padded_layout_gives_the_same_run(reference, tmp_path):
-    """trainer.layout=group (the default, the reference run) re-cuts each step by length; the
-    authors' padded micro-batches give the same step gradients, so the same run to float rounding."""
-    proc = run_cli(ARGS + [f"hydra.run.dir={tmp_path}", "trainer.layout=pad"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    padded = json.loads((tmp_path / "results.json").read_text())
-    assert padded["matrix"] == reference["matrix"]
-    for a, b in zip(padded["stages"], reference["stages"]):
-        assert a["train"]["loss_curve"] == pytest.approx(b["train"]["loss_curve"], rel=1e-4)
-        assert (a["train"]["throughput"]["layout"], b["train"]["throughput"]["layout"]) == ("pad", "group")
-
-
 def test_second_process_on_the_same_run_dir_is_refused(tiny_model_dir, tmp_path):
     with RunLock(tmp_path):  # this test process holds the dir, as a running job would
         proc = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"])
