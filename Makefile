@@ -26,8 +26,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests --durations=15
 
-# Speed figures (not timed tests): init vs training cost per stage, capture with/without
-# cache, and the exhaustive sequence-mining search over C(46,5) subsets.
+# Speed and memory figures (not timed tests), one script on CPU or GPU: per phase (capture,
+# SVD/projection, train, merge, evaluation, GP/IP) time, tokens/s, examples/s, peak memory,
+# cl_bench against the SLICE authors' recipe side by side -> bench.json and a table
+# (python -m cl_bench.bench --help); then the exhaustive sequence-mining search over C(46,5).
 bench: $(STAMP)
 	$(BIN)/python -m cl_bench.bench
 	$(BIN)/python -m cl_bench.mine --bench

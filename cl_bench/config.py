@@ -177,12 +177,22 @@ def validate(cfg: Any) -> None:
                 "evaluation.batch_size", "evaluation.max_new_tokens", "evaluation.max_prompt_len", "sequence.n_eval"):
         _positive_int(cfg, key)
     _positive_int(cfg, "trainer.checkpoint_every_steps", allow_zero=True)
+    if trainer.get("log_every_steps") is not None:
+        _positive_int(cfg, "trainer.log_every_steps")
+    for key in ("fused_adamw", "compile", "gradient_checkpointing"):
+        if key in trainer:
+            _require(isinstance(trainer[key], bool), f"trainer.{key}", trainer[key], "true, false")
+    from .training import layout_of
+
+    layout_of(trainer)  # trainer.layout / max_tokens_per_forward / forward_overhead_tokens
     if trainer.get("max_steps") is not None:
         _positive_int(cfg, "trainer.max_steps")
     if cfg.get("threads") is not None:
         _positive_int(cfg, "threads")
     if seq.get("n_train") is not None:
         _positive_int(cfg, "sequence.n_train")
+    if ev.get("reference_margin") is not None:
+        _positive_int(cfg, "evaluation.reference_margin", allow_zero=True)
     if ev.get("limit") is not None:
         _positive_int(cfg, "evaluation.limit")
     _require(len(seq.tasks) > 0, "sequence.tasks", list(seq.tasks), "a non-empty list of task names")

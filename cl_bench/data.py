@@ -246,8 +246,12 @@ def encode_prompts_left_padded(
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompt batch for generation; every row ends at the same position."""
     rows = [truncate_middle(render_prompt_ids(tokenizer, ex, fmt), max_prompt_len) for ex in examples]
+    return left_padded(rows, pad_id_of(tokenizer))
+
+
+def left_padded(rows: Sequence[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    """Token id rows left-padded to the longest (input_ids, attention_mask)."""
     width = max(len(r) for r in rows)
-    pad = pad_id_of(tokenizer)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):

@@ -6,59 +6,124 @@ predictions of every row but the longest; shared/reference/slice-reference.md §
 
 Each prediction is scored against every reference of its example by the task's metric under the
 configured evaluation.protocol (TaskData.metric_for; scoring.score takes the best reference).
+
+Speed (issue 14): prompts are tokenized once and batched by token length (longest first, so an
+out-of-memory shows on the first batch); generation stops for the whole batch once every row has
+emitted an end token (the tokenizer's and the model's generation-config ones); a task scored by
+exact match generates at most its longest reference in tokens + `reference_margin` new tokens
+(capped by max_new_tokens: a longer prediction could only match after its normalisation strips
+more than the margin; tasks scored by overlap metrics always get max_new_tokens); on CUDA
+out-of-memory the batch size is halved and the batch retried.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import PromptFormat, encode_prompts_left_padded, pad_id_of
+from .data import PromptFormat, left_padded, pad_id_of, render_prompt_ids, target_ids, truncate_middle
 from .scoring import score
 from .tasks.base import Example, TaskData
 
+# Metrics that compare the whole (normalised) prediction with a reference: a budget from the
+# longest reference cannot change their score (new_token_budget).
+WHOLE_ANSWER_METRICS = ("exact_match", "ni_exact_match", "slice_exact_match")
+
+
+def end_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and every EOS id of the model's generation config (Llama-3 Instruct
+    ends turns with <|eot_id|> and lists several), in that order, without repeats."""
+    ids: list[int] = []
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in [tokenizer.eos_token_id, *(gen if isinstance(gen, (list, tuple)) else [gen])]:
+        if i is not None and int(i) not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def new_token_budget(tokenizer, examples: Sequence[Example], cap: int, margin: int | None) -> int:
+    """min(cap, longest reference of `examples` in tokens (its end token included) + margin);
+    `cap` when margin is None."""
+    if margin is None or not examples:
+        return cap
+    longest = max(len(target_ids(tokenizer, ref)) for ex in examples for ref in ex.all_references)
+    return max(1, min(cap, longest + int(margin)))
+
 
 @torch.no_grad()
+def _generate_rows(model, tokenizer, rows: Sequence[list[int]], *, max_new_tokens: int, device) -> list[list[int]]:
+    """Greedy continuations (token ids after the padded prompt) of left-padded prompt rows."""
+    batch = {k: v.to(device) for k, v in left_padded(rows, pad_id_of(tokenizer)).items()}
+    out = model.generate(
+        **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+        pad_token_id=pad_id_of(tokenizer), eos_token_id=end_token_ids(model, tokenizer),
+        temperature=None, top_p=None, top_k=None,
+    )
+    return out[:, batch["input_ids"].shape[1]:].tolist()
+
+
 def generate(
     model, tokenizer, examples: Sequence[Example], *, max_new_tokens: int, max_prompt_len: int,
     device: torch.device, prompt: PromptFormat | bool = True,
 ) -> list[str]:
-    batch = encode_prompts_left_padded(tokenizer, examples, max_prompt_len, prompt)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    out = model.generate(
-        **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-        pad_token_id=pad_id_of(tokenizer), eos_token_id=tokenizer.eos_token_id,
-        temperature=None, top_p=None, top_k=None,
-    )
-    continuation = out[:, batch["input_ids"].shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in continuation]
+    """Greedy predictions for `examples` as one batch (decoded, special tokens dropped, stripped)."""
+    rows = [truncate_middle(render_prompt_ids(tokenizer, ex, prompt), max_prompt_len) for ex in examples]
+    conts = _generate_rows(model, tokenizer, rows, max_new_tokens=max_new_tokens, device=device)
+    return [tokenizer.decode(c, skip_special_tokens=True).strip() for c in conts]
 
 
 def evaluate_task(
     model, tokenizer, task: TaskData, *, batch_size: int, max_new_tokens: int, max_prompt_len: int,
     device: torch.device, prompt: PromptFormat | bool = True, limit: int | None = None, progress: bool = True,
-    protocol: str = "per_task",
+    protocol: str = "per_task", reference_margin: int | None = None, stats: dict | None = None,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Score in percent and one record per example (prompt, target, prediction, score; and all
-    references when there are several). `protocol` picks the metric (TaskData.metric_for)."""
+    references when there are several). `protocol` picks the metric (TaskData.metric_for).
+
+    `batch_size` is the largest batch tried (halved on CUDA out-of-memory); `reference_margin`
+    (None = off) caps the new tokens of exact-match tasks at their longest reference + margin
+    (new_token_budget).
+    `stats`, if given, receives what was run: examples, batches, batch_size (the last used),
+    prompt_tokens, new_tokens_cap, generated_tokens (continuation positions, padding included),
+    seconds.
+    """
     metric = task.metric_for(protocol)
     examples = task.eval[:limit] if limit else task.eval
+    start = time.perf_counter()
+    rows = [truncate_middle(render_prompt_ids(tokenizer, ex, prompt), max_prompt_len) for ex in examples]
     # Similar lengths per batch waste less compute on padding; results are put back in order.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+    order = sorted(range(len(examples)), key=lambda i: (-len(rows[i]), i))
+    margin = reference_margin if metric in WHOLE_ANSWER_METRICS else None
+    budget = new_token_budget(tokenizer, examples, max_new_tokens, margin)
     predictions: list[str] = [""] * len(examples)
     was_training = model.training
     model.eval()
-    bar = tqdm(range(0, len(order), batch_size), desc=f"eval {task.name}", leave=False, disable=not progress)
-    for start in bar:
-        idx = order[start:start + batch_size]
-        outs = generate(
-            model, tokenizer, [examples[i] for i in idx], max_new_tokens=max_new_tokens,
-            max_prompt_len=max_prompt_len, device=device, prompt=prompt,
-        )
-        for i, text in zip(idx, outs):
-            predictions[i] = text
+    bs, at, batches, generated = max(1, int(batch_size)), 0, 0, 0
+    bar = tqdm(total=len(order), desc=f"eval {task.name}", leave=False, disable=not progress)
+    while at < len(order):
+        idx = order[at:at + bs]
+        try:
+            conts = _generate_rows(model, tokenizer, [rows[i] for i in idx], max_new_tokens=budget, device=device)
+        except torch.OutOfMemoryError:
+            if bs == 1:
+                raise
+            bs //= 2  # the largest batch that fits: keep the halved size for the rest
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        for i, c in zip(idx, conts):
+            predictions[i] = tokenizer.decode(c, skip_special_tokens=True).strip()
+        generated += len(idx) * (len(conts[0]) if conts else 0)
+        at += len(idx)
+        batches += 1
+        bar.update(len(idx))
+    bar.close()
     model.train(was_training)
+    if stats is not None:
+        stats.update(examples=len(examples), batches=batches, batch_size=bs, prompt_tokens=sum(map(len, rows)),
+                     new_tokens_cap=budget, generated_tokens=generated, seconds=time.perf_counter() - start)
     records = []
     for ex, pred in zip(examples, predictions):
         value = score(metric, pred, ex.all_references, task.labels, source=ex.source)

@@ -104,7 +104,7 @@ class BenchmarkConfig:
 @dataclass(frozen=True)
 class GeneralEvalConfig:
     when: str
-    batch_size: int
+    batch_size: int | str  # an int, or "auto" (lm-eval probes the largest batch on CUDA; CPU_AUTO_BATCH on CPU)
     limit: int | None
     apply_chat_template: bool
     fewshot_as_multiturn: bool
@@ -142,6 +142,29 @@ def _int(value: Any, key: str, minimum: int, allow_none: bool = False) -> int | 
     return value
 
 
+def _batch_size(value: Any) -> int | str:
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"general_eval.batch_size={value!r} is invalid; valid: auto or an integer >= 1")
+    return value
+
+
+# batch_size=auto off CUDA: lm-eval's probe (try 64 rows of the longest request, halve on
+# out-of-memory) relies on CUDA raising out-of-memory; on the CPU an oversized batch is not
+# refused but swaps or is killed, so a fixed batch is used instead.
+CPU_AUTO_BATCH = 32
+
+
+def hflm_batch_size(batch_size: int | str, device) -> int | str:
+    """What HFLM gets: the configured int, or "auto" on CUDA / CPU_AUTO_BATCH elsewhere."""
+    if batch_size != "auto":
+        return batch_size
+    import torch
+
+    return "auto" if torch.device(device).type == "cuda" else CPU_AUTO_BATCH
+
+
 def _bool(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"general_eval.{key}={value!r} is invalid; valid: true, false")
@@ -168,7 +191,7 @@ def parse_config(gcfg: Any) -> GeneralEvalConfig:
     benchmarks = tuple(_parse_benchmark(name, b) for name, b in benches_raw.items())
     return GeneralEvalConfig(
         when=when,
-        batch_size=_int(raw.get("batch_size", 8), "batch_size", 1),
+        batch_size=_batch_size(raw.get("batch_size", 8)),
         limit=_int(raw.get("limit"), "limit", 1, allow_none=True),
         apply_chat_template=_bool(raw.get("apply_chat_template", False), "apply_chat_template"),
         fewshot_as_multiturn=_bool(raw.get("fewshot_as_multiturn", False), "fewshot_as_multiturn"),
@@ -602,7 +625,8 @@ def evaluate_general(
     with _preserved_rng(), _preserved_modes(model), _quiet_dataset_building():
         with _lm_eval_logging():
             # batch_size goes to HFLM: simple_evaluate ignores its own batch_size for an LM object.
-            lm = counting_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+            lm = counting_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=hflm_batch_size(cfg.batch_size, device),
+                                 max_length=cfg.max_length,
                                  chat_template_args=dataclasses.replace(prompt, use_chat_template=True).chat_template_kwargs(tokenizer))
         result = run_benchmarks(lm, prepared, cfg, task_manager=task_manager, seed=seed, system=prompt.system)
     result["seconds"] = round(time.time() - start, 3)

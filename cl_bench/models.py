@@ -35,6 +35,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 TINY = "tiny"
+# transformers' attention kernels: sdpa = torch's scaled_dot_product_attention (flash / memory-
+# efficient kernels on CUDA), flash_attention_2 needs the flash-attn package, null = the model's default.
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager", None)
 
 
 def resolve_model_path(model_cfg: Any, cache_dir: str | None, log=print) -> str:
@@ -71,11 +74,24 @@ def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = Non
     path = resolve_model_path(model_cfg, cache_dir, log=log)
     dtype = resolve_dtype(str(model_cfg.get("dtype", "auto")), device)
     trust = bool(model_cfg.get("trust_remote_code", False))  # only when the model config says so
+    attn = model_cfg.get("attn_implementation", "sdpa")
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attn_implementation={attn!r} is not valid; valid: {', '.join(map(str, ATTN_IMPLEMENTATIONS))}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust)
     except (OSError, ValueError):
         raise model_unavailable(path) from None
+    kwargs = {"attn_implementation": attn} if attn else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust, **kwargs)
+    except ImportError as exc:  # flash_attention_2 without the flash-attn package
+        raise ConfigError(f"model.attn_implementation={attn}: {str(exc).splitlines()[0]}; use sdpa") from None
+    except (OSError, ValueError) as exc:
+        if attn and any(word in str(exc).lower() for word in ("attn", "attention")):
+            raise ConfigError(f"model.attn_implementation={attn} is not supported by {path}: "
+                              f"{str(exc).splitlines()[0]}; set model.attn_implementation=null (the model's default)") from None
+        raise model_unavailable(path) from None
+    log(f"model {path}: {type(model).__name__}, {dtype}, attention {model.config._attn_implementation}")
     if tokenizer.pad_token_id is None:
         # Padding needs an id; the attention mask and label masking make its value irrelevant.
         tokenizer.pad_token = tokenizer.eos_token

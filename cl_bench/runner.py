@@ -24,7 +24,7 @@ from .data import TrainingEncoder, prompt_format
 from .evaluation import evaluate_task
 from .errors import CLBenchError, ConfigError
 from .faults import kill_point
-from .jobs import Job, Requeued, job_scope
+from .jobs import Job, Requeued, cpu_threads, job_scope
 from .lora import WeightMaster, adapter_factors, add_adapter, apply_init, follow_peft_absorption_, set_scaling, target_linears
 from .metrics import compute_mode_metrics
 from .models import load_model, model_unavailable, resolve_device, resolve_model_path
@@ -38,7 +38,7 @@ from .stage import PLUGIN_GROUPS, History, Models, StageContext, StageRecord, ad
 from .summary import format_summary
 from .tasks import evaluation_record, load_sequence, split_stats
 from .tracking import make_tracker
-from .training import steps_per_stage, train_stage
+from .training import check_layout, layout_of, steps_per_stage, train_stage
 
 log = logging.getLogger("cl_bench")
 
@@ -73,8 +73,9 @@ class Runner:
         cfg = self.cfg
         config_checks.validate(cfg)
         self.device = resolve_device(str(cfg.device))
-        if cfg.get("threads") is not None:
-            torch.set_num_threads(int(cfg.threads))
+        threads, why = cpu_threads(cfg.get("threads"))
+        torch.set_num_threads(threads)
+        log.info("torch CPU threads: %d (%s)", threads, why)
         self.tasks = load_sequence(cfg.sequence, cfg.data.get("root"), int(cfg.seed))
         self.plugins = build_plugins(cfg)
         self.initializer, self.regularizer, self.merger = (self.plugins[g] for g in PLUGIN_GROUPS)
@@ -82,6 +83,7 @@ class Runner:
         self.mode = modes.check_mode(cfg.get("mode", "sequential"))
         modes.check_plugins(self.mode, self.initializer, self.regularizer, self.merger, cfg.initializer)
         self.stage_tasks = modes.stage_tasks(self.mode, self.tasks)
+        check_layout(layout_of(cfg.trainer), self.regularizer)
         self.general_eval = None  # lm-eval is imported only when general capability is measured
         if str(cfg.general_eval.get("when", "none")) != "none":
             from . import general_eval
@@ -334,7 +336,7 @@ class Runner:
             score, records = evaluate_task(
                 self.models.eval, self.tokenizer, task, batch_size=int(ev.batch_size), max_new_tokens=int(ev.max_new_tokens),
                 max_prompt_len=self.max_prompt_len, device=self.device, prompt=self.encoder.prompt,
-                limit=ev.limit, progress=False, protocol=str(ev.protocol),
+                limit=ev.limit, progress=False, protocol=str(ev.protocol), reference_margin=ev.get("reference_margin"),
             )
             self.progress.eval_task_end(task.name, score)
             row[j] = score

@@ -18,10 +18,12 @@ Initializers, regularizers and merges all derive from `Plugin` and receive the s
      says whether W absorbed s·B0·A0. A plug-in may re-set the starting A here if it keeps the
      function (lora.replace_start_A_ re-folds an absorbed init); the runner reads the absorbed
      init factors for the history only after begin_stage, so the record is what training started from
-  4. train (training.train_stage); per optimizer step, for each of its grad_accum micro-batches:
-       batch = this task's examples + regularizer.extra_examples(ctx, step, micro)
+  4. train (training.train_stage); per optimizer step:
+       the step's examples = for each of its grad_accum micro-batches, batch_size examples of
+       this task + regularizer.extra_examples(ctx, step, micro); trainer.layout lays them out as
+       M forward passes (M = grad_accum under layout=pad; batching.py), and for each:
        loss  = LM loss (summed over trained tokens, divided by the trained tokens of the WHOLE
-               step) + Σ_k regularizer.loss(model, batch, ctx)[k] / grad_accum
+               step) + Σ_k regularizer.loss(model, batch, ctx)[k] / M   (ctx.grad_accum = M here)
        loss.backward()
      then after_backward(model, ctx) of initializer, regularizer, merge   # once, after the
          step's last backward (gradient projection: GPM, GainLoRA's gates)
@@ -87,6 +89,55 @@ def trained_tokens(batch: Batch) -> torch.Tensor:
     `num_items_in_batch` that makes the loss a mean over tokens whatever the batch split.
     """
     return (batch["labels"][:, 1:] != -100).sum()
+
+
+def logits_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, targets): keep[b, t] is True where position t predicts a trained token
+    (labels[b, t+1] != -100); targets are those tokens, in keep's row-major order. Computed
+    where `labels` lives (on the host for training batches: no device sync)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep, labels[:, 1:][keep[:, :-1]]
+
+
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    import inspect
+
+    base = model
+    while hasattr(base, "get_base_model") or hasattr(base, "_orig_mod"):  # PEFT wrapper, torch.compile wrapper
+        base = base._orig_mod if hasattr(base, "_orig_mod") else base.get_base_model()
+    kind = type(base)
+    if kind not in _LOGITS_TO_KEEP:
+        _LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _LOGITS_TO_KEEP[kind]
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: Batch, n_items, *, keep: torch.Tensor | None = None,
+                   targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ token cross-entropy over the trained tokens of `batch` / n_items (0-d, fp32 logits),
+    the loss HF's ForCausalLM computes with `num_items_in_batch=n_items`.
+
+    The LM head and the softmax run only at the positions that predict a trained token
+    (transformers' boolean `logits_to_keep`): with the prompt masked that skips most positions,
+    and the [tokens, vocab] logits (2 GB in fp32 for 4096 tokens of Llama-3's vocabulary) shrink
+    with them. Same numbers up to float rounding. Models whose forward has no `logits_to_keep`
+    take HF's own loss. `keep`/`targets` (logits_mask) may be given to avoid recomputing them.
+    Batch keys used: input_ids, labels, and attention_mask / position_ids when present.
+    """
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_items_in_batch")}
+    if not _accepts_logits_to_keep(model):
+        return model(**inputs, labels=batch["labels"], num_items_in_batch=n_items, use_cache=False).loss
+    if keep is None or targets is None:
+        keep, targets = logits_mask(batch["labels"])
+    # use_cache=False also lets transformers see packed rows (position_ids restarts, no mask).
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:  # a model that ignores a boolean mask
+        return model(**inputs, labels=batch["labels"], num_items_in_batch=n_items, use_cache=False).loss
+    targets = targets.to(logits.device)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / n_items
 
 
 def stage_seed(seed: int, stage: int) -> int:

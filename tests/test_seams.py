@@ -196,13 +196,13 @@ def encoder_and_tasks(tiny):
     return TrainingEncoder(tiny[1], 64), tasks
 
 
-def _train(tiny, encoder_and_tasks, regularizer):
+def _train(tiny, encoder_and_tasks, regularizer, **trainer):
     encoder, (prev, cur) = encoder_and_tasks
     model = get_peft_model(copy.deepcopy(tiny[0]), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False),
                            adapter_name=ADAPTER)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     cfg = OmegaConf.create(dict(lr=1e-2, weight_decay=0.0, warmup_ratio=0.0, epochs=1, batch_size=2, grad_accum=2,
-                                max_grad_norm=1.0, total_steps=2, checkpoint_every_steps=0))
+                                max_grad_norm=1.0, total_steps=2, checkpoint_every_steps=0, **trainer))
     ctx = _ctx(accum=2, current=cur, previous=[prev], tasks=[prev, cur])
     train_stage(model, ctx, encoder, cfg, regularizer, progress=False)
     moved = max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if p.requires_grad)
@@ -219,8 +219,16 @@ def test_after_backward_runs_between_backward_and_the_optimizer_step(tiny, encod
 
 def test_extra_examples_join_every_micro_batch_and_must_be_training_examples(tiny, encoder_and_tasks):
     replay = Replay()
-    _train(tiny, encoder_and_tasks, replay)
+    _train(tiny, encoder_and_tasks, replay, layout="pad")
     assert replay.sizes == [4, 4, 4, 4]  # 2 of the task + 2 replayed, 2 steps × 2 micro-batches
+    grouped = Replay()  # layout=group re-cuts each step's 8 examples by length: same rows per step
+    _train(tiny, encoder_and_tasks, grouped, layout="group")
+    per_step, total = [], 0
+    for n in grouped.sizes:
+        total += n
+        if total in (8, 16):
+            per_step.append(total)
+    assert sum(grouped.sizes) == 16 and per_step == [8, 16]
     _, (prev, _) = encoder_and_tasks
     with pytest.raises(ValueError, match="not a training example"):
         _train(tiny, encoder_and_tasks, Replay(bad=[(prev, len(prev.train))]))  # past the train split

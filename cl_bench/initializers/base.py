@@ -15,12 +15,12 @@ Initializers never import each other or the runner.
 """
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .. import memory
 from ..stage import Factors, Plugin, StageContext
 
 
@@ -54,15 +54,15 @@ class Initializer(Plugin):
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a CUDA peak-memory window for the init's stats (no-op on CPU)."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats(device)
+    """Start the init's peak-memory window (CUDA peak counter; the RSS high-water mark on Linux)."""
+    memory.reset_peak(device)
 
 
 def peak_memory_mb(device: torch.device) -> dict:
-    """Peak memory for results.json: CUDA peak since reset_peak_memory (when on CUDA) and the
-    process's lifetime peak RSS (the only CPU measure the OS gives without sampling)."""
-    out = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-    if device.type == "cuda" and torch.cuda.is_available():
-        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    """Peak memory for results.json since reset_peak_memory: CUDA max allocated (on CUDA) and the
+    process's peak RSS (memory.peak_mb says whether it is since the reset or process-lifetime)."""
+    peak = memory.peak_mb(device)
+    out = {"process_peak_rss_mb": peak["rss_peak_mb"], "rss_scope": peak["rss_peak_scope"]}
+    if "cuda_max_allocated_mb" in peak:
+        out["cuda_peak_allocated_mb"] = peak["cuda_max_allocated_mb"]
     return out

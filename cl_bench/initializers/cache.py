@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -26,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 # Bump when the meaning of a cached entry changes (loss, mode, layout, selection rule).
 # 2: captures are token means over all capture batches (was: mean of per-batch means).
-CACHE_VERSION = 2
+# 3: the model-state fingerprint hashes per-parameter digests (computed in parallel).
+CACHE_VERSION = 3
 
 
 def _update_with_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
@@ -37,21 +39,28 @@ def _update_with_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
         h.update(flat.view(torch.uint8).numpy())  # buffer protocol: no extra bytes copy
 
 
-def model_state_fingerprint(model: torch.nn.Module) -> str:
+def model_state_fingerprint(model: torch.nn.Module, workers: int | None = None) -> str:
     """SHA-256 over the parameters that define the function being differentiated.
 
     LoRA parameters are skipped while every lora_B is zero (the adapter is then a no-op and
     its random A does not affect the gradient w.r.t. W); otherwise they are included.
+    Each parameter is hashed in its own thread (hashlib releases the GIL), then the digests are
+    hashed in order: a 3B model's 6 GB take ~4 s on one core, a fraction of that on `workers`
+    (default: torch's CPU threads) cores.
     """
     named = list(model.named_parameters())
     adapter_is_noop = all(not bool(p.detach().any()) for n, p in named if "lora_B" in n)
-    h = hashlib.sha256()
-    for name, p in named:
-        if "lora_" in name and adapter_is_noop:
-            continue
-        h.update(name.encode())
+    items = [(n, p) for n, p in named if not ("lora_" in n and adapter_is_noop)]
+
+    def digest(item) -> bytes:
+        name, p = item
+        h = hashlib.sha256(name.encode())
         _update_with_tensor(h, p)
-    return h.hexdigest()
+        return h.digest()
+
+    with ThreadPoolExecutor(max_workers=max(1, workers or torch.get_num_threads())) as pool:
+        digests = list(pool.map(digest, items))
+    return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
 def batches_fingerprint(batches: Iterable[dict[str, torch.Tensor]]) -> str:

@@ -12,17 +12,24 @@ examples give the same gradient, as in training.
 
 The model runs in eval mode (dropout off): the capture estimates the loss gradient at the
 current weights, and eval mode keeps it deterministic and therefore cacheable.
+
+Speed (issue 14): the examples of all capture batches are re-cut by length (batching.regroup: no
+forward pass holds more tokens than the largest given batch, far less padding), the LM head runs
+only at trained positions (stage.causal_lm_loss), and the loss is read once at the end, not per
+batch. None of it changes the result beyond float rounding.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import torch
 
+from ..batching import regroup
 from ..errors import DataError, TrainingError
-from ..stage import trained_tokens
+from ..stage import causal_lm_loss, logits_mask, trained_tokens
 
 
 @dataclass
@@ -41,15 +48,19 @@ def capture_gradients(
     *,
     offload: bool = False,
     transposed: Iterable[str] = (),
+    max_tokens: int | None = None,
 ) -> Capture:
     """∂(mean token loss over all `batches`)/∂W for each weight in `weights` (float32).
 
     `transposed` names weights stored as [d_in, d_out] (Conv1D); their gradients are returned
-    in [d_out, d_in] layout like all others.
+    in [d_out, d_in] layout like all others. `max_tokens` caps rows·width of one forward pass
+    (default: the largest given batch's): activation memory only, the result is the same.
     """
     start = time.perf_counter()
-    batches = list(batches)
-    n_items = sum(trained_tokens(b) for b in batches) if batches else 0
+    batches = [{k: v.cpu() for k, v in b.items()} for b in batches]  # token ids: small
+    n_items = sum(int(trained_tokens(b)) for b in batches)
+    forwards = regroup(batches, max_tokens=max_tokens)
+    device = next(iter(weights.values())).device if weights else torch.device("cpu")
     transposed = set(transposed)
     store = {name: (torch.device("cpu") if offload else w.device) for name, w in weights.items()}
     acc: dict[str, torch.Tensor] = {}
@@ -70,7 +81,7 @@ def capture_gradients(
     target_ids = {id(w) for w in weights.values()}
     was_training = model.training
     handles = []
-    steps, loss_sum = 0, 0.0
+    steps = 0
     try:
         for p in flags:
             p.requires_grad_(False)
@@ -79,14 +90,15 @@ def capture_gradients(
             w.requires_grad_(True)
             handles.append(w.register_post_accumulate_grad_hook(make_hook(name)))
         model.eval()
+        loss_sum = torch.zeros((), device=device)
         with torch.enable_grad():
-            for batch in batches:
-                loss = model(**batch, num_items_in_batch=n_items).loss  # this batch's share of the mean
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"gradient capture: loss is {float(loss)} at capture step {steps + 1}")
+            for micro in forwards:
+                keep, targets = logits_mask(micro["labels"])
+                batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
+                loss = causal_lm_loss(model, batch, n_items, keep=keep, targets=targets)  # this pass's share of the mean
                 loss.backward()
-                loss_sum += float(loss.detach())
-                steps += 1
+                loss_sum += loss.detach()
+            steps = len(batches)
     finally:
         for h in handles:
             h.remove()
@@ -97,10 +109,13 @@ def capture_gradients(
         model.train(was_training)
     if steps == 0:
         raise DataError("gradient capture got no batches (capture_steps or the task's training split is empty)")
+    loss = float(loss_sum)  # the one host sync of the capture
+    if not math.isfinite(loss):
+        raise TrainingError(f"gradient capture: the loss over {steps} capture batches is {loss}")
     grads = {}
     for name, w in weights.items():
         g = acc.pop(name, None)
         if g is None:  # the weight did not influence the loss
             g = torch.zeros(w.shape, dtype=torch.float32, device=store[name])
         grads[name] = g.T.contiguous() if name in transposed else g
-    return Capture(grads, steps, loss_sum, time.perf_counter() - start)
+    return Capture(grads, steps, loss, time.perf_counter() - start, {"forward_passes": len(forwards)})

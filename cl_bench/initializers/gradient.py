@@ -30,6 +30,22 @@ from .cache import TensorCache, batches_fingerprint, content_key, model_state_fi
 from .capture import capture_gradients
 
 
+OFFLOAD_MODES = ("none", "previous", "all")
+
+
+def _offload_mode(value: str | bool) -> str:
+    """initializer.offload: where the fp32 gradient sets live on a CUDA run (no-op on the CPU).
+    none: both on the device; previous (default): the previous tasks' mean on the CPU, moved to
+    the device one module at a time, G_cur on the device (one full set on the device at most);
+    all: every accumulator on the CPU, each backward's gradients moved there (least device
+    memory, slowest). true/false = all/none (the former boolean)."""
+    if value is True or value is False:
+        return "all" if value else "none"
+    if value not in OFFLOAD_MODES:
+        raise ConfigError(f"initializer.offload={value!r} is invalid; valid: {', '.join(OFFLOAD_MODES)}")
+    return value
+
+
 def _positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"initializer.{key}={value!r} must be a positive integer")
@@ -51,9 +67,10 @@ class LoraGA(Initializer):
         capture_batch_size: int = 16,
         svd: str = "randomized",
         niter: int = 4,
-        offload: bool = False,
+        offload: str | bool = "previous",
         scale: str = "variance_matched",
         stable_gamma: float = 16,
+        capture_max_tokens: int | None = None,
     ):
         if scale not in self.SCALES:
             raise ConfigError(f"initializer.scale={scale!r}; valid: {', '.join(self.SCALES)}")
@@ -66,7 +83,8 @@ class LoraGA(Initializer):
             raise ConfigError(f"initializer.svd={svd!r}; valid: {', '.join(linalg.SVD_METHODS)}")
         self.svd = svd
         self.niter = _positive_int("niter", niter)
-        self.offload = bool(offload)
+        self.offload = _offload_mode(offload)
+        self.capture_max_tokens = None if capture_max_tokens is None else _positive_int("capture_max_tokens", capture_max_tokens)
 
     # ------------------------------------------------------------------ validation
     def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
@@ -106,7 +124,7 @@ class LoraGA(Initializer):
         layers = lora_layers(peft_model, ctx.adapter)
         self.validate(module_shapes(layers), ctx.rank)
         cache = TensorCache(ctx.cache_dir, ctx.log)
-        captures = _Captures(peft_model, layers, ctx, cache, offload=self.offload)
+        captures = _Captures(peft_model, layers, ctx, cache, offload=self.offload, max_tokens=self.capture_max_tokens)
         current = captures.plan(ctx.current, self.capture_steps, self.capture_batch_size)
         previous = [captures.plan(t, *self._previous_shape(), indices=self._previous_indices(ctx, t))
                     for t in self._previous_tasks(ctx)]
@@ -120,8 +138,10 @@ class LoraGA(Initializer):
                 return self._from_cache(hit, layers, has_previous, init_key, start, ctx.device)
 
         t0 = time.perf_counter()
-        g_cur, cur_info = captures.run(current)
+        # Previous tasks first: while they are captured only their running sum and one capture
+        # exist; then G_prev and G_cur. Never more than two full-size gradient sets at once.
         g_prev, prev_infos = captures.run_mean(previous) if previous else (None, [])
+        g_cur, cur_info = captures.run(current)
         t_capture = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -144,7 +164,8 @@ class LoraGA(Initializer):
             **svd_stats,
             "capture": {"current": cur_info, "previous": prev_infos},
             "cache": {"init": "miss" if cache.enabled else "off", "key": init_key[:16] if init_key else None},
-            "seconds": {"capture": t_capture, "projection": t_proj, "svd": t_svd, "total": time.perf_counter() - start},
+            "seconds": {"cache_key": captures.key_seconds, "capture": t_capture, "projection": t_proj, "svd": t_svd,
+                        "total": time.perf_counter() - start},
             "peak_memory_mb": peak_memory_mb(ctx.device),
         }
         if init_key is not None:
@@ -170,7 +191,7 @@ class LoraGA(Initializer):
         """ψ's per-module plans from per-module inner products (global scope sums them)."""
         if g_prev is None:
             return None, self._no_projection_stats()
-        dots = {n: linalg.inner_products(g_cur[n], g_prev[n]) for n in g_cur}
+        dots = {n: linalg.inner_products(g_cur[n], g_prev[n].to(g_cur[n].device)) for n in g_cur}
         plans, stats = linalg.projection_plan(dots, seed=ctx.seed, **self._projection_knobs(True))
         stats["projection"] = _describe(stats)
         gamma = f", gamma={stats['gamma']:.4g}" if stats["gamma"] is not None else ""
@@ -238,9 +259,10 @@ class Slice(LoraGA):
         prev_buffer: int | float | None = None,
         svd: str = "randomized",
         niter: int = 4,
-        offload: bool = False,
+        offload: str | bool = "previous",
+        capture_max_tokens: int | None = None,
     ):
-        super().__init__(capture_steps, capture_batch_size, svd, niter, offload)
+        super().__init__(capture_steps, capture_batch_size, svd, niter, offload, capture_max_tokens=capture_max_tokens)
         if isinstance(c, bool) or not isinstance(c, (int, float)):
             raise ConfigError(f"initializer.c={c!r} must be a number in [0, 1]")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
@@ -321,13 +343,16 @@ class _CaptureSpec:
 class _Captures:
     """Plans (batches + content key) and runs cached gradient captures on one model state."""
 
-    def __init__(self, peft_model, layers, ctx: StageContext, cache: TensorCache, offload: bool):
+    def __init__(self, peft_model, layers, ctx: StageContext, cache: TensorCache, offload: str, max_tokens: int | None = None):
         self.model, self.ctx, self.cache, self.offload = peft_model, ctx, cache, offload
+        self.max_tokens = max_tokens
         self.weights = {name: base_weight(layer) for name, layer in layers.items()}
         self.transposed = [name for name, layer in layers.items() if layer.fan_in_fan_out]
         base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
         self.model_class = type(base).__name__
+        t0 = time.perf_counter()
         self.state = model_state_fingerprint(peft_model) if cache.enabled else None
+        self.key_seconds = time.perf_counter() - t0
 
     def plan(self, task: TaskData, steps: int, batch_size: int, indices: list[int] | None = None) -> _CaptureSpec:
         """Capture batches from task.train, or only from `indices` into it (a replay buffer)."""
@@ -341,35 +366,45 @@ class _Captures:
         source = "train split" if indices is None else f"replay buffer ({len(indices)} examples)"
         return _CaptureSpec(task.name, steps, batch_size, batches, key, source)
 
-    def run(self, spec: _CaptureSpec) -> tuple[dict[str, torch.Tensor], dict]:
+    def run(self, spec: _CaptureSpec, on_cpu: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+        """One task's capture (from the cache when it holds it); on the CPU if `on_cpu` or
+        offload=all."""
         info: dict[str, Any] = {"task": spec.task, "steps": spec.steps, "batch_size": spec.batch_size}
         if spec.source != "train split":  # recorded only when it differs from the default
             info["from"] = spec.source
         t0 = time.perf_counter()
+        to_cpu = on_cpu or self.offload == "all"
         if spec.key is not None:
-            hit = self.cache.load("capture", spec.key, device="cpu" if self.offload else self.ctx.device)
+            hit = self.cache.load("capture", spec.key, device="cpu" if to_cpu else self.ctx.device)
             if hit is not None:
                 grads, meta = hit
                 info.update(cache="hit", loss=meta.get("loss"), seconds=time.perf_counter() - t0)
                 return grads, info
-        cap = capture_gradients(self.model, self.weights, spec.batches, offload=self.offload, transposed=self.transposed)
-        info.update(cache="off" if spec.key is None else "miss", loss=cap.loss, seconds=cap.seconds)
+        cap = capture_gradients(self.model, self.weights, spec.batches, offload=self.offload == "all",
+                                transposed=self.transposed, max_tokens=self.max_tokens)
+        info.update(cache="off" if spec.key is None else "miss", loss=cap.loss, seconds=cap.seconds,
+                    forward_passes=cap.info.get("forward_passes"))
         if spec.key is not None:
             self.cache.save("capture", spec.key, cap.grads, {"loss": cap.loss, **info})
-        return cap.grads, info
+        grads = cap.grads
+        if to_cpu:  # module by module: never a second full set on the device
+            for n in list(grads):
+                grads[n] = grads[n].cpu()
+        return grads, info
 
     def run_mean(self, specs: list[_CaptureSpec]) -> tuple[dict[str, torch.Tensor], list[dict]]:
-        """Equal-weight mean of one capture per task, holding one capture besides the sum."""
+        """Equal-weight mean of one capture per task, holding one capture besides the sum (the
+        sum on the CPU unless offload=none)."""
         total: dict[str, torch.Tensor] | None = None
         infos = []
         for spec in specs:
-            grads, info = self.run(spec)
+            grads, info = self.run(spec, on_cpu=self.offload != "none")
             infos.append(info)
             if total is None:
                 total = grads
             else:
                 for n in total:
-                    total[n].add_(grads[n])
+                    total[n].add_(grads.pop(n))
             del grads
         for n in total:
             total[n].div_(len(specs))

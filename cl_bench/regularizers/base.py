@@ -17,18 +17,22 @@ Who calls what, when (the full stage order is in cl_bench/stage.py):
 calls them for initializer, regularizer and merge alike.)
 
 Normalisation of loss terms (issue: exact gradient accumulation). An optimizer step is
-`ctx.grad_accum` micro-batches. The LM loss of a micro-batch is the sum of its trained-token
-losses divided by the number of trained tokens in the WHOLE step, so any split of the same
-examples into micro-batches gives the same gradient. Each term returned by `loss` is added to
-the micro-batch's loss divided by `ctx.grad_accum` (its gradient is the average over the step's
-micro-batches) and logged as that average. Hence:
+`ctx.grad_accum` forward passes (micro-batches). The LM loss of a micro-batch is the sum of its
+trained-token losses divided by the number of trained tokens in the WHOLE step, so any split of
+the same examples into micro-batches gives the same gradient. Each term returned by `loss` is
+added to the micro-batch's loss divided by `ctx.grad_accum` (its gradient is the average over
+the step's micro-batches) and logged as that average. (trainer.layout=group may run a step in
+more or fewer forward passes than trainer.grad_accum, each padded only to its own longest
+example; the ctx that `loss` receives then says how many, so the rules below stay exact.) Hence:
   * a term that does not depend on the batch (a penalty on the parameters: O-LoRA, EWC,
     PS-LoRA) is returned as is and counts exactly once per step;
   * a per-token term must be `Σ_{trained tokens of this micro-batch} ℓ · ctx.grad_accum /
     batch["num_items_in_batch"]` (`token_mean_term` computes it): summed over the step it is the
     mean over the step's trained tokens, like the LM loss.
-`batch["num_items_in_batch"]` is the 0-d count of trained (label != -100, after the causal
-shift) tokens in the whole step; `batch` also holds input_ids, attention_mask and labels.
+`batch["num_items_in_batch"]` is the count of trained (label != -100, after the causal
+shift) tokens in the whole step; `batch` also holds input_ids, attention_mask and labels
+(trainer.layout=pack, which only regularizers without `loss` terms may use, sends position_ids
+instead of attention_mask).
 """
 from __future__ import annotations
 
