@@ -31,7 +31,7 @@ from .results import atomic_save_tensors, atomic_write_json, load_tensors
 from .stage import Factors, Plugin, StageRecord
 
 # Keys that do not change results: a resumed run may differ in these.
-NON_RESULT_KEYS = ("progress", "verbose", "logger", "cache", "threads")
+NON_RESULT_KEYS = ("progress", "verbose", "logger", "cache", "threads", "distributed")
 
 
 class RunLock:

@@ -97,8 +97,9 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     import inspect
 
     base = model
-    while hasattr(base, "get_base_model") or hasattr(base, "_orig_mod"):  # PEFT wrapper, torch.compile wrapper
-        base = base._orig_mod if hasattr(base, "_orig_mod") else base.get_base_model()
+    while hasattr(base, "get_base_model") or hasattr(base, "_orig_mod") or hasattr(base, "no_sync"):
+        # PEFT wrapper, torch.compile wrapper, DistributedDataParallel
+        base = base._orig_mod if hasattr(base, "_orig_mod") else base.module if hasattr(base, "no_sync") else base.get_base_model()
     kind = type(base)
     if kind not in _LOGITS_TO_KEEP:
         _LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(base.forward).parameters
@@ -245,6 +246,7 @@ class StageContext:
     grad_accum: int = 1  # micro-batches per optimizer step (see Regularizer.loss on normalisation)
     history: History = field(default_factory=History)  # stages 1..t-1; stage t joins before consolidate
     master: Any = None  # lora.WeightMaster of the target weights (the one fold goes through it)
+    dist: Any = None  # distributed.Dist of the run: rank, world size, collectives (None: one process)
 
     def __post_init__(self) -> None:
         if not self.tasks:

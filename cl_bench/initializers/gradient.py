@@ -121,7 +121,7 @@ class LoraGA(Initializer):
         reset_peak_memory(ctx.device)
         layers = lora_layers(peft_model, ctx.adapter)
         self.validate(module_shapes(layers), ctx.rank)
-        cache = TensorCache(ctx.cache_dir, ctx.log)
+        cache = TensorCache(ctx.cache_dir, ctx.log, ctx.dist)
         captures = _Captures(peft_model, layers, ctx, cache, offload=self.offload)
         current = captures.plan(ctx.current, self.capture_steps, self.capture_batch_size)
         previous = [captures.plan(t, *self._previous_shape()) for t in self._previous_tasks(ctx)]
@@ -352,7 +352,8 @@ class _Captures:
                 grads, meta = hit
                 info.update(cache="hit", loss=meta.get("loss"), seconds=time.perf_counter() - t0)
                 return grads, info
-        cap = capture_gradients(self.model, self.weights, spec.batches, offload=self.offload == "all", transposed=self.transposed)
+        cap = capture_gradients(self.model, self.weights, spec.batches, offload=self.offload == "all", transposed=self.transposed,
+                                dist=self.ctx.dist)
         info.update(cache="off" if spec.key is None else "miss", loss=cap.loss, seconds=cap.seconds,
                     forward_passes=cap.info.get("forward_passes"))
         if spec.key is not None:
