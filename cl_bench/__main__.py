@@ -164,6 +164,10 @@ def main() -> None:
                 failure = exc
         if isinstance(failure, Interrupted):
             hint = _resume_hint(run_dir, hydra_cfg.mode == RunMode.MULTIRUN)
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            if world > 1:  # torchrun stops every rank when one fails; its summary names the failed rank
+                hint = (f"rank {rank} of {world} was stopped (if another rank failed, the launcher's summary "
+                        f"names it as the root cause); {hint}")
             print(f"cl_bench: interrupted during {failure.where}; {hint}", file=sys.stderr)
             sys.exit(failure.exit_code)
         if failure is not None:
