@@ -45,12 +45,14 @@ class DistributedError(CLBenchError):
     """A collective failed: another rank died or the rendezvous broke."""
 
 
-def launched_world_size() -> int:
-    """Processes the launcher started for this job (1 without a launcher)."""
+def launched_world_size(slurm: bool = True) -> int:
+    """Processes the launcher started for this job (1 without a launcher). `slurm`: also count the
+    tasks of a SLURM job step (srun, submitit's tasks_per_node x nodes); off where the job did not
+    ask for distributed=ddp, since a plain `sbatch --ntasks N` script may run one process."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    if "SLURM_NTASKS" in os.environ and "SLURM_JOB_ID" in os.environ and "SLURM_STEP_ID" in os.environ:
-        return int(os.environ["SLURM_NTASKS"])  # srun with N tasks (submitit's tasks_per_node x nodes)
+    if slurm and "SLURM_NTASKS" in os.environ and "SLURM_JOB_ID" in os.environ and "SLURM_STEP_ID" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
     return 1
 
 
@@ -59,7 +61,7 @@ def init_from_env() -> None:
     import torch.distributed as tdist
 
     if tdist.is_initialized() or launched_world_size() == 1 and "WORLD_SIZE" not in os.environ:
-        return
+        return  # (torchrun --nproc-per-node 1 sets WORLD_SIZE=1: a one-rank group, the DDP path)
     if "RANK" not in os.environ:  # SLURM tasks: MASTER_ADDR/PORT, RANK, WORLD_SIZE from the SLURM environment
         from submitit.helpers import TorchDistributedEnvironment
 
@@ -90,7 +92,7 @@ class Dist:
         kind = str((dcfg or {}).get("kind", "none"))
         if kind not in KINDS:
             raise ConfigError(f"distributed.kind={kind!r} is invalid; valid: {', '.join(KINDS)}")
-        world = launched_world_size()
+        world = launched_world_size(slurm=kind != "none")
         if kind == "none" and world > 1:
             raise ConfigError(f"launched as {world} processes but distributed=none; add distributed=ddp "
                               "(or start one process: python -m cl_bench ...)")

@@ -91,6 +91,18 @@ def test_a_multi_process_launch_needs_distributed_ddp(monkeypatch):
     assert Dist.from_config({"kind": "none"}).world == 1
 
 
+def test_slurm_tasks_count_as_ranks_only_for_distributed_ddp(monkeypatch):
+    """srun / submitit with tasks_per_node x nodes tasks: N ranks; a plain sbatch --ntasks script that
+    runs one process with distributed=none stays one process."""
+    from cl_bench.distributed import launched_world_size
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for k, v in dict(SLURM_JOB_ID="7", SLURM_NTASKS="8", SLURM_STEP_ID="0", SLURM_PROCID="5").items():
+        monkeypatch.setenv(k, v)
+    assert launched_world_size(slurm=True) == 8 and launched_world_size(slurm=False) == 1
+    assert Dist.from_config({"kind": "none"}).world == 1
+
+
 # One short job: 2 tasks (the second undoes the first), a checkpoint every 2 steps so the kill lands
 # between checkpoints.
 JOB = [*FAST, "sequence=synthetic_conflict", "sequence.tasks=[parity,parity_flip]", "initializer=vanilla",
