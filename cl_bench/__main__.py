@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -25,7 +26,9 @@ _NO_RUN_FLAGS = ("--cfg", "-c", "--info", "-i", "-sc", "--shell-completion", "--
 def _fail(exc: BaseException) -> None:
     section = getattr(exc, "readme_section", None)
     hint = f" (README.md: '{section}')" if section else ""
-    print(f"cl_bench: error: {exc}{hint}", file=sys.stderr)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    who = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+    print(f"cl_bench: error{who}: {exc}{hint}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -76,16 +79,45 @@ def _resume_hint(run_dir: str, multirun: bool) -> str:
     return f"rerun the same command with {key}={where} to resume"
 
 
+def _join_launch(argv: list[str]) -> int:
+    """Under torchrun / accelerate launch with N > 1 processes: join the process group, share rank
+    0's time stamp (the default run dir) and keep ranks > 0 off the console, out of .hydra/ and in
+    their own log file. Returns this process's rank."""
+    from .distributed import Dist, init_from_env
+    from .errors import ConfigError
+
+    if any(a in ("--multirun", "-m") for a in argv):
+        raise ConfigError("--multirun cannot run under a multi-process launcher (each job would start on every rank); "
+                          "launch one job per command, or use hydra/launcher=slurm with hydra.launcher.tasks_per_node")
+    init_from_env()
+    dist = Dist("ddp")
+    os.environ["CL_BENCH_RUN_STAMP"] = dist.broadcast_object(time.strftime("%Y-%m-%d_%H-%M-%S"), "sharing the run dir")
+    if dist.rank > 0:
+        sys.argv += ["hydra.output_subdir=null", f"hydra.job.name=cl_bench_rank{dist.rank}", "progress=false"]
+    return dist.rank
+
+
+def _quiet_console() -> None:
+    """Ranks > 0: errors only on the console (their log file keeps everything)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+
+
 def main() -> None:
     from .config import check_group_overrides
+    from .distributed import launched_world_size
     from .errors import CLBenchError
 
     argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
         print(app_help())
         return
+    rank = 0
     try:
         check_group_overrides(argv)
+        if launched_world_size(slurm="distributed=ddp" in argv) > 1 and not any(a.split("=", 1)[0] in _NO_RUN_FLAGS for a in argv):
+            rank = _join_launch(argv)
     except CLBenchError as exc:
         _fail(exc)
     offline_line = None
@@ -111,6 +143,8 @@ def main() -> None:
         run_dir = hydra_cfg.runtime.output_dir
         log = logging.getLogger("cl_bench")
         failure: BaseException | None = None
+        if rank > 0:
+            _quiet_console()
         with console.session(bool(cfg.get("verbose", False))) as stream:
             if offline_line is not None:
                 offline, line = offline_line
@@ -130,6 +164,10 @@ def main() -> None:
                 failure = exc
         if isinstance(failure, Interrupted):
             hint = _resume_hint(run_dir, hydra_cfg.mode == RunMode.MULTIRUN)
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            if world > 1:  # torchrun stops every rank when one fails; its summary names the failed rank
+                hint = (f"rank {rank} of {world} was stopped (if another rank failed, the launcher's summary "
+                        f"names it as the root cause); {hint}")
             print(f"cl_bench: interrupted during {failure.where}; {hint}", file=sys.stderr)
             sys.exit(failure.exit_code)
         if failure is not None:

@@ -9,7 +9,7 @@ from .errors import ConfigError
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Top-level config keys that never change results: ignored when a resume compares configs and
 # when the report groups runs into experiments.
-NON_RESULT_KEYS = ("progress", "verbose", "logger", "cache", "threads")
+NON_RESULT_KEYS = ("progress", "verbose", "logger", "cache", "threads", "distributed")
 
 # One line per config group for `cl_bench --help`; tests check it names exactly the folders of conf/.
 GROUP_HELP = {
@@ -22,6 +22,7 @@ GROUP_HELP = {
     "evaluation": "seen-task evaluation: batch size, generation length, example limit",
     "general_eval": "general capability GP (zero-shot) / IP (few-shot) through lm-eval",
     "logger": "experiment tracking: none or wandb",
+    "distributed": "one process (none) or data parallel over the processes of torchrun / accelerate launch / SLURM (ddp)",
     "experiment": "presets of a paper's settings (slice_paper, ps_lora_paper, debug) and sweep grids",
     "experiment/method": "one method row of a paper's table (vanilla, loram, lora_ga, slice_c050, ...)",
 }

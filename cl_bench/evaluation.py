@@ -77,7 +77,7 @@ def generate(
 def evaluate_task(
     model, tokenizer, task: TaskData, *, batch_size: int, max_new_tokens: int, max_prompt_len: int,
     device: torch.device, prompt: PromptFormat | bool = True, limit: int | None = None, progress: bool = True,
-    protocol: str = "per_task", reference_margin: int | None = None, stats: dict | None = None,
+    protocol: str = "per_task", reference_margin: int | None = None, stats: dict | None = None, dist=None,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Score in percent and one record per example (prompt, target, prediction, score; and all
     references when there are several). `protocol` picks the metric (TaskData.metric_for).
@@ -88,6 +88,9 @@ def evaluate_task(
     `stats`, if given, receives what was run: examples, batches, batch_size (the last used),
     prompt_tokens, new_tokens_cap, generated_tokens (continuation positions, padding included),
     seconds.
+    `dist` (distributed.Dist, data-parallel runs): the batches one process would run are dealt
+    round-robin to the ranks and the predictions gathered in order, so each prediction comes from
+    the same batch as in one process; every rank returns the whole task's score and records.
     """
     metric = task.metric_for(protocol)
     examples = task.eval[:limit] if limit else task.eval
@@ -100,10 +103,15 @@ def evaluate_task(
     predictions: list[str] = [""] * len(examples)
     was_training = model.training
     model.eval()
-    bs, at, batches, generated = max(1, int(batch_size)), 0, 0, 0
-    bar = tqdm(total=len(order), desc=f"eval {task.name}", leave=False, disable=not progress)
-    while at < len(order):
-        idx = order[at:at + bs]
+    bs, batches, generated = max(1, int(batch_size)), 0, 0
+    chunks = [order[at:at + bs] for at in range(0, len(order), bs)]
+    if dist is not None and dist.world > 1:
+        chunks = dist.shard(chunks)
+    mine = [i for chunk in chunks for i in chunk]
+    bar = tqdm(total=len(mine), desc=f"eval {task.name}", leave=False, disable=not progress)
+    at = 0
+    while at < len(mine):
+        idx = mine[at:at + min(bs, len(mine) - at)]
         try:
             conts = _generate_rows(model, tokenizer, [rows[i] for i in idx], max_new_tokens=budget, device=device)
         except torch.OutOfMemoryError:
@@ -121,6 +129,10 @@ def evaluate_task(
         bar.update(len(idx))
     bar.close()
     model.train(was_training)
+    if dist is not None and dist.world > 1:
+        for share in dist.gather({i: predictions[i] for i in mine}, f"gathering the predictions of {task.name}"):
+            for i, pred in share.items():
+                predictions[i] = pred
     if stats is not None:
         stats.update(examples=len(examples), batches=batches, batch_size=bs, prompt_tokens=sum(map(len, rows)),
                      new_tokens_cap=budget, generated_tokens=generated, seconds=time.perf_counter() - start)

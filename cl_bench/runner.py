@@ -8,6 +8,7 @@ evaluate; cl_bench/stage.py lists every hook in that order and says who may do w
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -21,11 +22,15 @@ from . import modes
 from .baselines import baselines
 from .console import Progress
 from .data import TrainingEncoder, prompt_format
+from .distributed import Dist
 from .evaluation import evaluate_task
 from .errors import CLBenchError, ConfigError
 from .faults import kill_point
 from .jobs import Job, Requeued, cpu_threads, job_scope
-from .lora import WeightMaster, adapter_factors, add_adapter, apply_init, follow_peft_absorption_, set_scaling, target_linears
+from .lora import (
+    WeightMaster, adapter_factors, add_adapter, apply_init, base_weight, follow_peft_absorption_, lora_layers, set_scaling,
+    target_linears,
+)
 from .metrics import compute_mode_metrics
 from .models import load_model, model_unavailable, resolve_device, resolve_model_path
 from .interrupt import InterruptGuard, Interrupted
@@ -66,13 +71,16 @@ class Runner:
         self.run_dir = Path(run_dir)
         self.job = job or Job()  # preemption safe points and exit hooks (cl_bench/jobs.py)
         self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.dist = Dist()  # one process until prepare() reads the `distributed` group
 
     # ---- setup -----------------------------------------------------------------------------
     def prepare(self) -> None:
         """Everything that can fail on bad input, before the model is loaded."""
         cfg = self.cfg
         config_checks.validate(cfg)
-        self.device = resolve_device(str(cfg.device))
+        self.dist = Dist.from_config(cfg.get("distributed"))  # rank logic: cl_bench/distributed.py
+        self.device = self.dist.device(resolve_device(str(cfg.device)))
+        self.dist.check_step_size(int(cfg.trainer.batch_size) * int(cfg.trainer.grad_accum))
         threads, why = cpu_threads(cfg.get("threads"))
         torch.set_num_threads(threads)
         log.info("torch CPU threads: %d (%s)", threads, why)
@@ -114,7 +122,18 @@ class Runner:
         }
 
     def save(self) -> None:
-        atomic_write_json(self.run_dir / "results.json", self.results)
+        if self.dist.is_main:  # every rank holds the same results; rank 0 writes every file
+            atomic_write_json(self.run_dir / "results.json", self.results)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """The run-dir lock, held by rank 0; the other ranks get its error if it is taken."""
+        lock = RunLock(self.run_dir)
+        self.dist.on_main(lambda: lock.__enter__() and None, "taking the run-dir lock")
+        try:
+            yield
+        finally:
+            lock.__exit__()
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self, stream=None) -> dict[str, Any]:
@@ -127,12 +146,13 @@ class Runner:
     def _run(self) -> dict[str, Any]:
         self.prepare()
         self.progress.T = len(self.stage_tasks)
-        with RunLock(self.run_dir):
+        with self.lock():
             previous = load_previous_results(self.run_dir, self.config)
             if previous and previous.get("complete"):
                 log.info("run in %s is already complete; not redoing it", self.run_dir)
                 self.results = previous
-                print(format_summary(previous, self.run_dir))
+                if self.dist.is_main:
+                    print(format_summary(previous, self.run_dir))
                 return previous
             self.results = previous or self.new_results()
             if previous:  # a resume may run other code or on another machine: record each one
@@ -145,13 +165,14 @@ class Runner:
                 self.results["complete"] = False
                 self.save()
                 raise
-        print(format_summary(self.results, self.run_dir))
+        if self.dist.is_main:
+            print(format_summary(self.results, self.run_dir))
         return self.results
 
     def _run_stages(self) -> None:
         cfg = self.cfg
         model, self.tokenizer = load_model(cfg.model, self.device, str(cfg.cache.dir), log=log.info)
-        self.tracker = make_tracker(cfg.logger, self.results, self.run_dir)
+        self.tracker = make_tracker(cfg.logger if self.dist.is_main else {}, self.results, self.run_dir)
         self.job.on_exit(lambda exc: self.tracker.close(exit_code=1, preempted=isinstance(exc, Requeued)))
         tr, ev = cfg.trainer, cfg.evaluation
         # Never feed more positions than the model has (the tiny model has 512).
@@ -171,6 +192,7 @@ class Runner:
         if self.trained:
             log.info("resuming after stage %d of %d (trained: %d)", done, n_stages, self.trained)
             self.restore(self.trained, model)
+        self.dist.barrier("reading the run dir")  # every rank resumes from the same files
         if any(v is None for v in self.results["matrix"][0]):  # row 0 may be partial after an interrupt
             self.evaluate_row(0)
             self.save()
@@ -192,6 +214,7 @@ class Runner:
             make_batches=lambda t, n, bs, seed, indices=None: self.encoder.batches(t, n, bs, seed, self.device, indices),
             cache_dir=self.init_cache_dir, log=self.progress.init_log, adapter=adapter_name(stage),  # details to the log file
             grad_accum=int(cfg.trainer.grad_accum), history=self.history, master=self.master, run_seed=int(cfg.seed),
+            dist=self.dist,
         )
 
     def restore(self, stage: int, model: torch.nn.Module) -> None:
@@ -214,10 +237,11 @@ class Runner:
         record["seconds"]["eval"] = time.time() - t0
         self.results["stages"].append(record)
         self.save()
+        self.dist.barrier(f"saving stage {stage}")
         self.tracker.log_stage(stage, self.results)
         kill_point(f"saved:{stage}")
         # Only the latest model and plug-in states are needed to resume; older ones cost a model each.
-        if stage > 1:
+        if stage > 1 and self.dist.is_main:
             older = StageFiles(self.run_dir, stage - 1)
             for path in (older.model_state, *(older.state(g) for g in PLUGIN_GROUPS)):
                 path.unlink(missing_ok=True)
@@ -252,9 +276,10 @@ class Runner:
         record = {"stage": stage, "task": ctx.current.name, "init": init_stats, "train": train_summary, "seconds": seconds}
         if self.mode == "multitask":
             record["tasks"] = [t.name for t in self.tasks]
-        atomic_write_json(files.dir / "stage.json", record)
-        save_model_state(files, self.models.train, self.targets, self.master)  # marks "trained": eval may be redone alone
-        _remove_tree(files.checkpoint)
+        if self.dist.is_main:
+            atomic_write_json(files.dir / "stage.json", record)
+            save_model_state(files, self.models.train, self.targets, self.master)  # marks "trained": eval may be redone alone
+            _remove_tree(files.checkpoint)
         return record
 
     def start_adapter(self, ctx: StageContext):
@@ -277,6 +302,11 @@ class Runner:
             result.stats["apply"] = apply_init(peft_model, result, ctx.adapter, self.master)
         elif result.absorb:  # PEFT absorbed in the model's dtype: the fp32 master follows
             follow_peft_absorption_(peft_model, ctx.adapter, self.master)
+        if self.dist.world > 1:  # every rank computed the init; all continue from rank 0's, bit for bit
+            layers = lora_layers(peft_model, ctx.adapter).values()
+            self.dist.broadcast_([t for layer in layers for t in (base_weight(layer), layer.lora_A[ctx.adapter].weight,
+                                                                     layer.lora_B[ctx.adapter].weight)]
+                                 + list(self.master.tensors.values()), "broadcasting the stage's init")
         ctx.init_absorbed = bool(result.absorb)
         init_factors = adapter_factors(peft_model, ctx.adapter) if result.absorb else None
         return peft_model, result.stats or {"method": self.initializer.name}, init_factors, scaling
@@ -293,7 +323,7 @@ class Runner:
             tr["checkpoint_every_steps"] = 1
 
         def checkpoint(st, opt, sch):
-            save = lambda: save_checkpoint(files, peft_model, st, opt, sch, self.plugins)  # noqa: E731
+            save = lambda: self.dist.is_main and save_checkpoint(files, peft_model, st, opt, sch, self.plugins)  # noqa: E731
             if every and st.step % every == 0:
                 save()
                 save = None
@@ -318,10 +348,12 @@ class Runner:
         """Record the stage in the history (and its files), let the merge decide the models,
         save every plug-in's state."""
         trained = adapter_factors(peft_model, ctx.adapter)
-        save_stage_record(files, ctx.stage, ctx.current.name, ctx.adapter, trained, init_factors, scaling)
+        if self.dist.is_main:
+            save_stage_record(files, ctx.stage, ctx.current.name, ctx.adapter, trained, init_factors, scaling)
         self.history.append(StageRecord(ctx.stage, ctx.current.name, ctx.adapter, lambda: (trained, init_factors, scaling)))
         self.models = self.merger.consolidate(peft_model, ctx)
-        save_plugin_states(files.dir, self.plugins)
+        if self.dist.is_main:
+            save_plugin_states(files.dir, self.plugins)
 
     def evaluate_row(self, stage: int) -> None:
         cfg = self.cfg
@@ -337,21 +369,23 @@ class Runner:
                 self.models.eval, self.tokenizer, task, batch_size=int(ev.batch_size), max_new_tokens=int(ev.max_new_tokens),
                 max_prompt_len=self.max_prompt_len, device=self.device, prompt=self.encoder.prompt,
                 limit=ev.limit, progress=False, protocol=str(ev.protocol), reference_margin=ev.get("reference_margin"),
+                dist=self.dist,
             )
             self.progress.eval_task_end(task.name, score)
             row[j] = score
-            write_jsonl(self.run_dir / "predictions" / f"stage_{stage:02d}" / f"{task.name}.jsonl", records)
+            if self.dist.is_main:
+                write_jsonl(self.run_dir / "predictions" / f"stage_{stage:02d}" / f"{task.name}.jsonl", records)
             kill_point(f"eval:{stage}:{j}")
         self.progress.eval_end()
         if self.general_eval and self.general_eval.should_run(cfg.general_eval, stage, len(self.stage_tasks)) and not (
                 # independent: GP/IP are a mean over the T models, so one model alone is not worth measuring
                 self.mode == "independent" and stage and str(cfg.general_eval.get("when")) != "every_stage"):
             self.progress.general_begin(stage)
-            self.results["general"][str(stage)] = self.general_eval.evaluate_general(
+            self.results["general"][str(stage)] = self.dist.on_main(lambda: self.general_eval.evaluate_general(
                 self.models.eval, self.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"),
                 work_dir=str(self.run_dir / "general_eval"), device=self.device, seed=int(cfg.seed),
                 prompt=self.encoder.prompt,
-            )
+            ), "general evaluation on rank 0")
             self.progress.general_end(self.results["general"][str(stage)])
 
     def finish(self) -> None:

@@ -107,8 +107,9 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     import inspect
 
     base = model
-    while hasattr(base, "get_base_model") or hasattr(base, "_orig_mod"):  # PEFT wrapper, torch.compile wrapper
-        base = base._orig_mod if hasattr(base, "_orig_mod") else base.get_base_model()
+    while hasattr(base, "get_base_model") or hasattr(base, "_orig_mod") or hasattr(base, "no_sync"):
+        # PEFT wrapper, torch.compile wrapper, DistributedDataParallel
+        base = base._orig_mod if hasattr(base, "_orig_mod") else base.module if hasattr(base, "no_sync") else base.get_base_model()
     kind = type(base)
     if kind not in _LOGITS_TO_KEEP:
         _LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(base.forward).parameters
@@ -285,6 +286,7 @@ class StageContext:
     master: Any = None  # lora.WeightMaster of the target weights (the one fold goes through it)
     init_absorbed: bool = False  # W absorbed this stage's s·B0·A0 (set by the runner before begin_stage)
     run_seed: int = 0  # the run's `seed` (ctx.seed is this stage's seed)
+    dist: Any = None  # distributed.Dist of the run: rank, world size, collectives (None: one process)
 
     def __post_init__(self) -> None:
         if not self.tasks:

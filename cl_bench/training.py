@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .batching import Layout
 from .data import TrainingEncoder
+from .distributed import Dist
 from .errors import ConfigError, TrainingError
 from .regularizers.base import Regularizer
 from .stage import Batch, Plugin, StageContext, causal_lm_loss, logits_mask, trained_tokens
@@ -137,8 +138,10 @@ class StepBatcher:
     as forward passes (batching.Layout).
     """
 
-    def __init__(self, encoder: TrainingEncoder, ctx: StageContext, regularizer: Regularizer, cfg, total_steps: int):
+    def __init__(self, encoder: TrainingEncoder, ctx: StageContext, regularizer: Regularizer, cfg, total_steps: int,
+                 dist: Dist | None = None):
         self.encoder, self.ctx, self.regularizer = encoder, ctx, regularizer
+        self.dist = dist or Dist()
         self.bs, self.accum = int(cfg.batch_size), int(cfg.grad_accum)
         self.layout = layout_of(cfg)
         task = ctx.current
@@ -155,7 +158,15 @@ class StepBatcher:
         return out
 
     def build(self, step: int) -> Step:
+        """This rank's forward passes of `step`. Under data parallelism the step's examples are
+        dealt round-robin to the ranks and this rank's share is cut into at most grad_accum
+        configured micro-batches; `n_items` is then this rank's trained tokens (the trainer
+        all-reduces it)."""
         configured = [[self.encoder.encode_task(t)[i] for t, i in items] for items in self.items(step)]
+        if self.dist.world > 1:
+            mine = self.dist.shard([e for m in configured for e in m])
+            k = min(self.accum, len(mine))
+            configured = [mine[j * len(mine) // k:(j + 1) * len(mine) // k] for j in range(k)]
         micro = self.layout.micro_batches(configured, self.encoder.pad_id, batch_size=self.bs, max_len=self.encoder.max_len)
         return Step(
             micro_batches=micro,
@@ -177,11 +188,18 @@ def _forward_backward(
     where: str,
     forward: Callable | None = None,
     plugins: Sequence[Plugin] | None = None,
+    wrapped: torch.nn.Module | None = None,
+    world: int = 1,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Forward and backward of one step's micro-batches, then the after_backward hook of every
     plug-in in `plugins` (default: the regularizer alone), in order.
     Returns the step's logged terms and an all-finite flag, all 0-d tensors on the device (no
-    host synchronisation)."""
+    host synchronisation).
+
+    Data parallel: `wrapped` is the DDP module (its all-reduce runs in the last backward only),
+    `n_items` the whole step's trained tokens over all ranks, and the LM loss is multiplied by
+    `world` for the backward because DDP averages the ranks' gradients; the logged terms stay
+    this rank's share (the trainer sums them over ranks when it reads them)."""
     accum = len(micro_batches)
     device = next(model.parameters()).device
     # Regularizers normalise by the forward passes of the step (regularizers/base.py); a layout
@@ -189,17 +207,18 @@ def _forward_backward(
     rctx = ctx if ctx.grad_accum == accum else dataclasses.replace(ctx, grad_accum=accum)
     logged: dict[str, torch.Tensor] = {}
     finite = torch.ones((), dtype=torch.bool, device=device)
-    for micro in micro_batches:
+    for i, micro in enumerate(micro_batches):
         keep, targets = logits_mask(micro["labels"])  # on the host, before the copy: no sync
         batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
         batch["num_items_in_batch"] = n_items
         try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), Dist.no_sync(wrapped, i == accum - 1):
                 lm = causal_lm_loss(model if forward is None else forward, batch, n_items, keep=keep, targets=targets.to(device, non_blocking=True))
                 extra = regularizer.loss(model, batch, rctx)
-                loss = lm + sum(v / accum for v in extra.values()) if extra else lm
-            finite = finite & torch.isfinite(loss.detach())
-            loss.backward()
+                lm_part = lm * world if world > 1 else lm
+                loss = lm_part + sum(v / accum for v in extra.values()) if extra else lm_part
+                finite = finite & torch.isfinite(loss.detach())
+                loss.backward()
         except torch.OutOfMemoryError:
             raise TrainingError(
                 f"out of memory at {where} (micro-batch {micro['input_ids'].shape[0]} x "
@@ -245,8 +264,9 @@ def step_gradients(
 class _Log:
     """Per-step terms kept on the device until the next read (one host sync per read)."""
 
-    def __init__(self):
+    def __init__(self, dist: Dist | None = None):
         self.pending: list[tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, float]] = []
+        self.dist = dist or Dist()
 
     def add(self, step: int, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, finite: torch.Tensor, lr: float) -> None:
         self.pending.append((step, terms, grad_norm, finite, lr))
@@ -255,15 +275,21 @@ class _Log:
         """[(step, {terms, grad_norm, lr}, finite)] for every pending step, oldest first."""
         if not self.pending:
             return []
-        flat = torch.stack([t.float() for _, terms, gn, ok, _ in self.pending
-                            for t in (*terms.values(), gn.detach(), ok)]).tolist()
+        stacked = torch.stack([t.float() for _, terms, gn, ok, _ in self.pending
+                               for t in (*terms.values(), gn.detach(), ok)])
+        if self.dist.world > 1:  # one all-reduce per read: "lm" is a sum of the ranks' shares,
+            # the others (regularizer terms, the identical grad norm, the finite flags) a mean
+            self.dist.all_reduce_([stacked], "reading the loss terms")
+            mean = torch.tensor([k != "lm" for _, terms, _, _, _ in self.pending for k in (*terms, "gn", "ok")])
+            stacked = torch.where(mean.to(stacked.device), stacked / self.dist.world, stacked)
+        flat = stacked.tolist()
         out, at = [], 0
         for step, terms, _, _, lr in self.pending:
             vals = flat[at:at + len(terms) + 2]
             at += len(terms) + 2
             row = dict(zip(terms, vals[:-2]))
             row.update(grad_norm=vals[-2], lr=lr)
-            out.append((step, row, bool(vals[-1]) and math.isfinite(vals[-2])))
+            out.append((step, row, vals[-1] == 1.0 and math.isfinite(vals[-2])))
         self.pending = []
         return out
 
@@ -301,7 +327,8 @@ def train_stage(
         opt.load_state_dict(optimizer_state["optimizer"])
         sched.load_state_dict(optimizer_state["scheduler"])
     total = int(cfg.total_steps)
-    batcher = StepBatcher(encoder, ctx, regularizer, cfg, total)
+    dist = ctx.dist or Dist()
+    batcher = StepBatcher(encoder, ctx, regularizer, cfg, total, dist)
     check_layout(batcher.layout, regularizer)
     params = list(trainable_parameters(model).values())
     use_autocast = device.type == "cuda" and bool(cfg.get("autocast_bf16", True)) and torch.cuda.is_bf16_supported()
@@ -310,10 +337,13 @@ def train_stage(
     log_every = max(1, int(cfg.get("log_every_steps") or 1))
     deferred = is_fused(opt)  # the device skips a bad step itself; read the flag at log points only
     bad = torch.zeros((), device=device)  # sticky: 1 once any step was non-finite
-    forward = torch.compile(model, dynamic=True) if cfg.get("compile", False) else None
+    wrapped = dist.wrap(model)  # DDP under data parallelism, else None
+    forward = wrapped
+    if cfg.get("compile", False):
+        forward = torch.compile(wrapped or model, dynamic=True)
     checkpointing = _activation_checkpointing(model, bool(cfg.get("gradient_checkpointing", False)))
 
-    log = _Log()
+    log = _Log(dist)
     counts = {"examples": 0, "tokens": 0, "fed_tokens": 0, "trained_tokens": 0, "forward_passes": 0}
     model.train()
     start = time.time()
@@ -348,11 +378,20 @@ def train_stage(
             while state.step < total:
                 built = batcher.build(state.step)
                 where = f"task {task.name!r} step {state.step + 1} (trainer.lr={cfg.lr})"
-                terms, finite = _forward_backward(model, built.micro_batches, built.n_items, regularizer, ctx,
+                n_items: int | torch.Tensor = built.n_items
+                if dist.world > 1:  # the whole step's trained tokens: every rank divides by the same count
+                    n_items = torch.tensor(built.n_items, device=device if dist.backend == "nccl" else "cpu")
+                    dist.all_reduce_([n_items], f"counting the trained tokens of {where}")
+                    n_items = n_items.to(device)
+                terms, finite = _forward_backward(model, built.micro_batches, n_items, regularizer, ctx,
                                                   autocast=use_autocast, where=where, forward=forward,
-                                                  plugins=plugins)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))
+                                                  wrapped=wrapped, world=dist.world, plugins=plugins)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))  # of the all-reduced gradient
                 finite = finite & torch.isfinite(grad_norm)
+                if dist.world > 1:  # every rank skips (or takes) the same steps
+                    finite = finite.float()
+                    dist.all_reduce_([finite], f"the finite check of {where}")
+                    finite = finite == dist.world
                 lr = sched.get_last_lr()[0]  # the rate this step uses
                 if deferred:
                     bad = torch.maximum(bad, (~finite).float())
@@ -383,7 +422,12 @@ def train_stage(
             opt.found_inf = None
         bar.close()
     model.eval()
+    del wrapped, forward
     seconds = time.time() - start
+    if dist.world > 1:  # what all ranks ran together
+        summed = torch.tensor([counts[k] for k in counts], dtype=torch.float64)
+        dist.all_reduce_([summed], "summing the throughput counts")
+        counts = dict(zip(counts, (int(v) for v in summed.tolist())))
     first = state.losses[0] if state.losses else {}
     last = state.losses[-1] if state.losses else {}
     return {

@@ -18,6 +18,7 @@ from conftest import REPO
 
 README = (REPO / "README.md").read_text()
 RUN_PREFIXES = ([".venv/bin/python", "-m", "cl_bench"], ["python", "-m", "cl_bench"], [".venv/bin/cl_bench"], ["cl_bench"])
+LAUNCHERS = {".venv/bin/torchrun", ".venv/bin/accelerate", "srun"}  # multi-process launchers of the same job
 EXTERNAL = {"hf"}  # tools of the pinned dependencies that the README uses; checked to be installed
 
 
@@ -150,6 +151,11 @@ def check_command(line: str, tmp_path, monkeypatch, capsys) -> None:
     if tokens[0] in EXTERNAL:
         assert (Path(sys.executable).parent / tokens[0]).exists(), f"{tokens[0]} is not installed next to {sys.executable}"
         return
+    if tokens[0] in LAUNCHERS:  # torchrun / accelerate launch / srun ... -m cl_bench <overrides>
+        if tokens[0].startswith(".venv/bin/"):
+            assert (Path(sys.executable).parent / tokens[0].rsplit("/", 1)[1]).exists(), f"{tokens[0]} is not installed"
+        at = next(i for i in range(len(tokens) - 1) if tokens[i:i + 2] == ["-m", "cl_bench"])
+        return check_cl_bench(tokens[at + 2:], monkeypatch, capsys)
     for prefix in RUN_PREFIXES:
         if tokens[:len(prefix)] == prefix:
             return check_cl_bench(tokens[len(prefix):], monkeypatch, capsys)

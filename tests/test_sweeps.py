@@ -112,6 +112,7 @@ def test_slurm_preset_resolves_and_renders_the_sbatch_script(tmp_path, monkeypat
         cfg = hydra_compose(config_name="config", return_hydra_config=True, overrides=[
             "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.cpus_per_task=6",
             "hydra.launcher.timeout_min=90", "+hydra.launcher.additional_parameters.account=proj42",
+            "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4",  # distributed=ddp
             f"hydra.sweep.dir={tmp_path}", "hydra.job.name=cl_bench"])
     stub = tmp_path / "bin" / "srun"
     stub.parent.mkdir()
@@ -126,8 +127,8 @@ def test_slurm_preset_resolves_and_renders_the_sbatch_script(tmp_path, monkeypat
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in launcher.items()})
     sbatch = executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
-    for line in ("--partition=gpu", "--cpus-per-task=6", "--gpus-per-node=1", "--time=90", "--mem=64GB",
-                 "--signal=USR2@120", "--requeue", "--account=proj42", "--ntasks-per-node=1", "--nodes=1"):
+    for line in ("--partition=gpu", "--cpus-per-task=6", "--gpus-per-node=4", "--time=90", "--mem=64GB",
+                 "--signal=USR2@120", "--requeue", "--account=proj42", "--ntasks-per-node=4", "--nodes=2"):
         assert f"#SBATCH {line}" in sbatch, line
     assert executor._executor.max_num_timeout == 10
 

@@ -83,11 +83,14 @@ class TensorCache:
     """dict[str, Tensor] + JSON metadata per key under `root/<kind>/<key[:2]>/<key>.safetensors`.
 
     `root=None` turns the cache off: `load` always misses and `save` does nothing.
+    `dist` (distributed.Dist): every rank must take the same branch (a capture is a collective),
+    so rank 0 decides hit or miss for all and only rank 0 stores.
     """
 
-    def __init__(self, root: str | os.PathLike | None, log: Callable[[str], None] = print):
+    def __init__(self, root: str | os.PathLike | None, log: Callable[[str], None] = print, dist=None):
         self.root = Path(root) if root else None
         self.log = log
+        self.dist = dist if dist is not None and dist.world > 1 else None
 
     @property
     def enabled(self) -> bool:
@@ -101,7 +104,10 @@ class TensorCache:
         if not self.enabled:
             return None
         path = self.path(kind, key)
-        if not path.exists():
+        exists = path.exists()
+        if self.dist is not None:
+            exists = self.dist.broadcast_object(exists, "the cache lookup")
+        if not exists:
             return None
         try:
             tensors = load_file(str(path), device=str(device))
@@ -109,12 +115,16 @@ class TensorCache:
                 meta = json.loads((f.metadata() or {}).get("meta", "{}"))
         except Exception as exc:  # a corrupt entry is recomputed, never trusted
             self.log(f"cache: ignoring unreadable {kind} entry {path} ({exc})")
+            tensors = None
+        if self.dist is not None and not all(self.dist.gather(tensors is not None, "the cache read")):
+            return None  # one rank could not read it: all recompute
+        if tensors is None:
             return None
         self.log(f"cache hit: {kind} {key[:12]} ({path})")
         return tensors, meta
 
     def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Path | None:
-        if not self.enabled:
+        if not self.enabled or self.dist is not None and not self.dist.is_main:
             return None
         path = self.path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)

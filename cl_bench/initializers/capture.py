@@ -49,17 +49,24 @@ def capture_gradients(
     offload: bool = False,
     transposed: Iterable[str] = (),
     max_tokens: int | None = None,
+    dist=None,
 ) -> Capture:
     """∂(mean token loss over all `batches`)/∂W for each weight in `weights` (float32).
 
     `transposed` names weights stored as [d_in, d_out] (Conv1D); their gradients are returned
     in [d_out, d_in] layout like all others. `max_tokens` caps rows·width of one forward pass
     (default: the largest given batch's): activation memory only, the result is the same.
+    `dist` (distributed.Dist, data-parallel runs): each rank runs every world-th forward pass and
+    the fp32 sums and the loss are all-reduced, so every rank returns the single-process gradient
+    up to float summation order.
     """
     start = time.perf_counter()
     batches = [{k: v.cpu() for k, v in b.items()} for b in batches]  # token ids: small
     n_items = sum(int(trained_tokens(b)) for b in batches)
     forwards = regroup(batches, max_tokens=max_tokens)
+    n_forwards = len(forwards)
+    if dist is not None and dist.world > 1:
+        forwards = dist.shard(forwards)
     device = next(iter(weights.values())).device if weights else torch.device("cpu")
     transposed = set(transposed)
     store = {name: (torch.device("cpu") if offload else w.device) for name, w in weights.items()}
@@ -109,6 +116,11 @@ def capture_gradients(
         model.train(was_training)
     if steps == 0:
         raise DataError("gradient capture got no batches (capture_steps or the task's training split is empty)")
+    if dist is not None and dist.world > 1:
+        for name, w in weights.items():  # a rank whose share never reached a weight adds zeros
+            if name not in acc:
+                acc[name] = torch.zeros(w.shape, dtype=torch.float32, device=store[name])
+        dist.all_reduce_([loss_sum, *(acc[name] for name in weights)], "all-reducing the captured gradients")
     loss = float(loss_sum)  # the one host sync of the capture
     if not math.isfinite(loss):
         raise TrainingError(f"gradient capture: the loss over {steps} capture batches is {loss}")
@@ -118,4 +130,4 @@ def capture_gradients(
         if g is None:  # the weight did not influence the loss
             g = torch.zeros(w.shape, dtype=torch.float32, device=store[name])
         grads[name] = g.T.contiguous() if name in transposed else g
-    return Capture(grads, steps, loss, time.perf_counter() - start, {"forward_passes": len(forwards)})
+    return Capture(grads, steps, loss, time.perf_counter() - start, {"forward_passes": n_forwards})

@@ -123,7 +123,7 @@ class LoraGA(Initializer):
         reset_peak_memory(ctx.device)
         layers = lora_layers(peft_model, ctx.adapter)
         self.validate(module_shapes(layers), ctx.rank)
-        cache = TensorCache(ctx.cache_dir, ctx.log)
+        cache = TensorCache(ctx.cache_dir, ctx.log, ctx.dist)
         captures = _Captures(peft_model, layers, ctx, cache, offload=self.offload, max_tokens=self.capture_max_tokens)
         current = captures.plan(ctx.current, self.capture_steps, self.capture_batch_size)
         previous = [captures.plan(t, *self._previous_shape(), indices=self._previous_indices(ctx, t))
@@ -381,7 +381,7 @@ class _Captures:
                 info.update(cache="hit", loss=meta.get("loss"), seconds=time.perf_counter() - t0)
                 return grads, info
         cap = capture_gradients(self.model, self.weights, spec.batches, offload=self.offload == "all",
-                                transposed=self.transposed, max_tokens=self.max_tokens)
+                                transposed=self.transposed, max_tokens=self.max_tokens, dist=self.ctx.dist)
         info.update(cache="off" if spec.key is None else "miss", loss=cap.loss, seconds=cap.seconds,
                     forward_passes=cap.info.get("forward_passes"))
         if spec.key is not None:

@@ -30,7 +30,7 @@ example; the ctx that `loss` receives then says how many, so the rules below sta
     batch["num_items_in_batch"]` (`token_mean_term` computes it): summed over the step it is the
     mean over the step's trained tokens, like the LM loss.
 `batch["num_items_in_batch"]` is the count of trained (label != -100, after the causal
-shift) tokens in the whole step; `batch` also holds input_ids, attention_mask and labels
+shift) tokens in the whole step (over all ranks under distributed=ddp); `batch` also holds input_ids, attention_mask and labels
 (trainer.layout=pack, which only regularizers without `loss` terms may use, sends position_ids
 instead of attention_mask).
 """
@@ -47,8 +47,13 @@ from ..tasks.base import TaskData
 
 
 def token_mean_term(token_sum: torch.Tensor, batch: dict[str, torch.Tensor], ctx: StageContext) -> torch.Tensor:
-    """A per-token term of this micro-batch, normalised like the LM loss (see the module doc)."""
-    return token_sum * ctx.grad_accum / batch["num_items_in_batch"]
+    """A per-token term of this micro-batch, normalised like the LM loss (see the module doc).
+
+    Data parallel (distributed=ddp): num_items_in_batch counts the whole step over all ranks and
+    DDP averages the ranks' gradients, so the term is multiplied by the world size, as the LM loss
+    is (a parameter penalty, the same on every rank, needs nothing)."""
+    world = ctx.dist.world if ctx.dist is not None else 1
+    return token_sum * ctx.grad_accum * world / batch["num_items_in_batch"]
 
 
 class Regularizer(Plugin):

@@ -1,0 +1,215 @@
+"""The one place that knows about ranks: data-parallel runs through torch.distributed (issue 15).
+
+`python -m cl_bench ...` is one process (`Dist()`: rank 0 of 1, every collective a no-op).
+`torchrun --nproc-per-node N -m cl_bench distributed=ddp ...`, `accelerate launch -m cl_bench ...`
+and SLURM tasks (srun / submitit with tasks_per_node > 1: the rendezvous comes from the SLURM
+environment through submitit's TorchDistributedEnvironment) start N copies of the same job; each
+calls `init_from_env()` (the process group: gloo on CPU, NCCL on CUDA) and the runner asks this
+module for what differs by rank:
+
+* training: each rank runs a disjoint, seeded share of every optimizer step's examples
+  (`shard`), the model is wrapped in torch's DistributedDataParallel (`wrap`), the LM loss is
+  divided by the trained tokens of the whole step (all-reduced) and multiplied by the world
+  size, because DDP averages the ranks' gradients: the step's gradient is the single-process one
+  up to float summation order; clipping runs on the all-reduced gradient, identical on every rank;
+* gradient captures: each rank runs a share of the forward passes, the fp32 sums are
+  all-reduced (`all_reduce_`); the init math then runs on identical inputs and rank 0's result is
+  broadcast (`broadcast_`), so every rank holds bit-identical weights;
+* evaluation: the single-process batches are dealt round-robin to the ranks and the predictions
+  gathered in order (`gather`): every prediction comes from the same batch as in one process;
+* files, W&B, GP/IP and the run-dir lock: rank 0 (`is_main`, `on_main`), with barriers.
+
+A rank that dies takes the job down: torchrun stops the other ranks and names the failed one; a
+rank blocked in a collective with a dead peer raises DistributedError naming itself and the
+operation. The process-group timeout (CL_BENCH_DIST_TIMEOUT_MIN, default 120) bounds how long
+the other ranks wait for rank 0's general evaluation.
+Hand-written glue, not a library's: Accelerate's prepare() would move the model, own the
+optimizer and autocast, which the stage loop already does; DDP itself and the collectives are
+torch's.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import CLBenchError, ConfigError
+
+KINDS = ("none", "ddp")
+
+
+class DistributedError(CLBenchError):
+    """A collective failed: another rank died or the rendezvous broke."""
+
+
+def launched_world_size(slurm: bool = True) -> int:
+    """Processes the launcher started for this job (1 without a launcher). `slurm`: also count the
+    tasks of a SLURM job step (srun, submitit's tasks_per_node x nodes); off where the job did not
+    ask for distributed=ddp, since a plain `sbatch --ntasks N` script may run one process."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if slurm and "SLURM_NTASKS" in os.environ and "SLURM_JOB_ID" in os.environ and "SLURM_STEP_ID" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
+def init_from_env() -> None:
+    """Join the launcher's process group (idempotent; nothing to do for one process)."""
+    import torch.distributed as tdist
+
+    if tdist.is_initialized() or launched_world_size() == 1 and "WORLD_SIZE" not in os.environ:
+        return  # (torchrun --nproc-per-node 1 sets WORLD_SIZE=1: a one-rank group, the DDP path)
+    if "RANK" not in os.environ:  # SLURM tasks: MASTER_ADDR/PORT, RANK, WORLD_SIZE from the SLURM environment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    timeout = datetime.timedelta(minutes=float(os.environ.get("CL_BENCH_DIST_TIMEOUT_MIN", 120)))
+    tdist.init_process_group(backend, timeout=timeout)
+
+
+class Dist:
+    """Rank, world size and the collectives the runner needs; one process by default."""
+
+    def __init__(self, kind: str = "none"):
+        import torch.distributed as tdist
+
+        self.kind = kind
+        self.on = kind != "none" and tdist.is_available() and tdist.is_initialized()
+        self.rank = tdist.get_rank() if self.on else 0
+        self.world = tdist.get_world_size() if self.on else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0)) if self.on else 0
+        self.backend = tdist.get_backend() if self.on else None
+
+    @classmethod
+    def from_config(cls, dcfg) -> "Dist":
+        """`distributed` config group -> Dist; ConfigError when it disagrees with the launch."""
+        kind = str((dcfg or {}).get("kind", "none"))
+        if kind not in KINDS:
+            raise ConfigError(f"distributed.kind={kind!r} is invalid; valid: {', '.join(KINDS)}")
+        world = launched_world_size(slurm=kind != "none")
+        if kind == "none" and world > 1:
+            raise ConfigError(f"launched as {world} processes but distributed=none; add distributed=ddp "
+                              "(or start one process: python -m cl_bench ...)")
+        if kind != "none":
+            init_from_env()
+        return cls(kind)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """This rank's device: cuda:LOCAL_RANK when the job asked for CUDA."""
+        if self.on and device.type == "cuda" and device.index is None:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    # ---- work splitting --------------------------------------------------------------------
+    def shard(self, items: Sequence) -> list:
+        """This rank's share: items rank, rank + world, ... (disjoint; together all items)."""
+        return list(items[self.rank::self.world])
+
+    def check_step_size(self, examples_per_step: int) -> None:
+        if examples_per_step < self.world:
+            raise ConfigError(f"trainer.batch_size x trainer.grad_accum = {examples_per_step} examples per step cannot "
+                              f"give each of {self.world} ranks one; raise trainer.batch_size or use fewer processes")
+
+    # ---- collectives (no-ops for one process) ----------------------------------------------
+    def _call(self, what: str, fn: Callable, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, ValueError) as exc:  # gloo/NCCL report a dead peer as RuntimeError
+            raise DistributedError(f"rank {self.rank} of {self.world}: {what} failed ({str(exc).splitlines()[0]}); "
+                                   "another rank probably died: see its error above, then rerun the same command to resume") from None
+
+    def barrier(self, what: str = "barrier") -> None:
+        if self.on:
+            import torch.distributed as tdist
+
+            self._call(what, tdist.barrier)
+
+    def all_reduce_(self, tensors: Sequence[torch.Tensor], what: str = "all-reduce") -> None:
+        """Sum each tensor over the ranks, in place (CPU tensors take a device trip under NCCL)."""
+        if not self.on:
+            return
+        import torch.distributed as tdist
+
+        for t in tensors:
+            if self.backend == "nccl" and t.device.type == "cpu":
+                moved = t.cuda()
+                self._call(what, tdist.all_reduce, moved)
+                t.copy_(moved.cpu())
+            else:
+                self._call(what, tdist.all_reduce, t)
+
+    def broadcast_(self, tensors: Sequence[torch.Tensor], what: str = "broadcast") -> None:
+        """Overwrite each tensor with rank 0's value, in place."""
+        if not self.on:
+            return
+        import torch.distributed as tdist
+
+        with torch.no_grad():
+            for t in tensors:
+                if self.backend == "nccl" and t.device.type == "cpu":
+                    moved = t.cuda()
+                    self._call(what, tdist.broadcast, moved, 0)
+                    t.copy_(moved.cpu())
+                else:
+                    self._call(what, tdist.broadcast, t, 0)
+
+    def broadcast_object(self, obj: Any, what: str = "broadcast") -> Any:
+        """Rank 0's `obj` on every rank (picklable)."""
+        if not self.on:
+            return obj
+        import torch.distributed as tdist
+
+        box = [obj]
+        self._call(what, tdist.broadcast_object_list, box, 0)
+        return box[0]
+
+    def gather(self, obj: Any, what: str = "gather") -> list:
+        """[rank 0's obj, rank 1's obj, ...] on every rank."""
+        if not self.on:
+            return [obj]
+        import torch.distributed as tdist
+
+        out: list = [None] * self.world
+        self._call(what, tdist.all_gather_object, out, obj)
+        return out
+
+    def on_main(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run `fn` on rank 0 only; every rank returns its result or raises its CLBenchError."""
+        value, error = None, None
+        if self.is_main:
+            try:
+                value = fn()
+            except CLBenchError as exc:
+                error = exc
+        value, error = self.broadcast_object((value, error), what)
+        if error is not None:
+            raise error
+        return value
+
+    # ---- the training model ----------------------------------------------------------------
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """DistributedDataParallel over `model`'s trainable parameters (None for one process).
+
+        No start-up broadcast (init_sync=False): the runner broadcast the stage's weights after
+        the init already, and a second copy of a frozen multi-GB base per stage buys nothing."""
+        if not self.on:
+            return None
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.local_rank] if next(model.parameters()).device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, init_sync=False, broadcast_buffers=False)
+
+    @staticmethod
+    def no_sync(wrapped: torch.nn.Module | None, last: bool):
+        """DDP's no_sync for every forward pass of a step but the last (one all-reduce per step)."""
+        return wrapped.no_sync() if wrapped is not None and not last else contextlib.nullcontext()
