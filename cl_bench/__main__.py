@@ -1,45 +1,145 @@
-"""`python -m cl_bench [overrides]`: the Hydra entry point.
+"""`cl_bench [overrides]` (or `python -m cl_bench [overrides]`): the Hydra entry point.
 
-User errors (bad config, missing data, unavailable model) print one line and exit 2; the
-traceback goes to the run's log only when HYDRA_FULL_ERROR=1.
+User errors (bad config, missing data, unavailable model) print one line and exit 2; Ctrl-C or
+SIGTERM print one line and exit 130 / 143 (the run resumes from where it stopped). The traceback
+is raised instead only when HYDRA_FULL_ERROR=1.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The three example commands of `--help` (tests run each of them).
+EXAMPLES = (
+    ("cl_bench", "the demo: tiny model, synthetic sequence, CPU, a few minutes"),
+    ("cl_bench initializer=slice initializer.c=0.5 sequence=synthetic_conflict", "one method, one knob"),
+    ("cl_bench --multirun initializer=vanilla,slice seed=1,2,3", "a comparison: 2 methods x 3 seeds"),
+)
+# Flags after which nothing is trained or loaded: no Hub check, no console session.
+_NO_RUN_FLAGS = ("--cfg", "-c", "--info", "-i", "-sc", "--shell-completion", "--hydra-help", "--help", "-h")
+
 
 def _fail(exc: BaseException) -> None:
-    print(f"cl_bench: error: {exc}", file=sys.stderr)
+    section = getattr(exc, "readme_section", None)
+    hint = f" (README.md: '{section}')" if section else ""
+    print(f"cl_bench: error: {exc}{hint}", file=sys.stderr)
     sys.exit(2)
+
+
+def app_help() -> str:
+    """`--help`: the groups with one line each, their choices, the plain keys and three examples,
+    all read from conf/ so the text cannot drift from the configs."""
+    import textwrap
+
+    import yaml
+
+    from .config import CONF_DIR, GROUP_HELP, config_groups, group_choices
+
+    main_cfg = yaml.safe_load((CONF_DIR / "config.yaml").read_text())
+    defaults = {k: v for d in main_cfg.get("defaults", []) if isinstance(d, dict) for k, v in d.items()}
+    lines = [
+        "cl_bench: continual learning of LLMs with LoRA adapters. A model is trained on a sequence of",
+        "tasks, one LoRA stage per task; after each stage every task is evaluated (results matrix, AP/FP/BWT...).",
+        "",
+        "usage: cl_bench [group=choice ...] [key=value ...] [--multirun]   (same as: python -m cl_bench ...)",
+        "",
+        "config groups (group=choice; * marks the default):",
+    ]
+    groups = [g for g in defaults if g in config_groups()] + [g for g in config_groups() if g not in defaults]
+    width = max(len(g) for g in groups)
+    for group in groups:
+        choices = ", ".join(c + ("*" if c == defaults.get(group) else "") for c in group_choices(group))
+        lines.append(f"  {group:<{width}}  {GROUP_HELP.get(group, '')}")
+        lines += textwrap.wrap(choices, 100, initial_indent=" " * (width + 4), subsequent_indent=" " * (width + 4))
+    keys = [k for k in main_cfg if k not in ("defaults", "hydra")]
+    lines += ["", f"other keys: {', '.join(keys)} (see `cl_bench --cfg job` for every value)", "", "examples:"]
+    lines += [f"  {cmd:<62} # {what}" for cmd, what in EXAMPLES]
+    lines += [
+        "",
+        "more: cl_bench --cfg job (print the composed config), --hydra-help (Hydra's flags),",
+        "      eval \"$(cl_bench -sc install=bash)\" (tab completion of groups and keys),",
+        "      python -m cl_bench.data_check data.root=DIR (which sequences your data can run),",
+        "      python -m cl_bench.report DIR... (mean ± std over seeds), README.md",
+    ]
+    return "\n".join(lines)
+
+
+def _resume_hint(run_dir: str, multirun: bool) -> str:
+    argv = sys.argv[1:]
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if any(a.startswith(f"{key}=") for a in argv):
+        return "rerun the same command to resume"
+    where = os.path.dirname(run_dir) if multirun else run_dir
+    return f"rerun the same command with {key}={where} to resume"
 
 
 def main() -> None:
     from .config import check_group_overrides
     from .errors import CLBenchError
 
+    argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        print(app_help())
+        return
     try:
-        check_group_overrides(sys.argv[1:])
+        check_group_overrides(argv)
     except CLBenchError as exc:
         _fail(exc)
+    offline_line = None
+    if not any(a.split("=", 1)[0] in _NO_RUN_FLAGS for a in argv):
+        from .hub import decide_offline
+
+        offline_line = decide_offline()  # before any Hugging Face library is imported
 
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    from .config import CONF_DIR
+
+    # An absolute path: a relative one would be resolved against the package when main() is
+    # reached through the `cl_bench` console script (module cl_bench.__main__, not __main__).
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def app(cfg) -> None:
-        from .runner import run
+        from . import console
+        from .interrupt import Interrupted
 
-        try:
-            run(cfg, HydraConfig.get().runtime.output_dir)
-        except CLBenchError as exc:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            _fail(exc)
+        hydra_cfg = HydraConfig.get()
+        run_dir = hydra_cfg.runtime.output_dir
+        log = logging.getLogger("cl_bench")
+        failure: BaseException | None = None
+        with console.session(bool(cfg.get("verbose", False))) as stream:
+            if offline_line is not None:
+                offline, line = offline_line
+                # Said on the console only when detected; a user-set HF_HUB_OFFLINE goes to the log.
+                log.info(line, extra={} if offline and "not reachable" in line else console.FILE_ONLY)
+            log.info(f"run dir {run_dir}")
+            try:
+                from .runner import run
 
-    app()
+                from .summary import format_summary
+
+                results = run(cfg, run_dir, stream=stream)
+                log.info(format_summary(results, run_dir), extra=console.FILE_ONLY)  # the log keeps it too
+            except (CLBenchError, Interrupted) as exc:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                failure = exc
+        if isinstance(failure, Interrupted):
+            hint = _resume_hint(run_dir, hydra_cfg.mode == RunMode.MULTIRUN)
+            print(f"cl_bench: interrupted during {failure.where}; {hint}", file=sys.stderr)
+            sys.exit(failure.exit_code)
+        if failure is not None:
+            _fail(failure)
+
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C before the run installed its own handler (imports, composition)
+        print("cl_bench: interrupted during startup (before the first stage)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

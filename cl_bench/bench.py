@@ -62,31 +62,32 @@ def capture_cache_costs(common: list[str], cache_root: Path) -> list[dict]:
     """Stage-1 capture of the first task: cache off / cold / warm, and a whole-init hit."""
     from peft import LoraConfig, get_peft_model
 
-    from .data import TrainingEncoder
-    from .initializers.base import InitContext
+    from .data import TrainingEncoder, prompt_format
     from .initializers.gradient import LoraGA
     from .models import load_model, resolve_device
-    from .runner import lora_scaling
+    from .stage import StageContext, adapter_name, lora_scaling, stage_seed
     from .tasks import load_sequence
 
     cfg = compose(["initializer=lora_ga", *common])
     device = resolve_device(str(cfg.device))
     model, tokenizer = load_model(cfg.model, device, str(cfg.cache.dir), log=lambda s: None)
-    encoder = TrainingEncoder(tokenizer, int(cfg.trainer.max_len), bool(cfg.trainer.mask_prompt), bool(cfg.evaluation.use_chat_template))
+    encoder = TrainingEncoder(tokenizer, int(cfg.trainer.max_len), bool(cfg.trainer.mask_prompt), prompt_format(cfg.evaluation))
     task = load_sequence(cfg.sequence, cfg.data.get("root"), int(cfg.seed))[0]
     peft_model = get_peft_model(
         model,
         LoraConfig(r=int(cfg.lora.r), lora_alpha=float(cfg.lora.alpha), target_modules=list(cfg.lora.target_modules),
                    use_rslora=cfg.lora.scaling == "rslora", lora_dropout=0.0),
+        adapter_name=adapter_name(1),
     )
     knobs = {k: cfg.initializer[k] for k in ("capture_steps", "capture_batch_size")}
 
     def ctx(cache_dir):
-        return InitContext(
+        return StageContext(
             stage=1, current=task, previous=[], rank=int(cfg.lora.r), alpha=float(cfg.lora.alpha),
-            scaling=lora_scaling(cfg.lora), target_modules=list(cfg.lora.target_modules), device=device,
-            seed=int(cfg.seed) * 1000 + 1, make_batches=lambda t, n, bs, seed: encoder.batches(t, n, bs, seed, device),
-            cache_dir=cache_dir, log=lambda s: None,
+            scaling=lora_scaling(cfg.lora.alpha, cfg.lora.r, cfg.lora.scaling), scaling_convention=cfg.lora.scaling,
+            target_modules=list(cfg.lora.target_modules), device=device, seed=stage_seed(cfg.seed, 1),
+            make_batches=lambda t, n, bs, seed: encoder.batches(t, n, bs, seed, device),
+            cache_dir=cache_dir, log=lambda s: None, adapter=adapter_name(1),
         )
 
     # Warm-up (first-call allocations, lazy init) so the first timed case is not penalised.

@@ -4,6 +4,8 @@
 class CLBenchError(Exception):
     """Base class: the message must name the culprit (file, key or value) and what is valid."""
 
+    readme_section: str | None = None  # README section the CLI points at after the message
+
 
 class ConfigError(CLBenchError):
     """A config value or group choice is invalid."""
@@ -12,9 +14,13 @@ class ConfigError(CLBenchError):
 class DataError(CLBenchError):
     """A data file is missing or malformed."""
 
+    readme_section = "Getting the data"
+
 
 class ModelLoadError(CLBenchError):
     """A model or tokenizer could not be loaded."""
+
+    readme_section = "Getting a model"
 
 
 class TrainingError(CLBenchError):

@@ -3,6 +3,9 @@
 The continuation starts at the *padded* input length, the same for every row of a batch
 (the SLICE authors' code cut at each row's unpadded length, leaking prompt tails into the
 predictions of every row but the longest; shared/reference/slice-reference.md §5.1).
+
+Each prediction is scored against every reference of its example by the task's metric under the
+configured evaluation.protocol (TaskData.metric_for; scoring.score takes the best reference).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import encode_prompts_left_padded, pad_id_of
+from .data import PromptFormat, encode_prompts_left_padded, pad_id_of
 from .scoring import score
 from .tasks.base import Example, TaskData
 
@@ -19,9 +22,9 @@ from .tasks.base import Example, TaskData
 @torch.no_grad()
 def generate(
     model, tokenizer, examples: Sequence[Example], *, max_new_tokens: int, max_prompt_len: int,
-    device: torch.device, use_chat_template: bool = True,
+    device: torch.device, prompt: PromptFormat | bool = True,
 ) -> list[str]:
-    batch = encode_prompts_left_padded(tokenizer, examples, max_prompt_len, use_chat_template)
+    batch = encode_prompts_left_padded(tokenizer, examples, max_prompt_len, prompt)
     batch = {k: v.to(device) for k, v in batch.items()}
     out = model.generate(
         **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
@@ -34,9 +37,12 @@ def generate(
 
 def evaluate_task(
     model, tokenizer, task: TaskData, *, batch_size: int, max_new_tokens: int, max_prompt_len: int,
-    device: torch.device, use_chat_template: bool = True, limit: int | None = None, progress: bool = True,
+    device: torch.device, prompt: PromptFormat | bool = True, limit: int | None = None, progress: bool = True,
+    protocol: str = "per_task",
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Score in percent and one record per example (prompt, target, prediction, score)."""
+    """Score in percent and one record per example (prompt, target, prediction, score; and all
+    references when there are several). `protocol` picks the metric (TaskData.metric_for)."""
+    metric = task.metric_for(protocol)
     examples = task.eval[:limit] if limit else task.eval
     # Similar lengths per batch waste less compute on padding; results are put back in order.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
@@ -48,14 +54,17 @@ def evaluate_task(
         idx = order[start:start + batch_size]
         outs = generate(
             model, tokenizer, [examples[i] for i in idx], max_new_tokens=max_new_tokens,
-            max_prompt_len=max_prompt_len, device=device, use_chat_template=use_chat_template,
+            max_prompt_len=max_prompt_len, device=device, prompt=prompt,
         )
         for i, text in zip(idx, outs):
             predictions[i] = text
     model.train(was_training)
     records = []
     for ex, pred in zip(examples, predictions):
-        value = score(task.metric, pred, ex.target, task.labels, source=ex.source)
-        records.append({"id": ex.id, "prompt": ex.prompt, "target": ex.target, "prediction": pred, "score": value})
+        value = score(metric, pred, ex.all_references, task.labels, source=ex.source)
+        record = {"id": ex.id, "prompt": ex.prompt, "target": ex.target, "prediction": pred, "score": value}
+        if len(ex.all_references) > 1:
+            record["references"] = list(ex.all_references)
+        records.append(record)
     mean = 100.0 * sum(r["score"] for r in records) / max(1, len(records))
     return mean, records

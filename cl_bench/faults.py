@@ -4,7 +4,10 @@ itself when it reaches that point (no cleanup, no flush: exactly what a pre-empt
 Points: "train:<stage>:<step>" (after that optimizer step and any checkpoint),
 "eval:<stage>:<task index>" (after that task's predictions are written),
 "saved:<stage>" (right after results.json is written for that stage).
-Unset in normal use; reading one environment variable is its only cost.
+CL_BENCH_KILL_SIGNAL=INT|TERM sends that signal instead (a Ctrl-C or a scheduler's SIGTERM).
+CL_BENCH_SIGNAL_AT=<point> instead sends the scheduler's preemption signal (submitit's SIGUSR2,
+or $SUBMITIT_PREEMPT_SIGNAL) once at that point: a job requeues itself as on a real preemption.
+Unset in normal use; reading environment variables is their only cost.
 """
 from __future__ import annotations
 
@@ -14,4 +17,7 @@ import signal
 
 def kill_point(point: str) -> None:
     if os.environ.get("CL_BENCH_KILL_AT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.Signals["SIG" + os.environ.get("CL_BENCH_KILL_SIGNAL", "KILL")])
+    if os.environ.get("CL_BENCH_SIGNAL_AT") == point:
+        os.environ.pop("CL_BENCH_SIGNAL_AT")  # once per process
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")))

@@ -22,6 +22,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -49,6 +50,8 @@ class BenchmarkSpec:
     # Local files that come with their own few-shot pool (else one is split off the eval file).
     local_pool_file: str | None = None
     split_names: tuple[str, str] = ("train", "test")  # (few-shot split, eval split) of the task
+    # Fields that make a row's prompt: a demonstration equal to a scored row on them is dropped.
+    prompt_fields: tuple[str, ...] = ()
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
@@ -56,13 +59,13 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         sources=("local_or_registry", "registry", "local"), metric="acc_norm,none",
         registry_task="hellaswag", lm_eval_yaml="hellaswag/hellaswag.yaml",
         local_file="hellaswag_validation.jsonl", local_pool_file="hellaswag_train.jsonl",
-        read_rows=gt.hellaswag_rows, split_names=("train", "validation"),
+        read_rows=gt.hellaswag_rows, split_names=("train", "validation"), prompt_fields=("activity_label", "ctx_a", "ctx_b"),
     ),
     "commonsense_qa": BenchmarkSpec(
         sources=("local_or_registry", "registry", "local"), metric="acc,none",
         registry_task="commonsense_qa", lm_eval_yaml="commonsense_qa/default.yaml",
         local_file="commonsenseqa_validation.jsonl", local_pool_file="commonsenseqa_train.jsonl",
-        read_rows=gt.commonsense_qa_rows, split_names=("train", "validation"),
+        read_rows=gt.commonsense_qa_rows, split_names=("train", "validation"), prompt_fields=("question", "choices"),
     ),
     # The SLICE authors' task: 3 fixed chain-of-thought demonstrations, answer after "the answer is".
     "bbh_object_counting": BenchmarkSpec(
@@ -75,6 +78,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "alpaca": BenchmarkSpec(
         sources=("local",), metric="rouge_l,none", template="alpaca.yaml",
         local_file="alpaca_eval_text_davinci_003_reference.json", read_rows=gt.alpaca_rows,
+        prompt_fields=("instruction", "input"),
     ),
     "synthetic_odd_one_out": BenchmarkSpec(
         sources=("synthetic",), metric="acc,none", template="synthetic_odd_one_out.yaml"),
@@ -236,6 +240,7 @@ class PreparedBenchmark:
     task: str  # lm-eval task name to load
     source: str  # "registry" | "local:<path>" | "synthetic"
     registry: bool
+    pool_dropped_duplicates: int = 0  # demonstrations dropped for repeating a scored document
 
 
 def _local_path(bench: BenchmarkConfig, spec: BenchmarkSpec, data_root: str | None) -> Path | None:
@@ -306,27 +311,31 @@ def prepare_benchmarks(
                      "test": gt.write_jsonl(tasks_dir / f"{task_name}.test.jsonl", test)}
             include = gt.TEMPLATE_DIR / spec.template
         else:
-            files = _write_local_data(bench, spec, Path(source.removeprefix("local:")), tasks_dir, task_name,
-                                      cfg.fewshot_pool, seed)
+            files, dropped = _write_local_data(bench, spec, Path(source.removeprefix("local:")), tasks_dir, task_name,
+                                               cfg.fewshot_pool, seed)
             # lm-eval's own task file when there is one: same prompt and splits, other data source.
             include = (_lm_eval_tasks_dir() / spec.lm_eval_yaml) if spec.lm_eval_yaml else gt.TEMPLATE_DIR / spec.template
         gt.write_task_yaml(tasks_dir / f"{task_name}.yaml", gt.task_yaml(task_name, include, files, cache_dir))
-        prepared.append(PreparedBenchmark(bench, task_name, source, registry=False))
+        prepared.append(PreparedBenchmark(bench, task_name, source, registry=False,
+                                          pool_dropped_duplicates=0 if source == "synthetic" else dropped))
     return prepared
 
 
 def _write_local_data(bench, spec, path: Path, tasks_dir: Path, task_name: str, n_pool: int, seed: int):
+    """Write the few-shot pool and the scored rows; returns (files, demonstrations dropped because
+    they repeat a scored document, which would put its answer in the prompt)."""
     rows = spec.read_rows(path)
     pool_split, eval_split = spec.split_names
     if not pool_split:  # demonstrations are fixed in the task config (BBH)
-        return {eval_split: gt.write_jsonl(tasks_dir / f"{task_name}.{eval_split}.jsonl", rows)}
+        return {eval_split: gt.write_jsonl(tasks_dir / f"{task_name}.{eval_split}.jsonl", rows)}, 0
     pool_path = path.parent / spec.local_pool_file if spec.local_pool_file and not bench.file else None
     if pool_path is not None and pool_path.is_file():
         pool, test = spec.read_rows(pool_path), rows
     else:
         pool, test = gt.seeded_split(rows, n_pool, seed)
+    pool, dropped = gt.drop_scored_prompts(pool, test, spec.prompt_fields)
     return {pool_split: gt.write_jsonl(tasks_dir / f"{task_name}.{pool_split}.jsonl", pool),
-            eval_split: gt.write_jsonl(tasks_dir / f"{task_name}.{eval_split}.jsonl", test)}
+            eval_split: gt.write_jsonl(tasks_dir / f"{task_name}.{eval_split}.jsonl", test)}, dropped
 
 
 def _lm_eval_tasks_dir() -> Path:
@@ -337,20 +346,77 @@ def _lm_eval_tasks_dir() -> Path:
 
 # ---------------------------------------------------------------------------- running lm-eval
 class _LmEvalNoise(logging.Filter):
-    """Counts lm-eval's left-truncations of too-long multiple-choice contexts (one warning per
-    context, recorded as `truncated_contexts` instead of flooding the log) and drops the
-    harmless notes about passing a model object. Generation prompts are cut silently by lm-eval."""
+    """Drops lm-eval's per-request truncation warnings (they are counted exactly by
+    `counting_hflm` and recorded per benchmark instead of flooding the log) and the harmless
+    notes about passing a model object."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.truncated = 0
+    _DROPPED = ("Combined length of context", "Left truncation applied", "`pretrained` model kwarg is not of type `str`",
+                "Passed an already-initialized model")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if msg.startswith("Combined length of context"):
-            self.truncated += 1
-            return False
-        return not msg.startswith(("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model"))
+        return not record.getMessage().startswith(self._DROPPED)
+
+
+REQUEST_TYPES = ("loglikelihood", "generate_until")
+
+
+@lru_cache(maxsize=1)
+def counting_hflm():
+    """lm-eval's HFLM, counting every request it left-truncates, per lm-eval task and request type.
+
+    lm-eval cuts too-long inputs from the left without failing: a loglikelihood request whose
+    context + continuation exceeds max_length + 1 tokens (its condition in `_loglikelihood_tokens`)
+    and a generation prompt longer than max_length - max_gen_toks (`tok_batch_encode`'s
+    left_truncate_len). Both are counted here, attributed to the request's task through the
+    Instance objects. `truncated` is {task: {"loglikelihood": n, "generate_until": n}}.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class CountingHFLM(HFLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.truncated: dict[str, dict[str, int]] = {}
+            self._pending: list[str] | None = None  # task of each loglikelihood request, in order
+            self._task_of_context: dict[str, str] = {}
+
+        def _count(self, task: str, kind: str, n: int = 1) -> None:
+            counts = self.truncated.setdefault(task, dict.fromkeys(REQUEST_TYPES, 0))
+            counts[kind] += n
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            self._pending = [req.task_name for req in requests]
+            try:
+                return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self._pending = None
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            tasks = self._pending if self._pending is not None and len(self._pending) == len(requests) else None
+            if self.backend == "causal":
+                for i, (_, context_enc, continuation_enc) in enumerate(requests):
+                    if len(context_enc) + len(continuation_enc) > self.max_length + 1:
+                        self._count(tasks[i] if tasks else "?", "loglikelihood")
+            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            self._task_of_context = {req.args[0]: req.task_name for req in requests}
+            try:
+                return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self._task_of_context = {}
+
+        def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
+            ids, mask = super().tok_batch_encode(strings, padding_side=padding_side, left_truncate_len=None,
+                                                 truncation=truncation)
+            if left_truncate_len:
+                for text, length in zip(strings, mask.sum(dim=1).tolist()):
+                    if length > left_truncate_len:
+                        self._count(self._task_of_context.get(text, "?"), "generate_until")
+                # lm-eval's own cut (left padding, so each row keeps its last tokens)
+                ids, mask = ids[:, -left_truncate_len:], mask[:, -left_truncate_len:]
+            return ids, mask
+
+    return CountingHFLM
 
 
 @contextmanager
@@ -447,14 +513,20 @@ def _load_task(task_manager, item: PreparedBenchmark, shots: int):
     return task
 
 
-def run_benchmarks(lm, prepared: list[PreparedBenchmark], cfg: GeneralEvalConfig, *, task_manager, seed: int) -> dict:
+def run_benchmarks(
+    lm, prepared: list[PreparedBenchmark], cfg: GeneralEvalConfig, *, task_manager, seed: int, system: str | None = None
+) -> dict:
     """Run every GP benchmark 0-shot and every IP benchmark k-shot through `simple_evaluate` on
-    one lm-eval LM (one call per mode, so requests of all benchmarks share batches)."""
+    one lm-eval LM (one call per mode, so requests of all benchmarks share batches). `system` is
+    the system message of chat-templated prompts. Truncated requests are counted when `lm` is a
+    `counting_hflm()`: details[bench]["truncated"][mode] = {"loglikelihood": n, "generate_until": n}
+    and `truncated_contexts` = {mode: total over benchmarks and request types}."""
     from lm_eval import simple_evaluate
 
     scores: dict[str, dict[str, float]] = {"zero_shot": {}, "few_shot": {}}
     counts: dict[str, dict[str, int]] = {"zero_shot": {}, "few_shot": {}}
-    truncated = {}
+    truncated: dict[str, dict[str, dict[str, int]]] = {"zero_shot": {}, "few_shot": {}}
+    chat = cfg.apply_chat_template
     modes = (("zero_shot", [p for p in prepared if p.config.gp], lambda b: 0),
              ("few_shot", [p for p in prepared if p.config.ip], lambda b: b.shots))
     for mode, items, shots_of in modes:
@@ -468,15 +540,19 @@ def run_benchmarks(lm, prepared: list[PreparedBenchmark], cfg: GeneralEvalConfig
             if limit is not None and limit < n_docs:
                 samples[item.task] = list(range(limit))  # first docs: local files are stored shuffled
             tasks.append(task)
-        with _lm_eval_logging() as noise:
+        lm_truncated = getattr(lm, "truncated", None)
+        if lm_truncated is not None:
+            lm_truncated.clear()
+        with _lm_eval_logging():
             out = simple_evaluate(
                 model=lm, tasks=tasks, task_manager=task_manager, num_fewshot=None,
                 samples=samples or None, bootstrap_iters=0, log_samples=False,
-                apply_chat_template=cfg.apply_chat_template,
-                fewshot_as_multiturn=cfg.apply_chat_template and cfg.fewshot_as_multiturn,
+                apply_chat_template=chat, fewshot_as_multiturn=chat and cfg.fewshot_as_multiturn,
+                system_instruction=system if chat else None,
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             )
-        truncated[mode] = noise.truncated
+        for item in items:
+            truncated[mode][item.config.name] = dict((lm_truncated or {}).get(item.task, dict.fromkeys(REQUEST_TYPES, 0)))
         for item in items:
             result = out["results"][item.task]
             if item.config.metric not in result:
@@ -495,29 +571,40 @@ def run_benchmarks(lm, prepared: list[PreparedBenchmark], cfg: GeneralEvalConfig
         details[b.name] = {
             "task": item.task, "metric": b.metric, "source": item.source, "n": ns.pop(),
             "shots": b.shots if b.ip else 0, "gp": b.gp, "ip": b.ip,
+            "truncated": {m: truncated[m][b.name] for m in truncated if b.name in truncated[m]},
+            "pool_dropped_duplicates": item.pool_dropped_duplicates,
             **({"generation_kwargs": dict(b.generation_kwargs)} if b.generation_kwargs else {}),
         }
+    totals = {m: sum(sum(c.values()) for c in per_bench.values()) for m, per_bench in truncated.items() if per_bench}
     return {"zero_shot": scores["zero_shot"], "few_shot": scores["few_shot"], "details": details,
             "benchmarks": {"gp": cfg.gp_benchmarks, "ip": cfg.ip_benchmarks},
-            "truncated_contexts": truncated}
+            "truncated_contexts": totals}
 
 
-def evaluate_general(model, tokenizer, gcfg, *, data_root: str | None, work_dir: str, device, seed: int) -> dict:
+def evaluate_general(
+    model, tokenizer, gcfg, *, data_root: str | None, work_dir: str, device, seed: int, prompt=None
+) -> dict:
     """GP/IP benchmarks of the in-memory `model` (PEFT or merged, already on `device`; not moved,
-    copied or left in another train/eval mode). Returns
-    {"zero_shot": {bench: %}, "few_shot": {bench: %}, "details": {bench: {...}},
-     "benchmarks": {"gp": [...], "ip": [...]}, "truncated_contexts": {...}, "seconds": float}."""
+    copied or left in another train/eval mode). `prompt` (data.PromptFormat; default: the default
+    config's) renders lm-eval's chat template when general_eval.apply_chat_template is on: same
+    template, fixed date and system message as training and evaluation. Returns
+    {"zero_shot": {bench: %}, "few_shot": {bench: %}, "details": {bench: {..., "truncated": {...}}},
+     "benchmarks": {"gp": [...], "ip": [...]}, "truncated_contexts": {mode: n}, "seconds": float}."""
+    import dataclasses
+
+    from .data import PromptFormat
+
     start = time.time()
     cfg = parse_config(gcfg)
+    prompt = prompt if prompt is not None else PromptFormat()
     prepared = prepare_benchmarks(cfg, data_root=data_root, work_dir=work_dir, seed=seed)
-    from lm_eval.models.huggingface import HFLM
-
     task_manager = make_task_manager(prepared, work_dir)
     with _preserved_rng(), _preserved_modes(model), _quiet_dataset_building():
         with _lm_eval_logging():
             # batch_size goes to HFLM: simple_evaluate ignores its own batch_size for an LM object.
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
-        result = run_benchmarks(lm, prepared, cfg, task_manager=task_manager, seed=seed)
+            lm = counting_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                 chat_template_args=dataclasses.replace(prompt, use_chat_template=True).chat_template_kwargs(tokenizer))
+        result = run_benchmarks(lm, prepared, cfg, task_manager=task_manager, seed=seed, system=prompt.system)
     result["seconds"] = round(time.time() - start, 3)
     return result
 

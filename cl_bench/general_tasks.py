@@ -149,6 +149,20 @@ def seeded_split(rows: Sequence[dict], n_pool: int, seed: int) -> tuple[list[dic
     return [rows[i] for i in idx[:n_pool]], [rows[i] for i in idx[n_pool:]]
 
 
+def drop_scored_prompts(pool: Sequence[dict], test: Sequence[dict], fields: Sequence[str]) -> tuple[list[dict], int]:
+    """Pool rows whose prompt fields equal a scored row's (a duplicated document in the file),
+    removed: as a demonstration it would show the scored document's answer. Returns (pool, n dropped)."""
+    if not fields:
+        return list(pool), 0
+
+    def key(row: dict) -> str:
+        return json.dumps([row.get(f) for f in fields], sort_keys=True, ensure_ascii=False)
+
+    scored = {key(r) for r in test}
+    kept = [r for r in pool if key(r) not in scored]
+    return kept, len(pool) - len(kept)
+
+
 # ---------------------------------------------------------------------------- lm-eval task files
 def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,5 +199,6 @@ def write_task_yaml(path: Path, config: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------------------- metric used by lm-eval
 def rouge_l(references: Sequence[str], predictions: Sequence[str]) -> float:
     """Per-document ROUGE-L F1 in lm-eval's metric-function signature (lm-eval has no ROUGE-L of
-    its own for generate_until); the score comes from `rouge_score` via cl_bench.scoring."""
-    return _rouge_l_f1(predictions[0].strip(), references[0].strip())
+    its own for generate_until), the best over the document's references; the score comes from
+    `rouge_score` (by script for non-ASCII text) via cl_bench.scoring."""
+    return max(_rouge_l_f1(predictions[0].strip(), ref.strip()) for ref in references)

@@ -6,7 +6,8 @@
   `scope="global"` computes one coefficient for all modules from per-module inner products,
   which equals the operator applied to the concatenation of all modules, without building it.
 * LoRA-GA subspace selection from a (randomized, seeded) SVD: B = U[:, :r], A = V[:, r:2r]ᵀ.
-* Variance-matched magnitude rescale β = (η_r·η_var)^(1/4), η_r = log_m r (LoRAM / SLICE Eq. 9).
+* Variance-matched magnitude rescale β = (η_r·η_var)^(1/4), η_r = log_m r (LoRAM / SLICE Eq. 9),
+  or LoRA-GA's original stable scale ζ = d_out^(1/4)/√γ on both factors.
 * Deterministic DST-I bases (LoRAM) and minor-singular-component factors (MiLoRA).
 
 Conventions: a module's gradient/weight is [d_out, d_in]; A is [r, d_in], B is [d_out, r];
@@ -198,7 +199,8 @@ def apply_plan(g: torch.Tensor, h: torch.Tensor, plan: ModulePlan) -> torch.Tens
         if plan.c == 0.0 or not plan.fired:
             return g.clone()
         k = min(plan.nullspace_rank, min(h.shape))
-        U, _, _ = randomized_svd(h.float(), q=k, niter=4, seed=plan.seed)
+        U, _, _ = randomized_svd(h.float(), q=oversampled_columns(k, h.shape), niter=4, seed=plan.seed)
+        U = U[:, :k]
         return g - plan.c * (U @ (U.T @ g))
     if not plan.fired or plan.coef == 0.0:
         return g.clone()
@@ -230,6 +232,13 @@ def randomized_svd(M: torch.Tensor, q: int, niter: int = 4, seed: int = 0) -> tu
     with torch.random.fork_rng(devices=devices, device_type=M.device.type if on_accelerator else "cuda"):
         torch.manual_seed(seed)
         return torch.svd_lowrank(M, q=q, niter=niter)
+
+
+def oversampled_columns(k: int, shape: tuple[int, ...]) -> int:
+    """Sketch width for the top-k singular vectors: q = 4k columns, the oversampling the LoRA-GA
+    selection uses (q = 4r), capped at min(shape). With q = k a flat spectrum mixes the k-th and
+    later directions into the result (Halko et al. 2011, §10: the error falls with q - k)."""
+    return min(4 * int(k), min(shape))
 
 
 def top_singular(M: torch.Tensor, q: int, *, method: str = "randomized", niter: int = 4, seed: int = 0):
@@ -300,6 +309,24 @@ def rescale_factors(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[
     return A * beta, B * beta, beta
 
 
+def stable_scale(d_out: int, gamma: float) -> float:
+    """LoRA-GA's stable scale ζ = d_out^(1/4)/√γ (Wang et al. 2024, LoRA-GA, §3.3 "scale
+    stability"; the authors' code, scale == "stable"): multiplying both A and B by ζ keeps the
+    adapter output's scale independent of the width; γ is the `stable_gamma` hyperparameter."""
+    if d_out < 1 or gamma <= 0:
+        raise ValueError(f"stable_scale needs d_out >= 1 and gamma > 0, got d_out={d_out}, gamma={gamma}")
+    return d_out**0.25 / math.sqrt(gamma)
+
+
+def stable_scale_factors(
+    A: torch.Tensor, B: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(ζ·A, ζ·B, ζ) with ζ = stable_scale(d_out, γ), d_out = B.shape[0]; the singular values of
+    the gradient are not used (A, B are the orthonormal singular vectors)."""
+    zeta = stable_scale(B.shape[0], gamma)
+    return A * zeta, B * zeta, zeta
+
+
 # --------------------------------------------------------------------------- data-free bases
 def dst1_rows(n: int, k: int, device=None) -> torch.Tensor:
     """First k rows of the orthonormal n×n DST-I matrix: sqrt(2/(n+1))·sin(π(i+1)(j+1)/(n+1))."""
@@ -328,3 +355,194 @@ def minor_component_factors(W: torch.Tensor, r: int, scaling: float) -> tuple[to
     B = (U[:, -r:] * root).contiguous()
     A = (root.unsqueeze(1) * Vh[-r:]).contiguous()
     return A, B
+
+
+# --------------------------------------------------------------------------- subspace memory
+# GPM (Saha et al. 2021), InfLoRA (Liang & Li 2024) and GainLoRA's gate memory share these: a
+# per-module orthonormal basis M [d, k] of earlier tasks' input representations, grown by an
+# energy threshold, and projections off it. Representations enter as their Gram matrix
+# C = R·Rᵀ [d, d] (R [d, n]: one column per real token), so σ_i(R)² = λ_i(C) and n may be huge.
+
+
+def stage_threshold(threshold: float, increment: float, stage: int) -> float:
+    """ε_th of the memory built after stage `stage` (1-based): min(1, ε + increment·(stage − 1)).
+
+    GPM raises ε_th by a fixed amount per task on some benchmarks (e.g. 0.97 + 0.003 per task on
+    CIFAR-100); InfLoRA's LLM code uses ε0 + (1 − ε0)·(t − 1)/T, i.e. increment = (1 − ε0)/T.
+    Raises ValueError unless 0 ≤ ε ≤ 1 and increment ≥ 0.
+    """
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold={threshold} is outside [0, 1]")
+    if float(increment) < 0.0:
+        raise ValueError(f"threshold_increment={increment} must be >= 0")
+    return min(1.0, float(threshold) + float(increment) * (int(stage) - 1))
+
+
+def basis_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: float) -> tuple[torch.Tensor, dict]:
+    """Grow an orthonormal basis M [d, k] by the energy threshold (GPM Eqs. 16, 20–22).
+
+    gram: C = R·Rᵀ [d, d] of the new task's representations R [d, n]. With ‖R‖² = tr C:
+      * M empty (the first task, Eq. 16): keep the k leading eigenvectors of C (= left singular
+        vectors of R) with the smallest k such that Σ_{i≤k} σ_i² ≥ ε·‖R‖².
+      * otherwise (Eqs. 20–22): R̂ = R − M·Mᵀ·R (Eq. 20), so R̂·R̂ᵀ = P·C·P with P = I − M·Mᵀ; its
+        eigenvectors û_i, σ̂_i² (Eq. 21) are appended (Eq. 22) for the smallest k such that
+        ‖Mᵀ·R‖² + Σ_{i≤k} σ̂_i² ≥ ε·‖R‖², the criterion on the TOTAL energy as in GPM (k = 0 when
+        the old basis already holds a fraction ε of it).
+    Only directions with σ̂² > 1e-12·‖R‖² are ever added (numerically null directions of P·C·P may
+    lie inside span M), so k ≤ d − k_old. Computed in float64; returns (M_new float32 [d, k_old + k]
+    on gram's device, stats). Raises ValueError for a non-square gram, a basis of another d, or ε
+    outside [0, 1].
+    """
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be square [d, d], got {tuple(gram.shape)}")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold={threshold} is outside [0, 1]")
+    d = gram.shape[0]
+    C = gram.detach().double()
+    C = 0.5 * (C + C.T)
+    M = C.new_zeros(d, 0) if basis is None else basis.detach().to(C)
+    if M.shape[0] != d:
+        raise ValueError(f"basis has d={M.shape[0]} but gram has d={d}")
+    total = float(torch.trace(C))
+    stats = {"d": d, "k_old": M.shape[1], "k_added": 0, "k": M.shape[1], "threshold": float(threshold),
+             "energy_old": 0.0, "energy_kept": 0.0}
+    if total <= 0.0:
+        return M.float(), stats
+    if M.shape[1]:
+        P = torch.eye(d, dtype=C.dtype, device=C.device) - M @ M.T
+        C_hat = P @ C @ P
+    else:
+        C_hat = C
+    lam, U = torch.linalg.eigh(0.5 * (C_hat + C_hat.T))
+    lam, U = lam.flip(0).clamp_min(0.0), U.flip(1)
+    energy_old = max(0.0, total - float(lam.sum()))  # ‖Mᵀ R‖² = ‖R‖² − ‖R̂‖²
+    need = float(threshold) * total - energy_old
+    k = 0
+    if need > 0.0:
+        k = int((torch.cumsum(lam, 0) < need).sum()) + 1
+        k = min(k, int((lam > 1e-12 * total).sum()), d - M.shape[1])
+    new = U[:, :k]
+    if M.shape[1] and k:  # re-orthogonalise against M (removes rounding, keeps the directions)
+        new = new - M @ (M.T @ new)
+        new = new / new.norm(dim=0, keepdim=True)
+    stats.update(k_added=k, k=M.shape[1] + k, energy_old=energy_old / total,
+                 energy_kept=(energy_old + float(lam[:k].sum())) / total)
+    return torch.cat([M, new], dim=1).float(), stats
+
+
+def project_off(X: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """X − X·M·Mᵀ: every row of X [.., d] with its component in span M [d, k] removed (GPM Eq. 18).
+
+    Computed in float32 (float64 if X is), returned in X's dtype; M must be orthonormal."""
+    work = torch.float64 if X.dtype == torch.float64 else torch.float32
+    Xw, M = X.to(work), basis.to(device=X.device, dtype=work)
+    return (Xw - (Xw @ M) @ M.T).to(X.dtype)
+
+
+def range_basis(X: torch.Tensor, tol: float) -> torch.Tensor:
+    """Orthonormal basis [m, q] of the column space of X [m, n]: left singular vectors with σ > tol."""
+    if X.numel() == 0:
+        return X.new_zeros(X.shape[0], 0)
+    U, S, _ = torch.linalg.svd(X, full_matrices=False)
+    return U[:, S > tol]
+
+
+def lora_input_basis(A: torch.Tensor, basis: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """Q [r, q]: orthonormal basis of col(A·M) ⊂ ℝ^r, the inputs B receives from old-task x ∈ span M.
+
+    A: [r, d_in]; basis M: [d_in, k]. Keeps singular directions with σ > rtol·‖A‖_F, so an A
+    orthogonal to M up to rounding gives q = 0 (B unconstrained)."""
+    AM = A.detach().float() @ basis.to(device=A.device, dtype=torch.float32)
+    return range_basis(AM, rtol * float(A.detach().float().norm()))
+
+
+def gpm_lora_gradients(grad_A: torch.Tensor, grad_B: torch.Tensor, basis: torch.Tensor,
+                       Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPM's projection (Eq. 18) carried to the LoRA factors of ΔW = s·B·A; returns (∇A', ∇B') float32.
+
+    grad_A: [r, d_in]; grad_B: [d_out, r]; basis M: [d_in, k] orthonormal, spanning old inputs;
+    Q = lora_input_basis(A, M) [r, q].
+      ∇A' = ∇A − ∇A·M·Mᵀ      (input side: the rows of ∇A leave span M alone)
+      ∇B' = ∇B − ∇B·Q·Qᵀ      (B's inputs on old x are A·x ∈ col(A·M) = col Q)
+    Why this protects old inputs x ∈ span M (Eq. 19): one SGD step of size η changes s·B·A by
+      −η·s·(∇B'·A + B·∇A') + η²·s·∇B'·∇A'.
+    ∇A'·x = 0 removes the second term and the second-order term; A·x ∈ col Q and ∇B'·Q = 0 remove
+    the first. Since ∇A'·M = 0 the step leaves A·M, hence Q, unchanged, so under SGD the
+    protection is exact to all orders over a whole stage, not only to first order. It is
+    approximate for x only approximately in span M (the energy 1 − ε_th left out) and under
+    Adam(W), whose elementwise 1/√v rescale does not commute with the projection (momentum
+    alone would); gpm_lora_pin restores it. A component projected away entirely (q = r, k = d_in)
+    is set to exactly 0: Adam would otherwise rescale its rounding noise to full-size steps.
+    If q = r, ∇B' ≡ 0: a stage whose A starts with rank-r components in span M can train only
+    A's part in M⟂ (nothing at all if B starts at 0), hence GPM's `project_init`.
+    """
+    M = basis.to(device=grad_A.device, dtype=torch.float32)
+    gA = torch.zeros_like(grad_A, dtype=torch.float32) if M.shape[1] >= M.shape[0] else project_off(grad_A.float(), M)
+    gB = grad_B.float()
+    if Q.shape[1] >= Q.shape[0]:
+        gB = torch.zeros_like(gB)
+    elif Q.shape[1]:
+        Q = Q.to(device=gB.device, dtype=torch.float32)
+        gB = gB - (gB @ Q) @ Q.T
+    return gA, gB
+
+
+def gpm_lora_pin(A: torch.Tensor, B: torch.Tensor, basis: torch.Tensor, Q: torch.Tensor, AM0: torch.Tensor,
+                 BQ0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') float32 with A'·M = A0·M and B'·Q = B0·Q: any optimizer's step projected like Eq. 18.
+
+    AM0 = A0·M [r, k] and BQ0 = B0·Q [d_out, q] are taken at the stage start (Q = orth(A0·M)).
+    A' = A − (A·M − A0·M)·Mᵀ and B' = B − (B·Q − B0·Q)·Qᵀ remove exactly the parts of the updates
+    so far that lie in span M (for A) and col Q (for B); then for x = M·c,
+    s·B'·A'·x = s·B'·A0·M·c = s·B'·Q·Qᵀ·A0·M·c = s·B0·A0·x: the stage leaves old inputs' outputs
+    unchanged whatever the optimizer (up to the σ(A0·M) ≤ rtol·‖A0‖ directions left out of Q).
+    Under SGD with gpm_lora_gradients it changes nothing (the steps are already projected).
+    """
+    M = basis.to(device=A.device, dtype=torch.float32)
+    A32, B32 = A.detach().float(), B.detach().float()
+    A_new = A32 - (A32 @ M - AM0.to(A32)) @ M.T
+    if Q.shape[1]:
+        Q = Q.to(B32)
+        B32 = B32 - (B32 @ Q - BQ0.to(B32)) @ Q.T
+    return A_new, B32
+
+
+def project_rows(A: torch.Tensor, basis: torch.Tensor, keep_norm: bool = True) -> torch.Tensor:
+    """The rows of A [r, d] projected off span M [d, k] (A − A·M·Mᵀ), float32.
+
+    keep_norm rescales every row back to its norm before the projection (a row that vanishes
+    stays 0): a Kaiming-uniform row of PEFT's default A has norm ≈ 1/√3, the value InfLoRA's LLM
+    code rescales its projected rows to.
+    """
+    A32 = A.detach().float()
+    out = project_off(A32, basis)
+    if keep_norm:
+        before, after = A32.norm(dim=1, keepdim=True), out.norm(dim=1, keepdim=True)
+        scale = torch.where(after > 1e-12 * before.clamp_min(1e-30), before / after.clamp_min(1e-30), torch.zeros_like(after))
+        out = out * scale
+    return out
+
+
+def principal_rows(gram: torch.Tensor, basis: torch.Tensor | None, r: int) -> torch.Tensor:
+    """InfLoRA's designed A (CVPR 2024): the r leading eigenvectors of P·C·P as rows [r, d], float32.
+
+    C = H·Hᵀ of the new task's inputs H [d, n], P = I − M·Mᵀ, so the rows span the top principal
+    directions of Ĥ = H − M·Mᵀ·H, inside span M⟂ and orthonormal. A small multiple of P is added
+    before the eigendecomposition so that directions of M⟂ that the data does not reach still
+    rank above span M; if d − k < r the remaining rows are 0 (no room left outside the memory).
+    """
+    d = gram.shape[0]
+    C = gram.detach().double()
+    M = C.new_zeros(d, 0) if basis is None else basis.detach().to(C)
+    P = torch.eye(d, dtype=C.dtype, device=C.device) - M @ M.T
+    C_hat = P @ C @ P
+    C_hat = 0.5 * (C_hat + C_hat.T) + 1e-9 * (float(torch.trace(C)) / d + 1.0) * P
+    _, U = torch.linalg.eigh(C_hat)
+    room = min(r, d - M.shape[1])
+    rows = U.flip(1)[:, :room].T
+    if M.shape[1]:
+        rows = rows - (rows @ M) @ M.T
+        rows = rows / rows.norm(dim=1, keepdim=True)
+    out = C.new_zeros(r, d)
+    out[:room] = rows
+    return out.float()

@@ -28,7 +28,6 @@ no multirun, and the flags above are its whole interface.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from .errors import CLBenchError, ConfigError, DataError
+from .linalg import module_seed
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -59,12 +59,6 @@ NAMED_POOLS: dict[str, list[str]] = {
 
 
 # ------------------------------------------------------------------------ sketching
-
-def module_seed(seed: int, name: str) -> int:
-    """Stable per-module seed (Python's hash() is salted per process)."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
 
 @dataclass
 class GradientSketch:
@@ -272,14 +266,15 @@ def target_weights(model: torch.nn.Module, targets: Sequence[str]) -> dict[str, 
 def task_sketches(
     model, tokenizer, tasks, *, steps: int, batch_size: int, max_len: int, sketch_dim: int,
     seed: int, device: torch.device, targets: Sequence[str], offload: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, prompt=None,
 ) -> tuple[list[GradientSketch], list[dict]]:
-    """One sketch per task of the base model's mean training-loss gradient."""
-    from .data import TrainingEncoder
+    """One sketch per task of the base model's mean training-loss gradient. `prompt` is the
+    data.PromptFormat of the runs (default: the default config's, fixed date included)."""
+    from .data import PromptFormat, TrainingEncoder
     from .initializers.capture import capture_gradients
 
     weights = target_weights(model, targets)
-    encoder = TrainingEncoder(tokenizer, max_len)
+    encoder = TrainingEncoder(tokenizer, max_len, True, prompt if prompt is not None else PromptFormat())
     sketches, stats = [], []
     for task in tasks:
         batches = encoder.batches(task, steps, batch_size, seed, device)
@@ -373,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=200, help="held-out eval size: calibration data come only from the rest; written into the YAMLs")
     p.add_argument("--name-prefix", default="ni_mined", help="sequence name prefix (default ni_mined)")
     p.add_argument("--skip-missing", action="store_true", help="mine without pool tasks whose data is missing (listed in mining.json)")
+    p.add_argument("--prompt-format", default="chat_template", help="chat_template | slice_paper (as evaluation.prompt.format)")
+    p.add_argument("--system", default=None, help="system message of every prompt (as evaluation.prompt.system; default none)")
+    p.add_argument("--date-string", default=None, help="date chat templates print (as evaluation.prompt.date_string; default 26 Jul 2024)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cache-dir", default=os.environ.get("CL_BENCH_CACHE", str(Path.home() / ".cache" / "cl_bench")), help="where the tiny model is built")
     p.add_argument("--bench", action="store_true", help="only time the exhaustive C(46,5) search on a random 46x46 matrix")
@@ -392,9 +390,11 @@ def _check_args(args) -> None:
 def mine(args, log: Callable[[str], None] = print) -> dict:
     from omegaconf import OmegaConf
 
+    from .data import DEFAULT_DATE_STRING, PromptFormat
     from .models import load_model, resolve_device
 
     _check_args(args)
+    prompt = PromptFormat(format=args.prompt_format, system=args.system, date_string=args.date_string or DEFAULT_DATE_STRING)
     names = parse_pool(args.pool, args.pool_file)
     tasks, missing = load_pool(args.family, names, args.data_root, args.n_eval, args.seed, args.skip_missing, log)
     if len(tasks) < args.size:
@@ -408,6 +408,7 @@ def mine(args, log: Callable[[str], None] = print) -> dict:
     sketches, stats = task_sketches(
         model, tokenizer, tasks, steps=args.steps, batch_size=args.batch_size, max_len=args.max_len,
         sketch_dim=args.sketch_dim, seed=args.seed, device=device, targets=targets, offload=args.offload, log=log,
+        prompt=prompt,
     )
     gradient_seconds = time.perf_counter() - start
     pool_names = [t.name for t in tasks]
@@ -438,7 +439,8 @@ def mine(args, log: Callable[[str], None] = print) -> dict:
         "pool": pool_names, "missing": missing, "family": args.family, "model": args.model,
         "sketch": sketch_desc, "size": args.size, "top_k": args.top_k, "order": args.order,
         "calibration": {"steps": args.steps, "batch_size": args.batch_size, "max_len": args.max_len,
-                        "n_eval_held_out": args.n_eval, "seed": args.seed, "targets": targets},
+                        "n_eval_held_out": args.n_eval, "seed": args.seed, "targets": targets,
+                        "prompt": prompt.as_dict()},
         "tasks": stats, "sequences": sequences, "subsets_searched": math.comb(len(pool_names), args.size),
         "seconds": {"gradients": round(gradient_seconds, 3), "search": round(search_seconds, 3)},
     }

@@ -34,22 +34,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+TINY = "tiny"
+
+
 def resolve_model_path(model_cfg: Any, cache_dir: str | None, log=print) -> str:
-    """The tiny model is built on first use; anything else is a Hub name or a local path."""
-    if model_cfg.get("builder") == "tiny":
+    """The tiny model is built on first use; anything else is a Hub name or a local path.
+
+    A `model.name_or_path` the user set is honoured whatever the group: `model=tiny` builds the
+    tiny model only while its name_or_path is still "tiny"."""
+    name = model_cfg.get("name_or_path")
+    if model_cfg.get("builder") == TINY and name in (None, "", TINY):
         from .tiny_model import ensure_tiny_model
 
         return str(ensure_tiny_model(cache_dir, log=log))
-    return str(model_cfg.name_or_path)
+    if name in (None, ""):
+        raise ConfigError("model.name_or_path is empty; set it to a HF model name or a local folder")
+    return str(name)
 
 
 def model_unavailable(path: str) -> ModelLoadError:
     if Path(path).exists():
         return ModelLoadError(f"model.name_or_path={path!r} is a folder but not a loadable model (needs config.json, weights, tokenizer)")
-    offline = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    if Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") != 1:
+        return ModelLoadError(f"model.name_or_path={path!r}: no such folder (nor a Hub name of the form org/name)")
+    offline = " (offline)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
     return ModelLoadError(
         f"model {path!r} is not on disk and could not be downloaded{offline}; download it once "
-        f"(huggingface-cli download {path} --local-dir DIR) and set model.name_or_path=DIR"
+        f"(hf download {path} --local-dir DIR) and set model.name_or_path=DIR"
     )
 
 

@@ -33,18 +33,21 @@ def _clean(obj: Any) -> Any:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, rename: readers never see a partial file."""
+    from .interrupt import critical
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with critical():  # Ctrl-C / SIGTERM wait until the write is complete
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -83,3 +86,36 @@ def package_versions() -> dict[str, str]:
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in records))
+
+
+def git_state(repo: Path | None = None) -> dict[str, Any]:
+    """{"commit": sha or None, "dirty": bool or None} of the cl_bench checkout (None outside git)."""
+    import subprocess
+
+    repo = Path(repo or Path(__file__).resolve().parent.parent)
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    """Where and from what code a run was made: cl_bench's git commit (+ dirty flag), host, device."""
+    import platform
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.exists():
+            models = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")]
+            name = f"{models[0]} ({len(models)} cores)" if models else name
+    return {"cl_bench": git_state(), "host": platform.node(), "device": str(device), "device_name": name}

@@ -2,11 +2,18 @@
 
 Layout (shared/DESIGN.md §3):
   results.json                         single source of truth, rewritten atomically
-  stages/stage_XX/adapter.safetensors  trained LoRA factors (A, B) of stage XX
-  stages/stage_XX/init.safetensors     initial factors that were absorbed (when any)
-  stages/stage_XX/model_state.safetensors  target weights after the merge (only the latest kept)
-  stages/stage_XX/checkpoint/          in-stage checkpoint (adapter, optimizer, scheduler, RNG, step)
+  stages/stage_XX/adapter.safetensors  trained LoRA factors of stage XX: "<module>.A", "<module>.B"
+                                       (module = unwrapped-model name); metadata: stage, task,
+                                       adapter name, s per module
+  stages/stage_XX/init.safetensors     init factors (A0, B0) that were absorbed (when any)
+  stages/stage_XX/<group>.safetensors  state_dict() of the initializer / regularizer / merge
+                                       (tensors; other values as JSON metadata); only the latest kept
+  stages/stage_XX/model_state.safetensors  target weights of the model the next stage trains on
+                                       (their fp32 master for low-precision models; only the latest kept)
+  stages/stage_XX/checkpoint/          in-stage checkpoint (adapter, optimizer, scheduler, RNG, step,
+                                       every plug-in's state)
   predictions/stage_XX/<task>.jsonl    one scored example per line
+From adapter + init the task vector τ = s·B·A − s·B0·A0 of every stage is recomputed exactly.
 """
 from __future__ import annotations
 
@@ -18,11 +25,13 @@ from typing import Any
 
 import torch
 
+from .config import NON_RESULT_KEYS
 from .errors import ConfigError
+from .lora import WeightMaster, target_linears
 from .results import atomic_save_tensors, atomic_write_json, load_tensors
+from .stage import Factors, Plugin, StageRecord
 
 # Keys that do not change results: a resumed run may differ in these.
-NON_RESULT_KEYS = ("progress", "logger", "cache", "threads")
 
 
 class RunLock:
@@ -91,11 +100,14 @@ class StageFiles:
         self.adapter = self.dir / "adapter.safetensors"
         self.init = self.dir / "init.safetensors"
         self.model_state = self.dir / "model_state.safetensors"
-        self.regularizer = self.dir / "regularizer.safetensors"
         self.checkpoint = self.dir / "checkpoint"
 
+    def state(self, group: str) -> Path:
+        """A plug-in group's state after this stage."""
+        return self.dir / f"{group}.safetensors"
 
-def factors_to_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+
+def factors_to_tensors(factors: Factors) -> dict[str, torch.Tensor]:
     out = {}
     for name, (A, B) in factors.items():
         out[f"{name}.A"] = A
@@ -103,35 +115,101 @@ def factors_to_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) ->
     return out
 
 
-def target_weights(model: torch.nn.Module, target_modules: list[str]) -> dict[str, torch.Tensor]:
-    """Weights of the LoRA target Linears: the only base weights a stage changes."""
-    out = {}
-    for name, module in model.named_modules():
-        if name.split(".")[-1] in target_modules and isinstance(module, torch.nn.Linear):
-            out[f"{name}.weight"] = module.weight
-    return out
+def tensors_to_factors(tensors: dict[str, torch.Tensor]) -> Factors:
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    return {n: (tensors[f"{n}.A"].float(), tensors[f"{n}.B"].float()) for n in names}
 
 
-def save_model_state(files: StageFiles, model, target_modules: list[str]) -> None:
-    atomic_save_tensors(files.model_state, target_weights(model, target_modules))
+def save_stage_record(files: StageFiles, stage: int, task: str, adapter: str, trained: Factors,
+                      init: Factors | None, scaling: dict[str, float]) -> None:
+    """What the history and a remerge need of a stage: trained and absorbed-init factors, s."""
+    meta = {"history": json.dumps({"stage": stage, "task": task, "adapter": adapter, "scaling": scaling})}
+    if init is not None:
+        atomic_save_tensors(files.init, factors_to_tensors(init))
+    else:
+        files.init.unlink(missing_ok=True)
+    atomic_save_tensors(files.adapter, factors_to_tensors(trained), meta)
+
+
+def load_stage_record(files: StageFiles) -> StageRecord:
+    """The StageRecord of a finished stage; factors are read on first use."""
+    from safetensors import safe_open
+
+    with safe_open(str(files.adapter), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["history"])
+
+    def load():
+        trained = tensors_to_factors(load_tensors(files.adapter))
+        init = tensors_to_factors(load_tensors(files.init)) if files.init.exists() else None
+        return trained, init, {k: float(v) for k, v in meta["scaling"].items()}
+
+    return StageRecord(meta["stage"], meta["task"], meta["adapter"], load)
+
+
+def save_model_state(files: StageFiles, model, target_modules: list[str], master: WeightMaster) -> None:
+    """The target weights of `model` (their fp32 master where there is one)."""
+    tensors = {f"{n}.weight": master.value(n, lin.weight) for n, lin in target_linears(model, target_modules).items()}
+    atomic_save_tensors(files.model_state, tensors)
 
 
 @torch.no_grad()
-def load_model_state(files: StageFiles, model, target_modules: list[str]) -> None:
+def load_model_state(files: StageFiles, model, target_modules: list[str], master: WeightMaster) -> None:
     saved = load_tensors(files.model_state)
-    current = target_weights(model, target_modules)
-    if saved.keys() != current.keys():
+    current = target_linears(model, target_modules)
+    if saved.keys() != {f"{n}.weight" for n in current}:
         raise ConfigError(f"{files.model_state} does not match the model's target modules; use another hydra.run.dir")
-    for k, w in current.items():
-        w.copy_(saved[k])
+    for n, lin in current.items():
+        master.restore_(n, lin.weight, saved[f"{n}.weight"])
+
+
+# ---- plug-in state -------------------------------------------------------------------------
+
+def save_plugin_state(path: Path, state: dict[str, Any]) -> None:
+    """Tensors into the safetensors body, every other value as JSON in its metadata."""
+    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
+    rest = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    try:
+        meta = json.dumps(rest)
+    except TypeError as exc:
+        raise TypeError(f"plug-in state for {path.name}: non-tensor values must be JSON-serialisable ({exc})") from None
+    atomic_save_tensors(path, tensors, {"state": meta})
+
+
+def load_plugin_state(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    state: dict[str, Any] = dict(load_tensors(path))
+    with safe_open(str(path), framework="pt") as f:
+        state.update(json.loads((f.metadata() or {}).get("state", "{}")))
+    return state
+
+
+def save_plugin_states(folder: Path, plugins: dict[str, Plugin]) -> None:
+    """Every group's state_dict() to folder/<group>.safetensors (none written when empty)."""
+    for group, plugin in plugins.items():
+        path = Path(folder) / f"{group}.safetensors"
+        state = plugin.state_dict()
+        if state:
+            save_plugin_state(path, state)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def load_plugin_states(folder: Path, plugins: dict[str, Plugin]) -> None:
+    """load_state_dict for every group whose file exists in `folder`."""
+    for group, plugin in plugins.items():
+        path = Path(folder) / f"{group}.safetensors"
+        if path.exists():
+            plugin.load_state_dict(load_plugin_state(path))
 
 
 # ---- in-stage checkpoints ------------------------------------------------------------------
 
-def save_checkpoint(files: StageFiles, model, state, optimizer, scheduler) -> None:
-    """Adapter, optimizer and scheduler state, RNG states and the step; the JSON goes last and
-    marks the checkpoint complete."""
+def save_checkpoint(files: StageFiles, model, state, optimizer, scheduler, plugins: dict[str, Plugin]) -> None:
+    """Adapter, optimizer and scheduler state, RNG states, the step and every plug-in's state;
+    the JSON goes last and marks the checkpoint complete."""
     ckpt = files.checkpoint
+    save_plugin_states(ckpt, plugins)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     atomic_save_tensors(ckpt / "trainable.safetensors", trainable)
     opt_state = optimizer.state_dict()

@@ -1,15 +1,20 @@
 """Per-example scores in [0, 1]. Pure string functions; no model code.
 
-Every metric has the signature `fn(prediction, target, labels=None, *, source=None)`; only SARI
-uses `source`. Which metric a task uses is the task family's decision (a per-task table), never
-guessed here.
+Every metric has the signature `fn(prediction, target, labels=None, *, source=None)` and scores one
+reference; `score()` takes the maximum over all references of an example for the metrics that admit
+it (MAX_OVER_REFERENCES), as the natural-instructions evaluation does (`metric_max_over_ground_truths`
+in allenai/natural-instructions eval/automatic/evaluation.py, the `compute_metrics.py` of Tk-Instruct).
+SARI scores all references at once; the SLICE authors' metrics score the first reference only, as
+they did. Which metric a task uses is the task family's decision (a per-task table), never guessed here.
 
-- exact_match: normalized string equality.
+cl_bench's own rules (synthetic tasks, TRACE):
+- exact_match: `normalize` equality (lowercase, collapsed whitespace, trailing sentence punctuation
+  . , ; : ! ? dropped; brackets and quotes are kept, so "(a" differs from "(a)").
 - accuracy: the option a prediction picks from the task's label set (TRACE multiple choice and
   numeric tasks; an "Answer:" marker is honoured, as TRACE's ScienceQA scorer does).
-- rouge_l: ROUGE-L F1 from `rouge_score` (the field's implementation). It tokenizes on ASCII
-  letters and digits only, so for text without such characters (e.g. Chinese) we fall back to
-  a character-level LCS F1.
+- rouge_l: ROUGE-L F1 from `rouge_score` (the field's implementation, no stemming) on ASCII text;
+  text with other letters is tokenized by script (`script_tokens`), because rouge-score's tokenizer
+  keeps only [a-z0-9] and would score Hindi, Russian or Chinese text by its digits alone.
 - edit_similarity: TRACE's Py150 metric. TRACE calls fuzzywuzzy's `fuzz.ratio`; we compute the
   same quantity exactly as the normalized InDel similarity 2·LCS(a, b)/(|a|+|b|) on characters
   (what python-Levenshtein/rapidfuzz `ratio` return, unrounded, in [0, 1]) rather than difflib's
@@ -19,22 +24,43 @@ guessed here.
   sacrebleu-13a tokens; per order an F1 for kept and for added n-grams and a precision for
   deleted ones; SARI = (mean F_keep + mean P_del + mean F_add) / 3; an empty operation set
   scores 1 (0/0 := 1). sacrebleu 2.6 ships no SARI, hence this implementation.
+
+The natural-instructions rules (SuperNI tasks; O-LoRA's CL benchmark scorer is the same code):
+- ni_exact_match: `normalize_answer` equality (lowercase, every string.punctuation character
+  removed, whitespace collapsed; articles are *kept*: its docstring says "adapted from Squad v1.1
+  evaluation, without removing the articles"). Since all punctuation goes, "(a" equals "(a)" here,
+  by the official rule.
+- ni_rouge_l: `rouge_score` RougeScorer(["rougeL"], use_stemmer=True) on the raw strings (its
+  default tokenizer lowercases and splits on non-alphanumerics; Porter stems tokens longer than 3).
+  For non-ASCII text the official default track drops every non-ASCII character and its xlingual
+  track re-tokenizes with GPT-2 BPE; we tokenize by script instead (same as rouge_l), stemming the
+  Latin words.
+
+The SLICE authors' rules (evaluation.protocol=slice_paper; RamiroNB/slice cl_lora/eval.py,
+shared/reference/slice-reference.md §5.1), first reference only:
+- slice_exact_match: equality after lowercase, strip, whitespace collapse.
+- slice_rouge_l: LCS F1 over whitespace tokens of the same normalization, no stemming (a Chinese
+  sentence is one token); 0 when either side has no token.
 """
 from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections import Counter
 from functools import lru_cache
 from typing import Callable, Sequence
 
 _WS = re.compile(r"\s+")
+# Trailing sentence punctuation a model may add after an answer ("positive." / "Paris!").
+_TRAILING = ".,;:!?"
 
 
 def normalize(text: str) -> str:
-    """Lowercase, strip, collapse whitespace, drop trailing punctuation."""
+    """cl_bench's answer normalization: lowercase, strip, collapse whitespace, drop trailing
+    sentence punctuation (. , ; : ! ?). Brackets and quotes are kept: "(a" and "(a)" differ."""
     text = _WS.sub(" ", text.strip().lower())
-    return text.rstrip(string.punctuation + " ").strip()
+    return text.rstrip(_TRAILING + " ").strip()
 
 
 def exact_match(prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None) -> float:
@@ -68,12 +94,7 @@ def accuracy(prediction: str, target: str, labels: Sequence[str] | None = None, 
     return float(gold is not None and chosen_label(prediction, labels) == gold)
 
 
-@lru_cache(maxsize=1)
-def _rouge_scorer():
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-
+# ------------------------------------------------------------------------------- ROUGE-L
 
 def _lcs_len(a: Sequence[str], b: Sequence[str]) -> int:
     prev = [0] * (len(b) + 1)
@@ -95,17 +116,152 @@ def lcs_f1(pred_tokens: Sequence[str], ref_tokens: Sequence[str]) -> float:
     return 2 * p * r / (p + r)
 
 
-_ASCII_WORD = re.compile(r"[a-z0-9]", re.IGNORECASE)
+# Scripts written without spaces between words: every character is a token (the usual ROUGE
+# practice for Chinese/Japanese; for Thai, Lao, Khmer and Myanmar a word segmenter would be better,
+# but characters are still far better than one token per sentence).
+_PER_CHAR_RANGES = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x31F0, 0x31FF),  # Katakana phonetic extensions
+    (0x3400, 0x4DBF),  # CJK extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0x20000, 0x3134F),  # CJK extensions B-G
+)
+
+
+@lru_cache(maxsize=4096)
+def _char_class(ch: str) -> str:
+    """'sep' (not part of a word), 'mark' (joins the current word), 'char' (a token by itself),
+    'latin', 'digit', or the script name of the character (DEVANAGARI, CYRILLIC, GREEK, ...)."""
+    cat = unicodedata.category(ch)
+    if cat[0] == "M":
+        return "mark"
+    if cat[0] not in "LN":
+        return "sep"
+    cp = ord(ch)
+    if any(lo <= cp <= hi for lo, hi in _PER_CHAR_RANGES):
+        return "char"
+    if cat == "Nd":
+        return "digit"
+    if ch.isascii():
+        return "latin"
+    script = unicodedata.name(ch, "UNKNOWN").split(" ")[0]
+    return "latin" if script == "LATIN" else script
+
+
+def _needs_script_tokens(text: str) -> bool:
+    """True when `text` has a letter, number or mark outside ASCII (rouge-score would drop it)."""
+    return any(not ch.isascii() and unicodedata.category(ch)[0] in "LMN" for ch in text)
+
+
+def script_tokens(text: str, stemmer=None) -> list[str]:
+    """Word tokens of any script: NFKC, lowercase, then runs of letters/digits of one script
+    (combining marks such as Devanagari vowel signs stay in their word), one token per character
+    for Han, kana, Thai, Lao, Khmer and Myanmar. Latin and digit runs join (rouge-score's
+    [a-z0-9]+ tokens); ASCII words longer than 3 letters are stemmed with `stemmer` if given,
+    as rouge-score does."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    tokens: list[str] = []
+    run, kind = [], None
+
+    def close() -> None:
+        if run:
+            word = "".join(run)
+            if stemmer is not None and kind == "latin" and word.isascii() and len(word) > 3:
+                word = stemmer.stem(word)
+            tokens.append(word)
+        run.clear()
+
+    for ch in text:
+        cls = _char_class(ch)
+        if cls == "mark":
+            if run:
+                run.append(ch)
+            continue
+        if cls == "sep":
+            close()
+            kind = None
+            continue
+        joinable = kind == cls or {kind, cls} == {"latin", "digit"}
+        if cls == "char" or kind == "char" or not joinable:
+            close()
+            kind = cls
+        elif kind == "digit" and cls == "latin":
+            kind = "latin"
+        run.append(ch)
+    close()
+    return tokens
+
+
+class ScriptTokenizer:
+    """rouge-score tokenizer interface (`tokenize(text) -> list[str]`) over `script_tokens`."""
+
+    def __init__(self, use_stemmer: bool = False):
+        from nltk.stem import porter  # the stemmer rouge-score itself uses
+
+        self._stemmer = porter.PorterStemmer() if use_stemmer else None
+
+    def tokenize(self, text: str) -> list[str]:
+        return script_tokens(text, self._stemmer)
+
+
+@lru_cache(maxsize=4)
+def _rouge_scorer(use_stemmer: bool, by_script: bool):
+    from rouge_score import rouge_scorer
+
+    tokenizer = ScriptTokenizer(use_stemmer) if by_script else None
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer, tokenizer=tokenizer)
+
+
+def rouge_l_f1(prediction: str, target: str, *, use_stemmer: bool = False) -> float:
+    """ROUGE-L F1 by rouge-score; its own tokenizer when both strings are ASCII-only, else the
+    script tokenizer for both (decided on the pair, so both sides are tokenized alike)."""
+    by_script = _needs_script_tokens(prediction) or _needs_script_tokens(target)
+    return float(_rouge_scorer(use_stemmer, by_script).score(target, prediction)["rougeL"].fmeasure)
 
 
 def rouge_l(prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None) -> float:
-    """ROUGE-L F1. Both empty counts as a match."""
+    """ROUGE-L F1 without stemming (cl_bench; TRACE MeetingBank, Alpaca GP/IP). Both empty = 1."""
     if not prediction.strip() and not target.strip():
         return 1.0
-    if _ASCII_WORD.search(target) or _ASCII_WORD.search(prediction):
-        return float(_rouge_scorer().score(target, prediction)["rougeL"].fmeasure)
-    # No ASCII word characters (e.g. Chinese): character-level LCS.
-    return lcs_f1(list(prediction.replace(" ", "")), list(target.replace(" ", "")))
+    return rouge_l_f1(prediction, target)
+
+
+# ------------------------------------------------------------- natural-instructions rules
+
+def normalize_answer(text: str) -> str:
+    """natural-instructions `normalize_answer`: lowercase, remove string.punctuation, collapse
+    whitespace (articles kept)."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in string.punctuation)
+    return " ".join(text.split())
+
+
+def ni_exact_match(prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(target))
+
+
+def ni_rouge_l(prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None) -> float:
+    """natural-instructions ROUGE-L: rouge-score with stemming on the raw strings."""
+    return rouge_l_f1(prediction, target, use_stemmer=True)
+
+
+# ------------------------------------------------------------------ the SLICE authors' rules
+
+def slice_normalize(text: str) -> str:
+    """The SLICE authors' `_normalize_text`: lowercase, strip, collapse whitespace."""
+    return " ".join(text.lower().strip().split())
+
+
+def slice_exact_match(prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None) -> float:
+    return float(slice_normalize(prediction.strip()) == slice_normalize(target.strip()))
+
+
+def slice_rouge_l(prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None) -> float:
+    return lcs_f1(slice_normalize(prediction).split(), slice_normalize(target).split())
 
 
 # ---------------------------------------------------------------- edit similarity (TRACE Py150)
@@ -234,23 +390,43 @@ METRICS: dict[str, Metric] = {
     "rouge_l": rouge_l,
     "edit_similarity": edit_similarity,
     "sari": sari,
+    "ni_exact_match": ni_exact_match,
+    "ni_rouge_l": ni_rouge_l,
+    "slice_exact_match": slice_exact_match,
+    "slice_rouge_l": slice_rouge_l,
 }
+# Scored against every reference, keeping the best (natural-instructions metric_max_over_ground_truths).
+MAX_OVER_REFERENCES = frozenset(
+    {"exact_match", "accuracy", "rouge_l", "edit_similarity", "ni_exact_match", "ni_rouge_l"}
+)
+# The SLICE authors kept only the first reference of an instance.
+FIRST_REFERENCE_ONLY = frozenset({"slice_exact_match", "slice_rouge_l"})
 
 
 def score(
     metric: str,
     prediction: str,
-    target: str,
+    target: str | Sequence[str],
     labels: Sequence[str] | None = None,
     *,
     source: str | None = None,
     **extra,
 ) -> float:
-    """Score one prediction. `source` is used by SARI and ignored by the other metrics."""
+    """Score one prediction against one reference or a sequence of references (the first being
+    the training target). `source` is used by SARI and ignored by the other metrics."""
     try:
         fn = METRICS[metric]
     except KeyError:
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(sorted(METRICS))}") from None
     if extra:
         raise TypeError(f"score(): unexpected keyword(s) {', '.join(sorted(extra))}; metrics take only labels and source")
-    return fn(prediction, target, labels, source=source)
+    references = [target] if isinstance(target, str) else list(target)
+    if not references:
+        raise ValueError("score(): no reference to score against")
+    if metric == "sari":
+        if source is None:
+            return sari(prediction, references[0], labels, source=source)  # raises the message below
+        return sari_multi(source, prediction, references)
+    if metric in FIRST_REFERENCE_ONLY:
+        references = references[:1]
+    return max(fn(prediction, ref, labels, source=source) for ref in references)

@@ -84,3 +84,97 @@ def test_batches_are_seeded_and_come_from_train_only(tiny):
         for row, labels in zip(batch["input_ids"], batch["labels"]):
             prompt = tok.decode(row[labels == -100][row[labels == -100] != tok.pad_token_id])
             assert prompt not in eval_prompts
+
+
+# ------------------------------------------------------------------ prompts do not follow the calendar (issue 9, item 5)
+
+# Llama-3.x's pattern (a date_string variable, strftime_now as the fallback) and a template that
+# calls strftime_now directly.
+LLAMA_STYLE = (
+    "{{ bos_token }}{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{%- endif %}<|system|>\nToday Date: {{ date_string }}{{ eos_token }}\n"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+DIRECT_CALL = (
+    "{{ bos_token }}<|system|>\n{{ strftime_now(\"%Y-%m-%d\") }}{{ eos_token }}\n"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _fake_today(monkeypatch, year: int) -> None:
+    import datetime as dt
+
+    from transformers.utils import chat_template_utils
+
+    class FakeDatetime(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(year, 2, 3)
+
+    monkeypatch.setattr(chat_template_utils, "datetime", FakeDatetime)
+
+
+def _renderings(tok, fmt):
+    task = load_task("parity", root=None, n_train=8, n_eval=4, seed=0)
+    enc = TrainingEncoder(tok, 128, True, fmt)
+    return (render_prompt_ids(tok, EX, fmt), encode_for_training(tok, EX, 128, True, fmt).input_ids,
+            encode_prompts_left_padded(tok, task.eval, 128, fmt)["input_ids"].tolist(),
+            [b["input_ids"].tolist() for b in enc.batches(task, 2, 4, seed=0)])
+
+
+def test_prompt_token_ids_do_not_depend_on_today(tiny_model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from cl_bench.data import PromptFormat
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    fmt = PromptFormat()
+    for template in (LLAMA_STYLE, DIRECT_CALL):
+        tok.chat_template = template
+        _fake_today(monkeypatch, 2031)
+        raw_2031 = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        ours_2031 = _renderings(tok, fmt)
+        _fake_today(monkeypatch, 2032)
+        raw_2032 = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        assert raw_2031 != raw_2032  # the template really reads the calendar
+        assert _renderings(tok, fmt) == ours_2031  # training, capture and evaluation ids do not
+        text = tok.decode(ours_2031[0])
+        assert ("26 Jul 2024" in text) if template is LLAMA_STYLE else ("2024-07-26" in text)
+
+
+def test_lm_eval_chat_template_gets_the_same_fixed_rendering(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cl_bench.data import PromptFormat, render_prompt_text
+    from cl_bench.general_eval import counting_hflm
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = LLAMA_STYLE
+    fmt = PromptFormat(system="Answer briefly.")
+    lm = counting_hflm()(pretrained=AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer=tok,
+                         batch_size=1, chat_template_args=fmt.chat_template_kwargs(tok))
+    chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": EX.prompt}]
+    _fake_today(monkeypatch, 2031)
+    assert lm.apply_chat_template(chat) == render_prompt_text(tok, EX, fmt)
+    assert "Today Date: 26 Jul 2024" in lm.apply_chat_template(chat)
+
+
+def test_system_message_and_the_slice_authors_format(tiny):
+    import pytest
+
+    from cl_bench.data import PromptFormat, render_prompt_text
+    from cl_bench.errors import ConfigError
+
+    _, tok = tiny
+    assert render_prompt_text(tok, EX, PromptFormat(system="Be brief.")).startswith("<s><|system|>\nBe brief.</s>\n<|user|>\n")
+    assert render_prompt_text(tok, EX, False) == EX.prompt
+    # The authors' hand-written Llama-3 prompt: no system block, no date (slice-reference.md §4.1).
+    assert render_prompt_text(tok, EX, PromptFormat(format="slice_paper")) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + EX.prompt
+        + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    with pytest.raises(ConfigError, match="slice_paper writes Llama-3 turn headers"):
+        TrainingEncoder(tok, 64, True, PromptFormat(format="slice_paper"))

@@ -48,3 +48,17 @@ def test_evaluate_task_scores_and_records(tiny):
     assert len(records) == 3 and {"prompt", "target", "prediction", "score"} <= set(records[0])
     assert score == 100.0 * sum(r["score"] for r in records) / 3
     assert records[2]["score"] == 0.0
+
+
+def test_every_reference_counts_and_the_protocol_picks_the_metric(tiny):
+    """An answer equal to the second reference is right under per_task (max over references);
+    the SLICE authors' protocol scores the first reference only, as they did."""
+    _, tok = tiny
+    model = EchoModel(tok("sun moon", add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    ex = Example("e", "Name two things.", "cat dog", references=("cat dog", "Sun moon."))
+    task = TaskData(name="t", metric="ni_exact_match", train=[ex], eval=[ex])
+    kw = dict(batch_size=1, max_new_tokens=4, max_prompt_len=64, device=torch.device("cpu"), progress=False)
+    score, records = evaluate_task(model, tok, task, **kw)
+    assert score == 100.0 and records[0]["references"] == ["cat dog", "Sun moon."]
+    assert evaluate_task(model, tok, task, protocol="slice_paper", **kw)[0] == 0.0
+    assert task.metric_for("slice_paper") == "slice_exact_match"

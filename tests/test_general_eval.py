@@ -371,7 +371,27 @@ def test_offline_synthetic_and_local_benchmarks(own_tiny, data_root, tmp_path, m
                                                 "metric": "acc,none", "n": 8, "shots": 2}
     assert out["benchmarks"] == {"gp": ["synthetic_count_items", "commonsense_qa"],
                                  "ip": ["synthetic_count_items", "commonsense_qa"]}
-    assert out["truncated_contexts"] == {"zero_shot": 0, "few_shot": 8}
+    # 2-shot: every one of the 8 questions x 5 answer choices is a left-truncated loglikelihood request.
+    assert out["truncated_contexts"] == {"zero_shot": 0, "few_shot": 40}
+    assert out["details"]["commonsense_qa"]["truncated"] == {
+        "zero_shot": {"loglikelihood": 0, "generate_until": 0}, "few_shot": {"loglikelihood": 40, "generate_until": 0}}
+
+
+def test_truncated_generation_prompts_are_counted_per_benchmark(own_tiny, tmp_path):
+    """lm-eval cuts generation prompts longer than max_length - max_gen_toks from the left
+    without a word in its results: every such request is counted and shown in the summary."""
+    from cl_bench.summary import format_summary
+
+    model, tokenizer = own_tiny
+    # count_items questions are 13-17 tokens (fit in 40 - 8 new tokens); with 5 demonstrations they do not.
+    cfg = _cfg({"synthetic_count_items": {"shots": 5}, "synthetic_odd_one_out": {"ip": False}}, limit=6, max_length=40)
+    out = ge.evaluate_general(model, tokenizer, cfg, data_root=None, work_dir=str(tmp_path), device="cpu", seed=0)
+    assert out["details"]["synthetic_count_items"]["truncated"] == {
+        "zero_shot": {"loglikelihood": 0, "generate_until": 0}, "few_shot": {"loglikelihood": 0, "generate_until": 6}}
+    assert out["details"]["synthetic_odd_one_out"]["truncated"] == {"zero_shot": {"loglikelihood": 0, "generate_until": 0}}
+    assert out["truncated_contexts"] == {"zero_shot": 0, "few_shot": 6}
+    summary = format_summary({"sequence": "s", "tasks": ["a"], "matrix": [[1.0]], "general": {"0": out}})
+    assert "truncated prompts: zero-shot 0, few-shot 6" in summary
 
 
 def test_registry_benchmark_offline_is_a_data_error(own_tiny, tmp_path, monkeypatch):
@@ -444,3 +464,16 @@ def test_config_group_composes_with_hydra():
                                      "general_eval.limit=50"]).general_eval)
     assert paper.gp_benchmarks == ["commonsense_qa", "alpaca"] and paper.limit == 50
     assert ge.parse_config(compose(["general_eval=none"]).general_eval).when == "none"
+
+
+def test_demonstrations_never_repeat_a_scored_document(tmp_path):
+    """A duplicated document split into both the few-shot pool and the scored rows would show its
+    own answer as a demonstration: such pool rows are dropped and counted."""
+    rows = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(10) for _ in range(2)]
+    path = gt.write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    cfg = ge.parse_config(_cfg({"alpaca": {"file": str(path), "shots": 1}}, fewshot_pool=6))
+    (item,) = ge.prepare_benchmarks(cfg, data_root=None, work_dir=tmp_path / "w", seed=0)
+    read = lambda split: [json.loads(x) for x in (tmp_path / "w" / "tasks" / f"clb_alpaca.{split}.jsonl").read_text().splitlines()]  # noqa: E731
+    pool, test = read("train"), read("test")
+    assert not {r["instruction"] for r in pool} & {r["instruction"] for r in test}
+    assert len(test) == 14 and len(pool) + item.pool_dropped_duplicates == 6 and item.pool_dropped_duplicates > 0

@@ -6,6 +6,7 @@ adapter was attached and the PEFT model right after init + absorption (observed 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,8 +22,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cl_bench import linalg
 from cl_bench.errors import ConfigError
 from cl_bench.initializers import gradient
-from cl_bench.initializers.apply import apply_init, as_out_in, base_weight, lora_layers
-from cl_bench.initializers.base import InitContext
+from cl_bench.lora import WeightMaster, apply_init, as_out_in, base_weight, set_scaling
+from cl_bench.lora import lora_layers as _lora_layers
+from cl_bench.stage import StageContext
 from cl_bench.initializers.cache import TensorCache, content_key, model_state_fingerprint
 from cl_bench.initializers.capture import capture_gradients
 from cl_bench.initializers.gradient import LoraGA, Slice
@@ -37,6 +39,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 RANK = 4
 ABSORB_TOL = 1e-5
 SMALL = {"capture_steps": 2, "capture_batch_size": 4}
+ADAPTER = "default"  # PEFT's name when get_peft_model is given none (the runner names one per stage)
+
+
+def lora_layers(peft_model):
+    return _lora_layers(peft_model, ADAPTER)
 
 
 def _task(name: str) -> TaskData:
@@ -75,7 +82,7 @@ def base_model():
 
 
 def _ctx(stage=1, previous=(), cache_dir=None, logs=None, current="cur", seed=1):
-    return InitContext(
+    return StageContext(
         stage=stage, current=_task(current), previous=[_task(p) for p in previous], rank=RANK, alpha=8.0,
         scaling=4.0, target_modules=TARGETS, device=torch.device("cpu"), seed=seed, make_batches=make_batches,
         cache_dir=cache_dir, log=(logs.append if logs is not None else (lambda s: None)),
@@ -83,14 +90,16 @@ def _ctx(stage=1, previous=(), cache_dir=None, logs=None, current="cur", seed=1)
 
 
 def _run_protocol(init, model, ctx, rslora=True):
-    """The runner's order: config kwargs, before_wrap, wrap, init, apply_init."""
+    """The runner's order: config kwargs, before_wrap, wrap, init, set_scaling, apply_init."""
     lora_config = LoraConfig(
         r=RANK, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, use_rslora=rslora, **init.lora_config_kwargs()
     )
+    master = WeightMaster.attach(model, TARGETS)
     init.before_wrap(model, lora_config, ctx)
     peft_model = get_peft_model(model, lora_config)
     result = init.init(peft_model, ctx)
-    summary = apply_init(peft_model, result)
+    set_scaling(peft_model, ADAPTER, "rslora" if rslora else "standard")
+    summary = apply_init(peft_model, result, ADAPTER, master)
     return peft_model, result, summary
 
 
@@ -131,7 +140,7 @@ def test_absorption_preserves_the_function_for_every_initializer(base_model, lab
     if label != "vanilla":
         assert result.stats["seconds"]["total"] >= 0 and "process_peak_rss_mb" in result.stats["peak_memory_mb"]
     if label not in ("vanilla", "eva"):  # these start with B = 0: the adapter must be non-trivial otherwise
-        nonzero = [float(l.lora_B["default"].weight.detach().abs().max()) > 0 for l in lora_layers(peft_model).values()]
+        nonzero = [float(l.lora_B[ADAPTER].weight.detach().abs().max()) > 0 for l in lora_layers(peft_model).values()]
         assert all(nonzero)
 
 
@@ -142,7 +151,7 @@ def test_absorption_uses_the_adapters_actual_scaling(base_model, factory):
     with torch.no_grad():
         before = model(input_ids=_IDS).logits
     peft_model, _, summary = _run_protocol(factory(), model, _ctx(), rslora=False)
-    assert next(iter(lora_layers(peft_model).values())).scaling["default"] == pytest.approx(8 / RANK)
+    assert next(iter(lora_layers(peft_model).values())).scaling[ADAPTER] == pytest.approx(8 / RANK)
     with torch.no_grad():
         after = peft_model.eval()(input_ids=_IDS).logits
     assert float((after - before).abs().max()) <= ABSORB_TOL
@@ -326,7 +335,7 @@ def test_model_fingerprint_ignores_a_noop_adapter_only(base_model):
     other_a = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=2, target_modules=["q_proj"]))
     assert model_state_fingerprint(other_a) == plain
     with torch.no_grad():
-        next(iter(lora_layers(other_a).values())).lora_B["default"].weight.fill_(0.1)
+        next(iter(lora_layers(other_a).values())).lora_B[ADAPTER].weight.fill_(0.1)
     assert model_state_fingerprint(other_a) != plain
 
 
@@ -418,3 +427,66 @@ def test_slice_c_multirun_reuses_the_stage1_capture(request, tmp_path):
     assert "cache hit" in (proc.stdout + proc.stderr) or any(
         "cache hit" in p.read_text() for p in sweep.rglob("*.log")
     )
+
+
+# --------------------------------------------------------------------------- scales (issue 9, items 7 and 8)
+@pytest.mark.parametrize("rslora, adjust", [(True, True), (True, False), (False, True)])
+def test_eva_rank_redistribution_keeps_the_configured_scaling_per_module(base_model, rslora, adjust):
+    """rho = 2 moves rank between modules. adjust_scaling_factors: every module keeps the configured
+    s (rsLoRA α/√r = 4, standard α/r = 2); without it, the convention at the module's own rank.
+    PEFT alone gives α·√r_m/r under rsLoRA (2.8…5.7 here instead of 4)."""
+    scaling = 8 / RANK**0.5 if rslora else 8 / RANK
+    ctx = dataclasses.replace(_ctx(), scaling=scaling, scaling_convention="rslora" if rslora else "standard")
+    init = EVA(rho=2.0, tau=0.9, use_label_mask=False, steps=4, batch_size=8, adjust_scaling_factors=adjust)
+    peft_model, result, _ = _run_protocol(init, copy.deepcopy(base_model), ctx, rslora=rslora)
+    layers = lora_layers(peft_model)
+    ranks = {name: int(layer.r["default"]) for name, layer in layers.items()}
+    assert len(set(ranks.values())) > 1  # the redistribution happened
+    for name, layer in layers.items():
+        per_rank = ranks[name] ** 0.5 if rslora else ranks[name]
+        expected = scaling if adjust else 8 / per_rank
+        assert layer.scaling["default"] == pytest.approx(expected), name
+        assert layer.lora_alpha["default"] / per_rank == pytest.approx(expected), name  # α and r agree
+    assert result.stats["scaling"]["min"] == pytest.approx(min(l.scaling["default"] for l in layers.values()))
+
+
+def test_lora_ga_stable_scale_is_the_original_formula(base_model):
+    """scale=stable: A, B = ζ·(V[:, r:2r]ᵀ, U[:, :r]) with ζ = d_out^(1/4)/√γ, no singular values."""
+    ctx = _ctx()
+    result, peft_model = _factors(LoraGA(scale="stable", stable_gamma=9, svd="exact", **SMALL), base_model, ctx)
+    layers = lora_layers(peft_model)
+    weights = {n: base_weight(l) for n, l in layers.items()}
+    g = capture_gradients(peft_model, weights, make_batches(ctx.current, 2, 4, ctx.seed)).grads
+    d_outs = set()
+    for name, layer in layers.items():
+        U, _, Vh = torch.linalg.svd(g[name].double())
+        d_out = layer.out_features
+        d_outs.add(d_out)
+        zeta = d_out**0.25 / 3.0
+        A, B = result.factors[name]
+        # singular vectors are defined up to sign: compare the rank-one pieces B[:, k] A[k, :] instead
+        assert torch.allclose((A.double().T @ A.double()), zeta**2 * (Vh[RANK:2 * RANK].T @ Vh[RANK:2 * RANK]), atol=1e-5)
+        assert torch.allclose(B.double() @ B.double().T, zeta**2 * (U[:, :RANK] @ U[:, :RANK].T), atol=1e-5)
+    assert d_outs == {32, 64}  # attention and MLP widths both checked
+    assert result.stats["scale"] == "stable" and result.stats["stable_gamma"] == 9.0
+    assert result.stats["beta"]["min"] == pytest.approx(32**0.25 / 3) and result.stats["beta"]["max"] == pytest.approx(64**0.25 / 3)
+    with pytest.raises(ConfigError, match="initializer.scale"):
+        LoraGA(scale="peft")
+
+
+def test_lora_ga_peft_folds_singular_values_into_b_only(base_model):
+    """What PEFT's variant does (its YAML/docstring): A = V[:, :r]ᵀ orthonormal and unscaled,
+    B = U[:, r:2r]·diag(S[r:2r])·ζ (ArB2r, stable)."""
+    ctx = _ctx()
+    model = copy.deepcopy(base_model)
+    probe = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=RANK, lora_alpha=8, target_modules=TARGETS))
+    probe_layers = lora_layers(probe)
+    g = capture_gradients(probe, {n: base_weight(l) for n, l in probe_layers.items()},
+                          list(make_batches(ctx.current, 2, 4, ctx.seed))).grads
+    peft_model, _, _ = _run_protocol(LoraGAPeft(stable_gamma=9, **SMALL), model, ctx)
+    for name, layer in lora_layers(peft_model).items():
+        A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        S = torch.linalg.svdvals(g[name].double())
+        zeta = layer.out_features**0.25 / 3.0
+        assert torch.allclose(A @ A.T, torch.eye(RANK, dtype=torch.float64), atol=1e-4), name
+        assert torch.allclose(B.norm(dim=0), zeta * S[RANK:2 * RANK], rtol=1e-2), name

@@ -153,6 +153,36 @@ def test_nullspace_removes_the_top_subspace_of_the_previous_gradient():
     torch.testing.assert_close(half["m"], 0.5 * (g + out["m"]), rtol=1e-4, atol=1e-5)
 
 
+def test_nullspace_removes_the_right_subspace_of_a_flat_spectrum():
+    """Singular values 1, 1, 1, 1 then a flat tail 0.9 → 0.45 (64×64): a sketch of only q = k
+    columns returns a subspace far from the top 4 (projector distance ≈ 0.6); with the selection's
+    oversampling (q = 4k) it is close (≈ 0.2)."""
+    n, k = 64, 4
+    gen = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    s = torch.cat([torch.ones(k, dtype=torch.float64), torch.linspace(0.9, 0.45, n - k, dtype=torch.float64)])
+    h = ((U * s) @ V.T).float()
+    plan = linalg.ModulePlan(fired=True, nullspace_rank=k, c=1.0, seed=3)
+    removed = torch.eye(n) - linalg.apply_plan(torch.eye(n), h, plan)  # = U_k U_kᵀ of the sketch
+    exact = (U[:, :k] @ U[:, :k].T).float()
+    distance = float((removed - exact).norm()) / (2 * k) ** 0.5  # 0 = same subspace, 1 = orthogonal
+    assert distance < 0.3
+    assert linalg.oversampled_columns(k, h.shape) == 16 and linalg.oversampled_columns(8, (16, 24)) == 16
+
+
+def test_stable_scale_is_lora_gas_formula():
+    # ζ = d_out^(1/4)/√γ: 16^(1/4)/√16 = 2/4, 81^(1/4)/√9 = 1.
+    assert linalg.stable_scale(16, 16) == pytest.approx(0.5)
+    assert linalg.stable_scale(81, 9) == pytest.approx(1.0)
+    A, B = _rand(2, 5, seed=1), _rand(16, 2, seed=2)
+    A2, B2, zeta = linalg.stable_scale_factors(A, B, 16)
+    assert zeta == pytest.approx(0.5)
+    torch.testing.assert_close(A2, 0.5 * A) and torch.testing.assert_close(B2, 0.5 * B)
+    with pytest.raises(ValueError):
+        linalg.stable_scale(16, 0)
+
+
 def test_zero_previous_gradient_never_fires():
     g = _rand(5, 5)
     out, stats = linalg.project_gradients({"m": g}, {"m": torch.zeros(5, 5)}, c=1.0, scope="global")

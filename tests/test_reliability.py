@@ -1,13 +1,18 @@
-"""Crash safety: SIGKILL at several points, resume, same final matrix; one writer per run dir;
-NaN guard; determinism."""
+"""Crash safety: SIGKILL at several points, Ctrl-C and SIGTERM (one line, exit 130 / 143), resume,
+same final matrix; one writer per run dir; NaN guard; determinism."""
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
 from cl_bench.errors import TrainingError
+from cl_bench.regularizers.base import Regularizer
 from cl_bench.run_dir import RunLock
 from cl_bench.runner import run
-from conftest import FAST, compose, run_cli
+from conftest import FAST, REPO, compose, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +44,61 @@ def test_sigkill_then_resume_gives_the_same_matrix(reference, tmp_path, point):
     assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
 
 
+# Test-only plug-ins (tests/seam_plugins.py) whose state must be restored on resume: they raise
+# if their state disagrees with the run's history, and add nothing to the gradients.
+STATEFUL = ["regularizer._target_=seam_plugins.StatefulRegularizer", "merge._target_=seam_plugins.StatefulMerge"]
+PLUGINS_ON_PATH = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)}
+
+
+def test_plugin_state_and_history_survive_sigkill_mid_stage(reference, tmp_path):
+    args = ARGS + STATEFUL + [f"hydra.run.dir={tmp_path}"]
+    killed = run_cli(args, env_extra={**PLUGINS_ON_PATH, "CL_BENCH_KILL_AT": "train:2:4"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_cli(args, env_extra=PLUGINS_ON_PATH)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]  # a lost state raises StateLost
+    final = json.loads((tmp_path / "results.json").read_text())
+    assert final["matrix"] == reference["matrix"]
+    assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
+    # the regularizer's per-step counter came back from the in-stage checkpoint: 6 loss calls per stage
+    assert [s["train"]["loss_last"]["calls"] for s in final["stages"]] == [6.0, 6.0]
+    stages = tmp_path / "stages"
+    assert (stages / "stage_02" / "regularizer.safetensors").exists() and (stages / "stage_02" / "merge.safetensors").exists()
+    assert not (stages / "stage_01" / "merge.safetensors").exists()  # only the latest state is kept
+
+
+def test_ctrl_c_prints_one_line_then_the_rerun_resumes_to_the_same_matrix(reference, tmp_path):
+    stopped = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"],
+                      env_extra={"CL_BENCH_KILL_AT": "train:2:4", "CL_BENCH_KILL_SIGNAL": "INT"})
+    assert stopped.returncode == 130, stopped.stderr[-2000:]  # a real SIGINT, handled: 128 + 2
+    assert stopped.stderr.strip().splitlines() == [
+        "cl_bench: interrupted during stage 2 step 4 (training parity); rerun the same command to resume"]
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert partial["complete"] is False and partial["status"].startswith("interrupted during stage 2 step 4")
+    assert (tmp_path / "stages" / "stage_02" / "checkpoint" / "state.json").exists()
+    resumed = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = json.loads((tmp_path / "results.json").read_text())
+    assert final["matrix"] == reference["matrix"]
+    assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
+
+
+def test_sigterm_names_the_phase_and_the_run_dir_to_resume_with(reference, tmp_path):
+    # No hydra.run.dir on the command line (the default timestamped dir under the working
+    # directory): the line must say which dir to rerun with, and that rerun must resume.
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "cl_bench", *ARGS]
+    stopped = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             env=dict(env, CL_BENCH_KILL_AT="eval:0:0", CL_BENCH_KILL_SIGNAL="TERM"))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]  # 128 + 15
+    line, = stopped.stderr.strip().splitlines()
+    match = re.fullmatch(r"cl_bench: interrupted during stage 0 evaluation \(sentiment, before training\); "
+                         r"rerun the same command with (hydra.run.dir=\S+) to resume", line)
+    assert match, line
+    resumed = subprocess.run([*cmd, match.group(1)], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / match.group(1).split("=", 1)[1] / "results.json").read_text())["matrix"] == reference["matrix"]
+
+
 def test_same_seed_same_matrix(reference, tmp_path):
     proc = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 0
@@ -58,18 +118,13 @@ def test_resume_with_a_different_config_names_the_keys(reference, tmp_path):
     assert proc.returncode == 2 and "trainer.lr" in proc.stderr
 
 
-class NanAfter:
+class NanAfter(Regularizer):
     """A regularizer whose term turns NaN at the given step: forces the NaN guard."""
 
     def __init__(self, step: int = 2):
         self.step, self.calls = step, 0
 
-    def begin_stage(self, *a): ...
-    def end_stage(self, *a): ...
-    def state_dict(self): return {}
-    def load_state_dict(self, s): ...
-
-    def loss(self, model, batch):
+    def loss(self, model, batch, ctx):
         import torch
 
         self.calls += 1

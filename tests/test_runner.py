@@ -31,9 +31,13 @@ def test_results_json_contract(finished_run):
     assert on_disk["metrics"]["AP"] == pytest.approx(sum(matrix[i][i - 1] for i in (1, 2, 3)) / 3)
     assert [s["stage"] for s in on_disk["stages"]] == [1, 2, 3]
     for s in on_disk["stages"]:
-        assert set(s["seconds"]) == {"init", "train", "eval"} and s["init"]["method"] == "vanilla"
+        assert set(s["seconds"]) == {"init", "train", "end_stage", "merge", "eval"} and s["init"]["method"] == "vanilla"
         assert s["train"]["steps"] == 6 and len(s["train"]["loss_curve"]) == 6
     assert on_disk["config"]["lora"]["scaling"] == "rslora"
+    # scoring protocol, the metric of every task, and the prompt policy are recorded
+    assert on_disk["evaluation"] == {"protocol": "per_task", "metrics": {t: "accuracy" for t in on_disk["tasks"]}}
+    assert on_disk["config"]["evaluation"]["prompt"] == {"format": "chat_template", "system": None, "date_string": "26 Jul 2024"}
+    assert on_disk["split_stats"] == {t: {"train": 48, "eval": 8, "dropped_duplicates": 0} for t in on_disk["tasks"]}
     assert on_disk["versions"]["torch"] and on_disk["versions"]["peft"]
     assert on_disk["complete"] is True
 
@@ -63,9 +67,26 @@ def test_rerun_of_a_finished_run_is_not_redone(finished_run, capsys):
     assert "results matrix" in capsys.readouterr().out
 
 
-def test_standard_scaling_is_one_config_field(tiny_model_dir, tmp_path):
-    from cl_bench.runner import lora_scaling
+@pytest.mark.parametrize("override, message", [
+    ("evaluation.protocol=paper", "evaluation.protocol='paper' is invalid; valid: per_task, slice_paper"),
+    ("evaluation.prompt.format=llama", "evaluation.prompt.format='llama' is invalid; valid: chat_template, slice_paper"),
+    ("evaluation.prompt.date_string=2024-07-26", "evaluation.prompt.date_string='2024-07-26' is invalid"),
+    ("+evaluation.prompt.today=1", "evaluation.prompt.today is not a known key"),
+    ("evaluation.use_chat_template=false evaluation.prompt.system=hi", "evaluation.prompt.system is set but"),
+])
+def test_bad_protocol_or_prompt_is_a_one_line_config_error(override, message):
+    from cl_bench import config
+    from cl_bench.errors import ConfigError
 
-    cfg = compose(["lora.r=4", "lora.alpha=8", "lora.scaling=standard"])
-    assert lora_scaling(cfg.lora) == pytest.approx(2.0)
-    assert lora_scaling(compose(["lora.r=4", "lora.alpha=8"]).lora) == pytest.approx(4.0)
+    with pytest.raises(ConfigError) as info:
+        config.validate(compose(override.split()))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_standard_scaling_is_one_config_field(tiny_model_dir, tmp_path):
+    from cl_bench.stage import lora_scaling
+
+    lora = compose(["lora.r=4", "lora.alpha=8", "lora.scaling=standard"]).lora
+    assert lora_scaling(lora.alpha, lora.r, lora.scaling) == pytest.approx(2.0)
+    lora = compose(["lora.r=4", "lora.alpha=8"]).lora
+    assert lora_scaling(lora.alpha, lora.r, lora.scaling) == pytest.approx(4.0)

@@ -140,3 +140,94 @@ def test_score_rejects_unknown_metric_and_keywords():
         score("bleu", "a", "a")
     with pytest.raises(TypeError, match="unexpected"):
         score("exact_match", "a", "a", refs=["a"])
+
+
+# ------------------------------------------------------------------ natural-instructions rules (issue 9, item 2)
+
+def test_normalize_answer_is_the_natural_instructions_rule():
+    # lowercase, every string.punctuation character removed, whitespace collapsed; articles kept.
+    assert scoring.normalize_answer("  The (Cat),  is HERE! ") == "the cat is here"
+    assert exact_match("The cat", "cat") == 0.0 and score("ni_exact_match", "The cat", "cat") == 0.0
+    assert score("ni_exact_match", "Mary-Sachs.", "mary sachs") == 0.0  # "-" is removed, not spaced
+    assert score("ni_exact_match", "Mary Sachs.", "mary sachs") == 1.0
+
+
+def test_every_metric_that_admits_it_takes_the_best_reference():
+    refs = ["Karluk.", "Alaska.", "Mary Sachs."]  # task002 test instance with three valid answers
+    for metric in ("ni_exact_match", "exact_match", "ni_rouge_l", "rouge_l"):
+        assert score(metric, "Mary Sachs", refs) == 1.0, metric
+        assert score(metric, "Mary Sachs", refs[0]) == 0.0, metric  # first reference only: wrong
+    assert score("edit_similarity", "Mary Sachs.", refs) == 1.0
+    assert score("accuracy", "b", ["A", "B"], ["A", "B"]) == 1.0
+    # ROUGE-L: the best of the per-reference F1s. "the cat" vs "the cat sat" = 0.8 (P 1, R 2/3).
+    assert score("rouge_l", "the cat", ["a dog", "the cat sat"]) == pytest.approx(0.8)
+
+
+def test_ni_rouge_l_stems_like_the_official_scorer():
+    # Porter stems of tokens longer than 3: [the, cat, are, run] vs [the, cat, run] -> LCS 3,
+    # P = 3/4, R = 1, F = 6/7. Unstemmed: [the, cats, are, running] vs [the, cat, runs] -> LCS 1, F = 2/7.
+    assert score("ni_rouge_l", "The cats are running", "the cat runs") == pytest.approx(6 / 7)
+    assert score("rouge_l", "The cats are running", "the cat runs") == pytest.approx(2 / 7)
+
+
+def test_slice_paper_metrics_are_the_authors_rules():
+    # lowercase/strip/whitespace only: a trailing period is a mismatch, whitespace tokens for ROUGE-L.
+    assert score("slice_exact_match", " Positive ", "positive") == 1.0
+    assert score("slice_exact_match", "positive.", "positive") == 0.0
+    assert score("slice_rouge_l", "the cat", "The cat sat") == pytest.approx(0.8)
+    assert score("slice_rouge_l", "我很好", "我好") == 0.0  # one whitespace token each
+    assert score("slice_rouge_l", "", "") == 0.0
+    # only the first reference counts, as in their data loader
+    assert score("slice_exact_match", "Alaska", ["Karluk.", "Alaska"]) == 0.0
+
+
+# ------------------------------------------------------------------ exact match keeps brackets (item 10b)
+
+def test_exact_match_keeps_closing_brackets_and_drops_sentence_punctuation():
+    assert exact_match("(a", "(a)") == 0.0
+    assert exact_match("[41, 127", "[41, 127]") == 0.0
+    assert exact_match("(a).", "(a)") == 1.0 and exact_match("positive!", "Positive") == 1.0
+    assert chosen_label("(B)", ["A", "B"]) is None  # "(b)" does not start with the option b
+    # The natural-instructions rule removes every punctuation mark, so there they are equal by design.
+    assert score("ni_exact_match", "(a", "(a)") == 1.0
+
+
+# ------------------------------------------------------------------ ROUGE-L by script (item 3)
+
+@pytest.mark.parametrize(
+    "prediction, target, expected",
+    [
+        # Hindi target, one English word in the prediction: LCS 5 of 6 and 6 tokens -> 5/6.
+        ("भारत की capital नई दिल्ली है", "भारत की राजधानी नई दिल्ली है", 5 / 6),
+        # Two Hindi sentences sharing only "2023": LCS 1 of 5 and 5 -> 0.2.
+        ("वह 2023 से खुश था", "मैं 2023 में दिल्ली गया", 0.2),
+        # Cyrillic, case-insensitive, dash is not a token: 3 of 3.
+        ("Москва столица россии", "Москва — столица России", 1.0),
+        ("Париж столица Франции", "Москва столица России", 1 / 3),
+        # Greek / Arabic words: [καλημέρα, σας, φίλε] vs [καλημέρα, φίλε] -> P 2/3, R 1 -> 0.8;
+        # [مرحبا, بالعالم] vs [مرحبا] -> P 1/2, R 1 -> 2/3.
+        ("Καλημέρα σας φίλε", "καλημέρα φίλε", 0.8),
+        ("مرحبا بالعالم", "مرحبا", 2 / 3),
+        # Chinese and Japanese one token per character: 我很好/我好 LCS 2 -> P 2/3, R 1 -> 0.8;
+        # 東京へ行く/東京に行く LCS 4 of 5 and 5 -> 0.8.
+        ("我很好", "我好", 0.8),
+        ("東京へ行く", "東京に行く", 0.8),
+        # Mixed scripts: [我, 爱, python, 编, 程] vs [我, 爱, python] -> P 3/5, R 1 -> 0.75.
+        ("我爱 Python 编程", "我爱 python", 0.75),
+        # [я, люблю, python, и, go] vs [я, люблю, python] -> 0.75.
+        ("я люблю Python и Go", "Я люблю python", 0.75),
+        # ASCII text keeps rouge-score's own tokenizer: LCS("the cat", "the cat sat") -> 0.8.
+        ("the cat", "the cat sat", 0.8),
+    ],
+)
+def test_rouge_l_tokenizes_every_script(prediction, target, expected):
+    assert rouge_l(prediction, target) == pytest.approx(expected)
+
+
+def test_script_tokens_keep_combining_marks_and_split_scripts():
+    # Devanagari vowel signs and virama (categories Mn/Mc) stay inside their word.
+    assert scoring.script_tokens("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
+    assert scoring.script_tokens("Привет, мир2023!") == ["привет", "мир", "2023"]
+    assert scoring.script_tokens("ＡＢＣ 123abc") == ["abc", "123abc"]  # NFKC, Latin+digits join like rouge-score
+    # Stemming (ni_rouge_l) applies to the Latin words of mixed text: running/runs -> run.
+    assert score("ni_rouge_l", "Я люблю running", "я люблю runs") == 1.0

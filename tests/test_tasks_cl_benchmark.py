@@ -45,7 +45,7 @@ def write_repo_layout(root: Path, name="amazon", group="SC", n_train=10, n_test=
 def test_repo_layout_prompt_labels_and_metric(tmp_path):
     write_repo_layout(tmp_path)
     task = cl_benchmark.load_task("amazon", root=str(tmp_path), n_train=None, n_eval=100, seed=42)
-    assert task.metric == "exact_match" and task.labels == ["negative", "positive"]
+    assert task.metric == "ni_exact_match" and task.labels == ["negative", "positive"]  # O-LoRA scores by the NI rules
     assert len(task.train) == 10 and len(task.eval) == 6
     ex = task.eval[0]
     i = int(ex.id.rsplit("-", 1)[1])

@@ -61,13 +61,14 @@ def test_per_task_json_prompt_target_and_split(tmp_path):
     name = "task088_identify_typo_verification"
     write_task(tmp_path / "superni" / f"{name}.json", 20)
     task = superni.load_task(name, root=str(tmp_path), n_train=None, n_eval=200, seed=42)
-    assert task.metric == "exact_match"
+    assert task.metric == "ni_exact_match"  # exact match by the natural-instructions rules
     # Small task: eval holds out half, never more.
     assert len(task.eval) == 10 and len(task.train) == 10
     ex = task.train[0]
     i = ex.id.removeprefix("t-w")
     assert ex.prompt == f"Say the word.\n\nInput: word w{i}"
-    assert ex.target == f"w{i}"  # first reference only
+    assert ex.target == f"w{i}"  # trained on the first reference
+    assert ex.references == (f"w{i}", "alt")  # scored against all of them
     assert task.info["eval_from"] == "held out of the training file"
 
 
@@ -93,10 +94,11 @@ def test_cl_repo_layout_uses_its_test_file_and_drops_overlap(tmp_path):
     train["Instances"].append(dict(test["Instances"][0], id="dup"))
     (folder / "train.json").write_text(json.dumps(train))
     task = superni.load_task(name, root=str(tmp_path), n_train=None, n_eval=100, seed=42)
-    assert task.metric == "rouge_l"
+    assert task.metric == "ni_rouge_l"
     assert {e.target for e in task.eval} == {f"b{i}" for i in range(8)}
     assert len(task.train) == 30 and all(e.target.startswith("a") for e in task.train)
-    assert task.info == {"family": "superni", "eval_from": "test file", "train_dropped_overlap": 1}
+    assert task.info == {"family": "superni", "eval_from": "test file", "dropped_duplicates": 1}
+    assert task.split_stats == {"train": 30, "eval": 8, "dropped_duplicates": 1}
 
 
 def test_malformed_file_names_path_and_key(tmp_path):
@@ -218,7 +220,7 @@ def test_unknown_task_asks_for_a_table_entry(tmp_path):
     with pytest.raises(DataError, match="METRIC_TABLE"):
         superni.load_task("task9999_made_up", root=str(tmp_path), n_train=None, n_eval=2, seed=0)
     task = superni.load_task("task9999_made_up", root=str(tmp_path), n_train=None, n_eval=2, seed=0, metric="rouge_l")
-    assert task.metric == "rouge_l"
+    assert task.metric == "ni_rouge_l"
     with pytest.raises(DataError, match="valid"):
         superni.load_task("task9999_made_up", root=str(tmp_path), n_train=None, n_eval=2, seed=0, metric="bleu")
 
@@ -307,3 +309,35 @@ def test_end_to_end_run_on_real_samples(shared_data, tiny_model_dir, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "predictions" / "stage_02" / f"{tasks[1]}.jsonl").read_text().splitlines()]
     assert all("\n\nInput: " in r["prompt"] and r["target"] in ("POS", "NEG") for r in records)
     assert {r["id"] for r in records} <= test_ids  # scored examples come from the test file
+
+
+# ------------------------------------------------------------------------ official scoring (issue 9)
+
+def test_task002_every_reference_scores_by_the_official_rules(shared_data):
+    """task002 (Quoref) lists several valid answers per instance: the natural-instructions
+    scorer takes the best one. Predicting each instance's *last* reference is 100% correct."""
+    from cl_bench.scoring import score
+
+    task = superni.load_task("task002_quoref_answer_generation", root=str(shared_data), n_train=8, n_eval=100, seed=42)
+    assert task.metric == "ni_exact_match" and task.metric_for("slice_paper") == "slice_rouge_l"
+    multi = [e for e in task.eval if len(e.references) > 1]
+    assert len(multi) == 17  # of the 100 test instances
+    per_task = [score(task.metric, e.references[-1], e.all_references) for e in task.eval]
+    first_only = [score(task.metric, e.references[-1], e.target) for e in task.eval]
+    assert sum(per_task) == 100
+    assert sum(first_only) == 100 - sum(e.references[-1] != e.target for e in task.eval) == 83
+    raw = json.loads((shared_data / "superni" / "task002_quoref_answer_generation.test.json").read_text())
+    by_id = {inst["id"]: inst["output"] for inst in raw["Instances"]}
+    assert all(list(e.references) == by_id[e.id] for e in task.eval)
+
+
+def test_slice_paper_metric_follows_the_authors_registry():
+    # classification in their registry -> exact match; generation -> ROUGE-L (even for NI141 and
+    # NI163, which answer with one word or a number); NI360 they registered as classification.
+    assert superni.paper_metric_for("task088_identify_typo_verification", "exact_match") == "slice_exact_match"
+    assert superni.paper_metric_for("task141_odd-man-out_classification_category", "exact_match") == "slice_rouge_l"
+    assert superni.paper_metric_for("task163_count_words_ending_with_letter", "exact_match") == "slice_rouge_l"
+    assert superni.paper_metric_for("task360_spolin_yesand_response_generation", "rouge_l") == "slice_exact_match"
+    # a task they never registered maps by its kind
+    assert superni.paper_metric_for("task875_emotion_classification", "exact_match") == "slice_exact_match"
+    assert superni.paper_metric_for("task1572_samsum_summary", "rouge_l") == "slice_rouge_l"

@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # Bump when the meaning of a cached entry changes (loss, mode, layout, selection rule).
-CACHE_VERSION = 1
+# 2: captures are token means over all capture batches (was: mean of per-batch means).
+CACHE_VERSION = 2
 
 
 def _update_with_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:

@@ -5,7 +5,10 @@ other gradient is ever materialised). Each weight's gradient is folded into a fl
 accumulator by a post-accumulate hook as soon as backward produces it and then freed, so at
 any time we hold the fp32 accumulators plus at most one module's transient gradient. The
 accumulators can live on the CPU (`offload=True`) for models whose gradients do not fit next
-to the weights. The result is the mean gradient over the capture steps (SLICE Eq. 4).
+to the weights. The result is the gradient of the mean loss over every trained token of all
+capture batches together (SLICE Eq. 4 with the capture as one effective batch): each batch's
+summed token loss is divided by the trained tokens of all batches, so 1 × 16, 2 × 8 and 4 × 4
+examples give the same gradient, as in training.
 
 The model runs in eval mode (dropout off): the capture estimates the loss gradient at the
 current weights, and eval mode keeps it deterministic and therefore cacheable.
@@ -19,13 +22,14 @@ from typing import Iterable, Mapping
 import torch
 
 from ..errors import DataError, TrainingError
+from ..stage import trained_tokens
 
 
 @dataclass
 class Capture:
-    grads: dict[str, torch.Tensor]  # module name -> mean gradient, float32, [d_out, d_in]
-    steps: int
-    loss: float  # mean training loss over the capture batches
+    grads: dict[str, torch.Tensor]  # module name -> token-mean gradient, float32, [d_out, d_in]
+    steps: int  # batches
+    loss: float  # mean training loss over the trained tokens of all capture batches
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
 
@@ -38,12 +42,14 @@ def capture_gradients(
     offload: bool = False,
     transposed: Iterable[str] = (),
 ) -> Capture:
-    """Mean over `batches` of ∂loss/∂W for each weight in `weights` (float32).
+    """∂(mean token loss over all `batches`)/∂W for each weight in `weights` (float32).
 
     `transposed` names weights stored as [d_in, d_out] (Conv1D); their gradients are returned
     in [d_out, d_in] layout like all others.
     """
     start = time.perf_counter()
+    batches = list(batches)
+    n_items = sum(trained_tokens(b) for b in batches) if batches else 0
     transposed = set(transposed)
     store = {name: (torch.device("cpu") if offload else w.device) for name, w in weights.items()}
     acc: dict[str, torch.Tensor] = {}
@@ -75,7 +81,7 @@ def capture_gradients(
         model.eval()
         with torch.enable_grad():
             for batch in batches:
-                loss = model(**batch).loss
+                loss = model(**batch, num_items_in_batch=n_items).loss  # this batch's share of the mean
                 if not torch.isfinite(loss):
                     raise TrainingError(f"gradient capture: loss is {float(loss)} at capture step {steps + 1}")
                 loss.backward()
@@ -96,6 +102,5 @@ def capture_gradients(
         g = acc.pop(name, None)
         if g is None:  # the weight did not influence the loss
             g = torch.zeros(w.shape, dtype=torch.float32, device=store[name])
-        g.div_(steps)
         grads[name] = g.T.contiguous() if name in transposed else g
-    return Capture(grads, steps, loss_sum / steps, time.perf_counter() - start)
+    return Capture(grads, steps, loss_sum, time.perf_counter() - start)

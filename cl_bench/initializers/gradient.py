@@ -6,7 +6,9 @@ Per stage, on the current (merged) weights with a fresh no-op adapter:
      G_prev = (1/K) Σ_k G_k — equal weight per task, as in the paper.
   2. SLICE: G̃ = ψ(G_cur, G_prev) (linalg.projection_plan / apply_plan); LoRA-GA: G̃ = G_cur.
   3. B = U[:, :r], A = V[:, r:2r]ᵀ from the (randomized, seeded per module) SVD of G̃.
-  4. β-rescale so Var(B·A) = η_r·Var(W); the runner's apply_init absorbs s·B·A into W.
+  4. β-rescale so Var(B·A) = η_r·Var(W) (scale=variance_matched, the SLICE paper's Eq. 9), or
+     LoRA-GA's original stable scale: A, B ← ζ·A, ζ·B with ζ = d_out^(1/4)/√γ (scale=stable);
+     the runner's lora.apply_init absorbs s·B·A into W.
 At stage 1 (no previous task) SLICE runs exactly LoRA-GA's computation (same batches, same
 SVD seeds, same cache entries) and records `projection: "skipped: no previous task"`.
 """
@@ -21,12 +23,11 @@ import torch
 from .. import linalg
 from ..errors import ConfigError
 from ..tasks.base import TaskData
-from .apply import as_out_in, base_weight, lora_layers, module_shapes, peak_memory_mb, reset_peak_memory
-from .base import Initializer, InitContext, InitResult
+from ..lora import as_out_in, base_weight, lora_layers, module_shapes
+from ..stage import StageContext, check_buffer_size
+from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 from .cache import TensorCache, batches_fingerprint, content_key, model_state_fingerprint
 from .capture import capture_gradients
-
-ADAPTER = "default"
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -36,9 +37,13 @@ def _positive_int(key: str, value: Any) -> int:
 
 
 class LoraGA(Initializer):
-    """LoRA-GA subspace with LoRAM-style magnitude (the SLICE paper's LoRA-GA baseline)."""
+    """LoRA-GA subspace with LoRAM-style magnitude (the SLICE paper's LoRA-GA baseline), or with
+    LoRA-GA's own stable scale (`scale="stable"`, Wang et al. 2024 §3.3: both A and B times
+    d_out^(1/4)/√stable_gamma, singular values discarded). The subspace is the SLICE selection
+    B = U[:, :r], A = V[:, r:2r]ᵀ (PEFT's "A2rBr"; the LoRA-GA authors' default is "ArB2r")."""
 
     name = "lora_ga"
+    SCALES = ("variance_matched", "stable")
 
     def __init__(
         self,
@@ -47,7 +52,14 @@ class LoraGA(Initializer):
         svd: str = "randomized",
         niter: int = 4,
         offload: bool = False,
+        scale: str = "variance_matched",
+        stable_gamma: float = 16,
     ):
+        if scale not in self.SCALES:
+            raise ConfigError(f"initializer.scale={scale!r}; valid: {', '.join(self.SCALES)}")
+        if isinstance(stable_gamma, bool) or not isinstance(stable_gamma, (int, float)) or stable_gamma <= 0:
+            raise ConfigError(f"initializer.stable_gamma={stable_gamma!r} must be a number > 0")
+        self.scale, self.stable_gamma = scale, float(stable_gamma)
         self.capture_steps = _positive_int("capture_steps", capture_steps)
         self.capture_batch_size = _positive_int("capture_batch_size", capture_batch_size)
         if svd not in linalg.SVD_METHODS:
@@ -73,10 +85,10 @@ class LoraGA(Initializer):
     def _projection_knobs(self, has_previous: bool) -> dict | None:
         return None
 
-    def _previous_tasks(self, ctx: InitContext) -> list[TaskData]:
+    def _previous_tasks(self, ctx: StageContext) -> list[TaskData]:
         return []
 
-    def _init_knobs(self, ctx: InitContext, has_previous: bool) -> dict:
+    def _init_knobs(self, ctx: StageContext, has_previous: bool) -> dict:
         return {
             "selection": "lora_ga",
             "svd": self.svd,
@@ -84,18 +96,20 @@ class LoraGA(Initializer):
             "rank": ctx.rank,
             "seed": ctx.seed,
             "projection": self._projection_knobs(has_previous),
+            "scale": [self.scale, self.stable_gamma if self.scale == "stable" else None],
         }
 
     # ------------------------------------------------------------------ the stage
-    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+    def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         start = time.perf_counter()
         reset_peak_memory(ctx.device)
-        layers = lora_layers(peft_model, ADAPTER)
+        layers = lora_layers(peft_model, ctx.adapter)
         self.validate(module_shapes(layers), ctx.rank)
         cache = TensorCache(ctx.cache_dir, ctx.log)
         captures = _Captures(peft_model, layers, ctx, cache, offload=self.offload)
         current = captures.plan(ctx.current, self.capture_steps, self.capture_batch_size)
-        previous = [captures.plan(t, *self._previous_shape()) for t in self._previous_tasks(ctx)]
+        previous = [captures.plan(t, *self._previous_shape(), indices=self._previous_indices(ctx, t))
+                    for t in self._previous_tasks(ctx)]
         has_previous = bool(previous)
 
         init_key = None
@@ -124,6 +138,8 @@ class LoraGA(Initializer):
             "rank": ctx.rank,
             "svd": self.svd,
             "niter": self.niter,
+            "scale": self.scale,
+            **({"stable_gamma": self.stable_gamma} if self.scale == "stable" else {}),
             **proj_stats,
             **svd_stats,
             "capture": {"current": cur_info, "previous": prev_infos},
@@ -150,7 +166,7 @@ class LoraGA(Initializer):
         stats["peak_memory_mb"] = peak_memory_mb(device)
         return InitResult(factors=factors, absorb=True, stats=stats)
 
-    def _reconcile(self, g_cur, g_prev, ctx: InitContext) -> tuple[dict[str, linalg.ModulePlan] | None, dict]:
+    def _reconcile(self, g_cur, g_prev, ctx: StageContext) -> tuple[dict[str, linalg.ModulePlan] | None, dict]:
         """ψ's per-module plans from per-module inner products (global scope sums them)."""
         if g_prev is None:
             return None, self._no_projection_stats()
@@ -161,13 +177,13 @@ class LoraGA(Initializer):
         ctx.log(f"{self.name} stage {ctx.stage}: cos(G_cur, G_prev)={stats['cos_global']:+.4f} -> {stats['projection']}{gamma}")
         return plans, stats
 
-    def _factorize(self, layers, g_cur, g_prev, plans, ctx: InitContext) -> tuple[dict, dict]:
+    def _factorize(self, layers, g_cur, g_prev, plans, ctx: StageContext) -> tuple[dict, dict]:
         """Eq. 7 + Eq. 9 one module at a time, so G̃ never exists for all modules at once."""
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         mass_r = mass_2r = total_sq = 0.0
         betas: list[float] = []
         for name, layer in layers.items():
-            r = int(layer.r[ADAPTER])
+            r = int(layer.r[ctx.adapter])
             G = g_cur[name].to(ctx.device)
             if plans is not None:
                 G = linalg.apply_plan(G, g_prev[name].to(ctx.device), plans[name])
@@ -176,7 +192,10 @@ class LoraGA(Initializer):
             total_sq += g_sq
             mass_r += linalg.singular_value_mass(S, g_sq, r) * g_sq
             mass_2r += linalg.singular_value_mass(S, g_sq, 2 * r) * g_sq
-            A, B, beta = linalg.rescale_factors(as_out_in(layer, base_weight(layer)), A, B)
+            if self.scale == "stable":
+                A, B, beta = linalg.stable_scale_factors(A, B, self.stable_gamma)
+            else:
+                A, B, beta = linalg.rescale_factors(as_out_in(layer, base_weight(layer)), A, B)
             betas.append(beta)
             factors[name] = (A, B)
             del G
@@ -184,12 +203,16 @@ class LoraGA(Initializer):
             # share of ‖G̃‖_F² (summed over modules) in the r / 2r leading singular values
             "sv_mass_top_r": mass_r / total_sq if total_sq > 0 else 0.0,
             "sv_mass_top_2r": mass_2r / total_sq if total_sq > 0 else 0.0,
+            # the factor both A and B were multiplied by (β, or ζ under scale=stable)
             "beta": {"min": min(betas), "mean": sum(betas) / len(betas), "max": max(betas)},
         }
         return factors, stats
 
     def _previous_shape(self) -> tuple[int, int]:
         return self.capture_steps, self.capture_batch_size
+
+    def _previous_indices(self, ctx: StageContext, task: TaskData) -> list[int] | None:
+        return None
 
     def _no_projection_stats(self) -> dict:
         return {"projection": "not applicable: lora_ga uses the current-task gradient only", "fired": False}
@@ -212,6 +235,7 @@ class Slice(LoraGA):
         capture_batch_size: int = 16,
         prev_capture_steps: int | None = None,
         prev_capture_batch_size: int | None = None,
+        prev_buffer: int | float | None = None,
         svd: str = "randomized",
         niter: int = 4,
         offload: bool = False,
@@ -234,6 +258,12 @@ class Slice(LoraGA):
         self.prev_capture_batch_size = _positive_int(
             "prev_capture_batch_size", capture_batch_size if prev_capture_batch_size is None else prev_capture_batch_size
         )
+        if prev_buffer is not None:
+            try:
+                check_buffer_size(prev_buffer)
+            except ValueError as exc:
+                raise ConfigError(f"initializer.prev_buffer={exc} (or null: the whole training split)") from None
+        self.prev_buffer = prev_buffer
 
     def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
         super().validate(module_shapes, rank)
@@ -245,11 +275,16 @@ class Slice(LoraGA):
                         f"{min(d_out, d_in)} of {name}"
                     )
 
-    def _previous_tasks(self, ctx: InitContext) -> list[TaskData]:
+    def _previous_tasks(self, ctx: StageContext) -> list[TaskData]:
         return list(ctx.previous)
 
     def _previous_shape(self) -> tuple[int, int]:
         return self.prev_capture_steps, self.prev_capture_batch_size
+
+    def _previous_indices(self, ctx: StageContext, task: TaskData) -> list[int] | None:
+        """The examples G_prev is captured on: the task's whole training split (the paper's
+        "sample on demand", §3), or its replay buffer, the one regularizer=replay replays."""
+        return None if self.prev_buffer is None else ctx.replay_buffer(task, self.prev_buffer)
 
     def _projection_knobs(self, has_previous: bool) -> dict | None:
         if not has_previous:  # stage 1: exactly LoRA-GA, so the init cache entry is shared too
@@ -280,12 +315,13 @@ class _CaptureSpec:
     batch_size: int
     batches: list
     key: str | None  # content key; None when the cache is off
+    source: str = "train split"  # or "replay buffer (k examples)"
 
 
 class _Captures:
     """Plans (batches + content key) and runs cached gradient captures on one model state."""
 
-    def __init__(self, peft_model, layers, ctx: InitContext, cache: TensorCache, offload: bool):
+    def __init__(self, peft_model, layers, ctx: StageContext, cache: TensorCache, offload: bool):
         self.model, self.ctx, self.cache, self.offload = peft_model, ctx, cache, offload
         self.weights = {name: base_weight(layer) for name, layer in layers.items()}
         self.transposed = [name for name, layer in layers.items() if layer.fan_in_fan_out]
@@ -293,15 +329,22 @@ class _Captures:
         self.model_class = type(base).__name__
         self.state = model_state_fingerprint(peft_model) if cache.enabled else None
 
-    def plan(self, task: TaskData, steps: int, batch_size: int) -> _CaptureSpec:
-        batches = list(self.ctx.make_batches(task, steps, batch_size, self.ctx.seed))
+    def plan(self, task: TaskData, steps: int, batch_size: int, indices: list[int] | None = None) -> _CaptureSpec:
+        """Capture batches from task.train, or only from `indices` into it (a replay buffer)."""
+        if indices is None:
+            batches = list(self.ctx.make_batches(task, steps, batch_size, self.ctx.seed))
+        else:
+            batches = list(self.ctx.make_batches(task, steps, batch_size, self.ctx.seed, indices=indices))
         key = None
         if self.cache.enabled:
             key = content_key("capture", self.model_class, self.state, sorted(self.weights), batches_fingerprint(batches))
-        return _CaptureSpec(task.name, steps, batch_size, batches, key)
+        source = "train split" if indices is None else f"replay buffer ({len(indices)} examples)"
+        return _CaptureSpec(task.name, steps, batch_size, batches, key, source)
 
     def run(self, spec: _CaptureSpec) -> tuple[dict[str, torch.Tensor], dict]:
         info: dict[str, Any] = {"task": spec.task, "steps": spec.steps, "batch_size": spec.batch_size}
+        if spec.source != "train split":  # recorded only when it differs from the default
+            info["from"] = spec.source
         t0 = time.perf_counter()
         if spec.key is not None:
             hit = self.cache.load("capture", spec.key, device="cpu" if self.offload else self.ctx.device)

@@ -2,7 +2,7 @@
 
 A = first r rows of the orthonormal d_in×d_in DST-I matrix, B = first r columns of the
 d_out×d_out one, both scaled by β = (η_r·η_var)^(1/4) against the current W, then absorbed
-(W ← W − s·B·A) by the runner's apply_init. The subspace is the same at every stage; only
+(W ← W − s·B·A) by the runner's lora.apply_init. The subspace is the same at every stage; only
 the magnitude follows the (merged) weights.
 """
 from __future__ import annotations
@@ -14,10 +14,9 @@ import torch
 from .. import linalg
 from ..config import validate_rank
 from ..errors import ConfigError
-from .apply import as_out_in, base_weight, lora_layers, module_shapes, peak_memory_mb, reset_peak_memory
-from .base import Initializer, InitContext, InitResult
-
-ADAPTER = "default"
+from ..lora import as_out_in, base_weight, lora_layers, module_shapes
+from ..stage import StageContext
+from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 
 
 class LoRAM(Initializer):
@@ -29,15 +28,15 @@ class LoRAM(Initializer):
         validate_rank(module_shapes, rank, list(module_shapes))
 
     @torch.no_grad()
-    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+    def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         start = time.perf_counter()
         reset_peak_memory(ctx.device)
-        layers = lora_layers(peft_model, ADAPTER)
+        layers = lora_layers(peft_model, ctx.adapter)
         self.validate(module_shapes(layers), ctx.rank)
         factors, betas = {}, []
         for name, layer in layers.items():
             W = as_out_in(layer, base_weight(layer))
-            A, B = linalg.dst1_factors(W.shape[0], W.shape[1], int(layer.r[ADAPTER]), device=W.device)
+            A, B = linalg.dst1_factors(W.shape[0], W.shape[1], int(layer.r[ctx.adapter]), device=W.device)
             A, B, beta = linalg.rescale_factors(W, A, B)
             factors[name] = (A, B)
             betas.append(beta)

@@ -14,10 +14,9 @@ import torch
 
 from .. import linalg
 from ..config import validate_rank
-from .apply import as_out_in, base_weight, lora_layers, module_shapes, peak_memory_mb, reset_peak_memory
-from .base import Initializer, InitContext, InitResult
-
-ADAPTER = "default"
+from ..lora import as_out_in, base_weight, lora_layers, module_shapes
+from ..stage import StageContext
+from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 
 
 class MiLoRA(Initializer):
@@ -27,16 +26,16 @@ class MiLoRA(Initializer):
         validate_rank(module_shapes, rank, list(module_shapes))
 
     @torch.no_grad()
-    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+    def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         start = time.perf_counter()
         reset_peak_memory(ctx.device)
-        layers = lora_layers(peft_model, ADAPTER)
+        layers = lora_layers(peft_model, ctx.adapter)
         self.validate(module_shapes(layers), ctx.rank)
         factors, minor_sq, total_sq = {}, 0.0, 0.0
         for name, layer in layers.items():
             W = as_out_in(layer, base_weight(layer))
-            s = float(layer.scaling[ADAPTER])
-            A, B = linalg.minor_component_factors(W, int(layer.r[ADAPTER]), s)
+            s = float(layer.scaling[ctx.adapter])
+            A, B = linalg.minor_component_factors(W, int(layer.r[ctx.adapter]), s)
             factors[name] = (A, B)
             sigma = s * A.double().pow(2).sum(1)  # row i of A has squared norm σ_i / s
             minor_sq += float(sigma.pow(2).sum())

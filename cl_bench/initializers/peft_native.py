@@ -4,13 +4,16 @@ Each one only tells the runner which `init_lora_weights` (and sub-config) to put
 LoraConfig and runs PEFT's own preprocessing / post-processing with our seeded, train-split-
 only batches. PEFT does its own absorption where the method needs one (LoRA-GA, PiSSA,
 OLoRA, CorDA modify the base weight so the wrapped model's function is unchanged; EVA keeps
-B = 0), so `InitResult.factors` is None and apply_init leaves the adapter as PEFT built it.
+B = 0), so `InitResult.factors` is None and the runner leaves the adapter as PEFT built it;
+`absorb=True` tells it that PEFT absorbed s·B0·A0, so the stage history records the init and the
+fp32 master of low-precision weights follows (lora.follow_peft_absorption_).
 
 Note: PEFT's randomized SVDs (LoRA-GA, `pissa_niter_*`) draw from the global torch RNG, so
 their determinism rests on the runner's per-stage seeding.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -21,8 +24,9 @@ from peft.tuners.lora.corda import preprocess_corda
 from peft.tuners.lora.loraga import preprocess_loraga
 
 from ..errors import ConfigError, TrainingError
-from .apply import lora_layers, peak_memory_mb, reset_peak_memory
-from .base import Initializer, InitContext, InitResult
+from ..lora import lora_layers
+from ..stage import StageContext, trained_tokens
+from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -50,6 +54,9 @@ class _PeftNative(Initializer):
     """Shared bookkeeping: time spent before wrapping (PEFT preprocessing) and after."""
 
     init_lora_weights: str = ""
+    # PEFT itself sets W ← W − s·B0·A0 while wrapping (the runner then only brings the fp32
+    # master along); EVA starts with B = 0 and needs no absorption.
+    absorbs: bool = True
 
     def __init__(self) -> None:
         self._before_wrap_seconds = 0.0
@@ -60,11 +67,11 @@ class _PeftNative(Initializer):
     def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
         _check_rank(self.name, module_shapes, rank)
 
-    def before_wrap(self, model: torch.nn.Module, lora_config: Any, ctx: InitContext) -> None:
+    def before_wrap(self, model: torch.nn.Module, lora_config: Any, ctx: StageContext) -> None:
         # PEFT's SVD/QR inits run inside get_peft_model, right after this call.
         reset_peak_memory(ctx.device)
 
-    def _stats(self, ctx: InitContext, extra: dict | None = None, init_seconds: float = 0.0) -> dict:
+    def _stats(self, ctx: StageContext, extra: dict | None = None, init_seconds: float = 0.0) -> dict:
         return {
             "method": self.name,
             "init_lora_weights": self.init_lora_weights,
@@ -78,15 +85,27 @@ class _PeftNative(Initializer):
             "peak_memory_mb": peak_memory_mb(ctx.device),
         }
 
-    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+    def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         stats = self._stats(ctx)
         self._before_wrap_seconds = 0.0
-        return InitResult(factors=None, absorb=False, stats=stats)
+        return InitResult(factors=None, absorb=self.absorbs, stats=stats)
 
 
 class LoraGAPeft(_PeftNative):
-    """PEFT's LoRA-GA (Wang et al. 2024) with its original stable scaling, for comparison with
-    `lora_ga` (the SLICE paper's protocol: A = V[:, r:2r]ᵀ, B = U[:, :r], variance-matched β)."""
+    """PEFT's own LoRA-GA variant (peft.tuners.lora.layer.LoraLayer.lora_ga_init), for comparison
+    with `lora_ga`. It is *not* LoRA-GA's original stable scaling:
+
+    mean gradient G over the capture batches -> torch.svd_lowrank(G, q=min(4r, d), niter=4)
+    (global RNG) -> with direction ArB2r: A = V[:, :r]ᵀ, B = U[:, r:2r]·diag(S[r:2r]), i.e. the
+    gradient's singular values are folded into B -> scale=stable multiplies B only by
+    d_out^(1/4)/√γ (A stays orthonormal) -> W ← W − s·B·A. scale=weight_svd multiplies B by
+    σ_1(W)/S_B[0], gd_scale divides A and B by s, unit adds nothing (S stays in B).
+    The original (Wang et al. 2024 §3.3; the authors' code) discards the singular values and
+    multiplies both A and B by d_out^(1/4)/√γ: that is `initializer=lora_ga scale=stable`.
+    Gradient singular values are small, so PEFT's initial adapter s·B·A is much smaller than the
+    original's: ‖s·B·A‖_F summed over modules 3.9 vs 72.9 on the tiny model (r = 8, α = 16, rsLoRA,
+    4×8 sentiment examples); the gap grows as the gradient's singular values shrink.
+    """
 
     name = "lora_ga_peft"
     init_lora_weights = "lora_ga"
@@ -117,14 +136,17 @@ class LoraGAPeft(_PeftNative):
     def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
         _check_rank(self.name, module_shapes, rank, factor=2)
 
-    def before_wrap(self, model: torch.nn.Module, lora_config: Any, ctx: InitContext) -> None:
+    def before_wrap(self, model: torch.nn.Module, lora_config: Any, ctx: StageContext) -> None:
         start = time.perf_counter()
         reset_peak_memory(ctx.device)
         batches = list(ctx.make_batches(ctx.current, self.capture_steps, self.capture_batch_size, ctx.seed))
+        n_items = sum(trained_tokens(b) for b in batches)
 
         def train_step() -> None:
             for batch in batches:
-                loss = model(**batch).loss
+                # PEFT divides the accumulated gradient by the number of backward passes;
+                # × len(batches) makes the result the token mean over all batches, like capture.py.
+                loss = model(**batch, num_items_in_batch=n_items).loss * len(batches)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"lora_ga_peft gradient estimation: loss is {float(loss)}")
                 loss.backward()
@@ -132,7 +154,7 @@ class LoraGAPeft(_PeftNative):
         preprocess_loraga(model, lora_config, train_step)
         self._before_wrap_seconds = time.perf_counter() - start
 
-    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+    def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         stats = self._stats(
             ctx,
             {
@@ -143,7 +165,7 @@ class LoraGAPeft(_PeftNative):
             }
         )
         self._before_wrap_seconds = 0.0
-        return InitResult(factors=None, absorb=False, stats=stats)
+        return InitResult(factors=None, absorb=self.absorbs, stats=stats)
 
 
 class PiSSA(_PeftNative):
@@ -167,10 +189,19 @@ class OLoRA(_PeftNative):
 
 class EVA(_PeftNative):
     """Explained-variance adaptation: A = top right singular vectors of the layer inputs on the
-    current task, B = 0 (no absorption needed)."""
+    current task, B = 0 (no absorption needed).
+
+    Scaling with rank redistribution (rho > 1): modules end with different ranks r_m. With
+    `adjust_scaling_factors` (EVA's default) every module keeps the configured scale s whatever its
+    rank (EVA's purpose: all LoRA updates on one scale) - s = α/√r under rsLoRA, α/r otherwise;
+    without it each module uses the configured convention at its own rank (α/√r_m or α/r_m).
+    PEFT rescales α by r_m/r, which gives exactly that under α/r but α·√r_m/r under rsLoRA
+    (2.8…8.0 instead of 5.66 at r = 8, α = 16), so the scale is set here per module.
+    """
 
     name = "eva"
     init_lora_weights = "eva"
+    absorbs = False
 
     def __init__(
         self,
@@ -209,7 +240,7 @@ class EVA(_PeftNative):
             ),
         }
 
-    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+    def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         start = time.perf_counter()
         batches = list(ctx.make_batches(ctx.current, self.steps, self.batch_size, ctx.seed))
         passes = 0
@@ -225,15 +256,36 @@ class EVA(_PeftNative):
                 )
             return model(**inputs)
 
-        initialize_lora_eva_weights(peft_model, dataloader=batches, forward_fn=forward, show_progress_bar=False)
-        ranks = sorted({int(layer.r["default"]) for layer in lora_layers(peft_model).values()})
+        initialize_lora_eva_weights(
+            peft_model, dataloader=batches, forward_fn=forward, adapter_name=ctx.adapter, show_progress_bar=False
+        )
+        rslora = ctx.scaling_convention == "rslora"
+        scales = self.set_module_scales(lora_layers(peft_model, ctx.adapter), ctx.adapter, ctx.scaling, ctx.alpha, rslora)
+        ranks = sorted({int(layer.r[ctx.adapter]) for layer in lora_layers(peft_model, ctx.adapter).values()})
+        rule = "configured s for every module" if self.adjust_scaling_factors else (
+            "alpha/sqrt(r_module)" if rslora else "alpha/r_module")
         stats = self._stats(
             ctx,
-            {"rho": self.rho, "tau": self.tau, "forward_passes": passes, "ranks": ranks},
+            {"rho": self.rho, "tau": self.tau, "forward_passes": passes, "ranks": ranks,
+             "scaling": {"rule": rule, "min": min(scales.values()), "max": max(scales.values())}},
             init_seconds=time.perf_counter() - start,
         )
         self._before_wrap_seconds = 0.0
-        return InitResult(factors=None, absorb=False, stats=stats)
+        return InitResult(factors=None, absorb=self.absorbs, stats=stats)
+
+
+    def set_module_scales(self, layers: dict, adapter: str, scaling: float, alpha: float, rslora: bool) -> dict[str, float]:
+        """Set every module's scaling (and its α, so that the runner's lora.set_scaling, which
+        recomputes s from α and r, gives it back) after EVA's rank redistribution; returns {module: scale}."""
+        scales = {}
+        for name, layer in layers.items():
+            r_m = int(layer.r[adapter])
+            per_rank = math.sqrt(r_m) if rslora else float(r_m)
+            s_m = float(scaling) if self.adjust_scaling_factors else float(alpha) / per_rank
+            layer.scaling[adapter] = s_m
+            layer.lora_alpha[adapter] = s_m * per_rank
+            scales[name] = s_m
+        return scales
 
 
 class CorDA(_PeftNative):
@@ -260,7 +312,7 @@ class CorDA(_PeftNative):
     def lora_config_kwargs(self) -> dict[str, Any]:
         return {"init_lora_weights": "corda", "corda_config": CordaConfig(corda_method=self.method)}
 
-    def before_wrap(self, model: torch.nn.Module, lora_config: Any, ctx: InitContext) -> None:
+    def before_wrap(self, model: torch.nn.Module, lora_config: Any, ctx: StageContext) -> None:
         start = time.perf_counter()
         reset_peak_memory(ctx.device)
         tasks = list(ctx.previous) if (self.calibration == "previous" and ctx.previous) else [ctx.current]
@@ -277,10 +329,10 @@ class CorDA(_PeftNative):
         preprocess_corda(model, lora_config, run_model=run_model)
         self._before_wrap_seconds = time.perf_counter() - start
 
-    def init(self, peft_model: torch.nn.Module, ctx: InitContext) -> InitResult:
+    def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         stats = self._stats(
             ctx,
             {"corda_method": self.method, "calibration_tasks": self._used, "calibration": self.calibration}
         )
         self._before_wrap_seconds = 0.0
-        return InitResult(factors=None, absorb=False, stats=stats)
+        return InitResult(factors=None, absorb=self.absorbs, stats=stats)

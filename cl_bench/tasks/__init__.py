@@ -12,7 +12,7 @@ import inspect
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from .base import Example, TaskData, split_examples
+from .base import PROTOCOLS, Example, TaskData, split_examples
 
 # family name -> module; a new family = one module + an entry here.
 FAMILIES = {
@@ -46,11 +46,24 @@ def load_sequence(seq: Any, root: str | None, seed: int) -> list[TaskData]:
         try:
             tasks.append(module.load_task(name, root=root, n_train=seq.n_train, n_eval=int(seq.n_eval), seed=seed, **kwargs))
         except DataError as exc:
-            errors.append(str(exc))
+            errors.append((name, str(exc)))
     if errors:
-        more = f" (and {len(errors) - 1} more task(s): " + " | ".join(errors[1:]) + ")" if len(errors) > 1 else ""
-        raise DataError(errors[0] + more)
+        # The first task's full message, then only the names: one readable line, not one per task.
+        more = (f" (and {len(errors) - 1} more task(s): {', '.join(n for n, _ in errors[1:])}; "
+                f"`python -m cl_bench.data_check data.root=DIR` lists what each sequence lacks)") if len(errors) > 1 else ""
+        raise DataError(errors[0][1] + more)
     return tasks
 
 
-__all__ = ["Example", "TaskData", "split_examples", "load_sequence", "family_module", "FAMILIES"]
+def split_stats(tasks: list[TaskData]) -> dict[str, dict[str, int]]:
+    """results.json `split_stats`: {task: {"train", "eval", "dropped_duplicates"}}."""
+    return {t.name: t.split_stats for t in tasks}
+
+
+def evaluation_record(tasks: list[TaskData], protocol: str) -> dict[str, Any]:
+    """results.json `evaluation`: the scoring protocol and the metric each task is scored by."""
+    return {"protocol": protocol, "metrics": {t.name: t.metric_for(protocol) for t in tasks}}
+
+
+__all__ = ["Example", "TaskData", "PROTOCOLS", "split_examples", "split_stats", "evaluation_record",
+           "load_sequence", "family_module", "FAMILIES"]

@@ -9,7 +9,8 @@ official HF Hub copy, so there is no Hub fallback.
 Prompt, in O-LoRA's format: <group instruction> + "Option: " + labels joined by ", " + " \\n" +
 sentence + "\\nAnswer:" (COPA has no instruction: its sentence already asks for A or B).
 Eval examples come from test.json (else dev.json, else held out of train.json); the metric is
-exact match on the label.
+exact match on the label as O-LoRA scores it: its src/compute_metrics.py is the natural-instructions
+scorer (normalize_answer: lowercase, punctuation removed, whitespace collapsed), i.e. ni_exact_match.
 """
 from __future__ import annotations
 
@@ -131,6 +132,6 @@ def load_task(name: str, *, root: str | None, n_train: int | None, n_eval: int, 
             info.update(group=GROUPS[task], instructions=str(config_path) if config_path else None, skipped_unlabelled=skipped)
             if eval_file:
                 info["eval_file"] = eval_file.name
-            return TaskData(task, "exact_match", train, evaluated, labels=labels, origin=str(folder), info={"family": "cl_benchmark", **info})
+            return TaskData(task, "ni_exact_match", train, evaluated, labels=labels, origin=str(folder), info={"family": "cl_benchmark", **info})
     where = "; ".join(tried) if tried else "no local path (data.root and CL_BENCH_DATA are unset)"
     raise DataError(f"CL-benchmark task {task!r} not found. Tried: {where}. To get it: " + DOWNLOAD_HINT.format(task=task))

@@ -9,12 +9,17 @@ Formats read (first match wins, every path tried is reported when none matches):
     targets) when no local file exists.
 
 Prompt = Definition + "\\n\\n" + "Input: " + input (the chat template is applied later, in
-cl_bench/data.py); target = the first reference output. Split: with a separate test file, eval
-= seed-shuffled test examples and train = the training file; otherwise eval is held out of the one
-file by `split_examples`. Training examples whose prompt also occurs in eval are dropped, so
-gradients and replay never see an evaluated prompt.
+cl_bench/data.py); target (trained on) = the first reference output; every reference output is kept
+on the example and scoring takes the best one. Split: with a separate test file, eval = seed-shuffled
+test examples and train = the training file; otherwise eval is held out of the one file by
+`split_examples`. Training examples whose prompt also occurs in eval are dropped (duplicated
+instances are common in SuperNI), so gradients and replay never see an evaluated prompt.
 
-The metric comes from METRIC_TABLE (by what the task outputs), never from a coarse category.
+The metric kind comes from METRIC_TABLE (by what the task outputs), never from a coarse category,
+and is scored by the natural-instructions rules (scoring.ni_exact_match / ni_rouge_l: max over
+references, its normalize_answer, ROUGE-L with stemming). Under evaluation.protocol=slice_paper the
+SLICE authors' metric applies instead: exact match for the tasks their registry calls
+classification, ROUGE-L for the rest (SLICE_PAPER_KIND), with their normalization.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ DOWNLOAD_HINT = (
 )
 
 EM, RL = "exact_match", "rouge_l"
+# Metric kind -> the natural-instructions scorer of that kind (scoring.py).
+NI_METRIC = {EM: "ni_exact_match", RL: "ni_rouge_l"}
 
 # Task -> metric by output kind: EM where the answer is a label, number, letter, word or a
 # fixed-format string with one right answer; ROUGE-L where it is free text or a span list that
@@ -112,6 +119,15 @@ METRIC_TABLE: dict[str, str] = {
     "task1729_personachat_generate_next": RL,  # (*) dialogue response
 }
 
+# The SLICE authors' category per task (their task_sequences.py registry; slice-reference.md §10.2,
+# §10.3): classification -> exact match, generation -> ROUGE-L. Their NI360 (a response generation
+# task) is registered as classification, and NI141/NI163/NI002 as generation: kept as they scored them.
+_PAPER_EM = "195 1343 1310 1292 363 231 220 224 273 360 1510 088 092 119 199 209 286 325 327 513 517 828 1332 1346 1429"
+_PAPER_RL = ("618 1290 589 511 1357 1355 141 619 163 002 339 611 292 488 024 077 079 085 086 087 090 161 179 180 "
+             "181 183 205 206 208 243 271 376 425 1152 1582 1711")
+SLICE_PAPER_KIND: dict[int, str] = {**{int(n): EM for n in _PAPER_EM.split()}, **{int(n): RL for n in _PAPER_RL.split()}}
+_SLICE_METRIC = {EM: "slice_exact_match", RL: "slice_rouge_l"}
+
 _SHORT_ID = re.compile(r"(?:ni|task)?0*(\d+)")
 
 
@@ -128,7 +144,8 @@ def resolve_task_name(name: str) -> str:
     return name
 
 
-def metric_for(task: str, override: str | None = None) -> str:
+def metric_kind(task: str, override: str | None = None) -> str:
+    """The metric kind of a task: the sequence YAML's override, else METRIC_TABLE."""
     if override is not None:
         if override not in VALID_METRICS:
             raise DataError(f"metric override {override!r} for SuperNI task {task!r} is invalid; valid: {', '.join(VALID_METRICS)}")
@@ -141,6 +158,21 @@ def metric_for(task: str, override: str | None = None) -> str:
             f"(exact_match for labels/short answers, rouge_l for free text) or set "
             f"`metrics: {{{task}: exact_match|rouge_l}}` in the sequence YAML"
         ) from None
+
+
+def metric_for(task: str, override: str | None = None) -> str:
+    """The scorer of a task under evaluation.protocol=per_task: its kind by the
+    natural-instructions rules (exact_match -> ni_exact_match, rouge_l -> ni_rouge_l)."""
+    kind = metric_kind(task, override)
+    return NI_METRIC.get(kind, kind)
+
+
+def paper_metric_for(task: str, kind: str) -> str:
+    """The SLICE authors' scorer of a task: by their registry's category, else by its kind."""
+    match = re.match(r"task0*(\d+)_", task)
+    number = int(match.group(1)) if match else None
+    paper_kind = SLICE_PAPER_KIND.get(number, kind)
+    return _SLICE_METRIC.get(paper_kind, "slice_exact_match" if kind in (EM, "accuracy") else "slice_rouge_l")
 
 
 # ------------------------------------------------------------------------------- files
@@ -168,14 +200,13 @@ def build_prompt(definition: str, task_input: str) -> str:
     return f"{definition}\n\nInput: {task_input}"
 
 
-def _first_output(output, path: Path, index: int) -> str | None:
-    if isinstance(output, list):
-        output = output[0] if output else None
-    if output is None:
-        return None
-    if not isinstance(output, str):
-        raise DataError(f"{path}: Instances[{index}].output must be a string or a list of strings, got {type(output).__name__}")
-    return output
+def _outputs(output, path: Path, index: int) -> tuple[str, ...]:
+    """Every reference output of an instance (a list, or one string in the CL repos' copies)."""
+    outputs = output if isinstance(output, list) else ([] if output is None else [output])
+    for out in outputs:
+        if not isinstance(out, str):
+            raise DataError(f"{path}: Instances[{index}].output must be a string or a list of strings, got {type(out).__name__}")
+    return tuple(outputs)
 
 
 def read_task_file(path: Path) -> tuple[str, list[Example]]:
@@ -192,10 +223,11 @@ def read_task_file(path: Path) -> tuple[str, list[Example]]:
     for i, inst in enumerate(raw["Instances"]):
         if not isinstance(inst, dict) or "input" not in inst:
             raise DataError(f"{path}: Instances[{i}] has no 'input'")
-        target = _first_output(inst.get("output"), path, i)
-        if target is None:
+        outputs = _outputs(inst.get("output"), path, i)
+        if not outputs:
             continue
-        examples.append(Example(id=str(inst.get("id", f"{path.stem}-{i}")), prompt=build_prompt(definition, inst["input"]), target=target))
+        examples.append(Example(id=str(inst.get("id", f"{path.stem}-{i}")), prompt=build_prompt(definition, inst["input"]),
+                                target=outputs[0], references=outputs))
     if not examples:
         raise DataError(f"{path}: 'Instances' holds no instance with a reference output; a task needs at least 2")
     return definition, examples
@@ -219,7 +251,8 @@ def load_task(
     name: str, *, root: str | None, n_train: int | None, n_eval: int, seed: int, metric: str | None = None
 ) -> TaskData:
     task = resolve_task_name(str(name))
-    chosen_metric = metric_for(task, metric)  # fail on a missing table entry before any I/O
+    kind = metric_kind(task, metric)  # fail on a missing table entry before any I/O
+    chosen_metric, paper_metric = metric_for(task, metric), paper_metric_for(task, kind)
     tried: list[str] = []
     for base in data_roots(root):
         for train_path, test_path in candidate_files(task, base):
@@ -230,7 +263,8 @@ def load_task(
             test_pool = read_task_file(test_path)[1] if test_path is not None and test_path.is_file() else None
             train, evaluated, info = split_for_task(train_pool, test_pool, n_train, n_eval, seed)
             origin = str(train_path) + (f" + {test_path}" if test_pool else "")
-            return TaskData(task, chosen_metric, train, evaluated, origin=origin, info={"family": "superni", **info})
+            return TaskData(task, chosen_metric, train, evaluated, origin=origin, info={"family": "superni", **info},
+                            paper_metric=paper_metric)
     try:
         pool = _from_hub(task)
     except Exception as err:  # offline, not installed, unknown task: all end in the one message below
@@ -240,4 +274,5 @@ def load_task(
             f"{str(err).splitlines()[0] if str(err) else ''}. To get it: " + DOWNLOAD_HINT.format(task=task)
         ) from None
     train, evaluated, info = split_for_task(pool, None, n_train, n_eval, seed)
-    return TaskData(task, chosen_metric, train, evaluated, origin=f"hf:{HF_DATASET}", info={"family": "superni", **info})
+    return TaskData(task, chosen_metric, train, evaluated, origin=f"hf:{HF_DATASET}", info={"family": "superni", **info},
+                    paper_metric=paper_metric)

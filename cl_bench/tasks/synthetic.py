@@ -174,6 +174,7 @@ def load_task(name: str, *, root: str | None, n_train: int | None, n_eval: int, 
         raise ConfigError(f"synthetic task {name!r} is unknown; valid: {', '.join(FAMILY_SPECS)}")
     family = FAMILY_SPECS[name]
     # Data depend on a fixed generator seed; `seed` only drives the split, like a real data set.
-    train, held = split_examples(generate(name, pool_size(n_train, n_eval), seed=0), n_train, n_eval, seed)
+    train, held, dropped = split_examples(generate(name, pool_size(n_train, n_eval), seed=0), n_train, n_eval, seed)
     labels = list(family.labels) if family.labels else None
-    return TaskData(name=name, metric=family.metric, train=train, eval=held, labels=labels, origin=f"synthetic:{name}")
+    return TaskData(name=name, metric=family.metric, train=train, eval=held, labels=labels, origin=f"synthetic:{name}",
+                    info={"family": "synthetic", "dropped_duplicates": dropped})

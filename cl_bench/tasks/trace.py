@@ -10,6 +10,8 @@ fallback. Eval examples come from test.json (else eval.json, else held out of tr
 Metrics are TRACE's official ones: accuracy for the multiple-choice and numeric tasks (the
 option letter for C-STANCE/FOMC/ScienceQA; the number for NumGLUE), ROUGE-L for MeetingBank,
 edit similarity for Py150 and SARI for 20Minuten (source = the paragraph being simplified).
+Under evaluation.protocol=slice_paper every TRACE task is scored as the SLICE authors did: their
+ROUGE-L (scoring.slice_rouge_l), multiple-choice and numeric tasks included (slice-reference.md §5.1).
 """
 from __future__ import annotations
 
@@ -123,6 +125,7 @@ def load_task(name: str, *, root: str | None, n_train: int | None, n_eval: int, 
             train, evaluated, info = split_for_task(train_pool, test_pool, n_train, n_eval, seed)
             if eval_file:
                 info["eval_file"] = eval_file.name
-            return TaskData(task, metric, train, evaluated, labels=labels, origin=str(folder), info={"family": "trace", **info})
+            return TaskData(task, metric, train, evaluated, labels=labels, origin=str(folder), info={"family": "trace", **info},
+                            paper_metric="slice_rouge_l")
     where = "; ".join(tried) if tried else "no local path (data.root and CL_BENCH_DATA are unset)"
     raise DataError(f"TRACE task {task!r} not found. Tried: {where}. To get it: " + DOWNLOAD_HINT.format(task=task))
