@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import FAST, run_cli
+from conftest import FAST, run_cli_batch
 
 pytestmark = pytest.mark.slow
 
@@ -56,20 +56,29 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_gives_one_line_error(name, tmp_path, tiny_model_dir):
-    args, culprit = CASES[name]
-    empty = tmp_path / "empty"
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, tiny_model_dir):
+    """Every case's process, run together (one interpreter, a fork per case: tests/cli_batch.py)."""
+    tmp = tmp_path_factory.mktemp("bad_input")
+    empty = tmp / "empty"
     empty.mkdir()
     good = [{"id": f"i{i}", "input": f"word{i}", "output": ["yes" if i % 2 else "no"]} for i in range(12)]
     roots = {
         "empty": empty,
-        "bad_json": superni_root(tmp_path / "b", "task088_identify_typo_verification", '{"Definition": ['),
-        "empty_instances": superni_root(tmp_path / "e", "task088_identify_typo_verification", ni_task([])),
-        "good": superni_root(tmp_path / "g", "task088_identify_typo_verification", ni_task(good)),
+        "bad_json": superni_root(tmp / "b", "task088_identify_typo_verification", '{"Definition": ['),
+        "empty_instances": superni_root(tmp / "e", "task088_identify_typo_verification", ni_task([])),
+        "good": superni_root(tmp / "g", "task088_identify_typo_verification", ni_task(good)),
     }
-    args = [a.format(**roots) for a in args]
-    proc = run_cli(FAST + args + [f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
+    arg_lists = [
+        FAST + [a.format(**roots) for a in args] + [f"hydra.run.dir={tmp / f'run{i}'}"]
+        for i, (args, _) in enumerate(CASES.values())
+    ]
+    return dict(zip(CASES, run_cli_batch(arg_lists)))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gives_one_line_error(name, outcomes):
+    proc, culprit = outcomes[name], CASES[name][1]
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, proc.stderr[-3000:]

@@ -28,14 +28,17 @@ def reference(tiny_model_dir, tmp_path_factory):
     return json.loads((run_dir / "results.json").read_text())
 
 
-@pytest.mark.parametrize("point", ["train:2:4", "eval:2:1", "saved:1"])
+# Killed mid-training (train:2:4) is the plug-in state test below. The killed runs train their
+# stages in another process than the reference, so equal matrices also show same seed, same matrix.
+@pytest.mark.parametrize("point", ["eval:2:1", "saved:1"])
 def test_sigkill_then_resume_gives_the_same_matrix(reference, tmp_path, point):
     killed = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"], env_extra={"CL_BENCH_KILL_AT": point})
     assert killed.returncode == -9, killed.stderr[-2000:]  # really killed, no cleanup ran
     partial = json.loads((tmp_path / "results.json").read_text())  # valid JSON at every instant
     assert partial["complete"] is False
-    if point == "train:2:4":
-        assert (tmp_path / "stages" / "stage_02" / "checkpoint" / "state.json").exists()
+    if point == "saved:1":  # a resume with another config is refused, naming the key
+        other = run_cli(ARGS + [f"hydra.run.dir={tmp_path}", "trainer.lr=1e-4"])
+        assert other.returncode == 2 and "trainer.lr" in other.stderr, other.stderr[-2000:]
     resumed = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = json.loads((tmp_path / "results.json").read_text())
@@ -53,7 +56,10 @@ PLUGINS_ON_PATH = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "tests")
 def test_plugin_state_and_history_survive_sigkill_mid_stage(reference, tmp_path):
     args = ARGS + STATEFUL + [f"hydra.run.dir={tmp_path}"]
     killed = run_cli(args, env_extra={**PLUGINS_ON_PATH, "CL_BENCH_KILL_AT": "train:2:4"})
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert killed.returncode == -9, killed.stderr[-2000:]  # really killed, no cleanup ran
+    partial = json.loads((tmp_path / "results.json").read_text())  # valid JSON at every instant
+    assert partial["complete"] is False
+    assert (tmp_path / "stages" / "stage_02" / "checkpoint" / "state.json").exists()
     resumed = run_cli(args, env_extra=PLUGINS_ON_PATH)
     assert resumed.returncode == 0, resumed.stderr[-2000:]  # a lost state raises StateLost
     final = json.loads((tmp_path / "results.json").read_text())
@@ -99,23 +105,11 @@ def test_sigterm_names_the_phase_and_the_run_dir_to_resume_with(reference, tmp_p
     assert json.loads((tmp_path / match.group(1).split("=", 1)[1] / "results.json").read_text())["matrix"] == reference["matrix"]
 
 
-def test_same_seed_same_matrix(reference, tmp_path):
-    proc = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"])
-    assert proc.returncode == 0
-    assert json.loads((tmp_path / "results.json").read_text())["matrix"] == reference["matrix"]
-
-
 def test_second_process_on_the_same_run_dir_is_refused(tiny_model_dir, tmp_path):
     with RunLock(tmp_path):  # this test process holds the dir, as a running job would
         proc = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 2
     assert "in use by pid" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_resume_with_a_different_config_names_the_keys(reference, tmp_path):
-    assert run_cli(ARGS + [f"hydra.run.dir={tmp_path}"], env_extra={"CL_BENCH_KILL_AT": "saved:1"}).returncode == -9
-    proc = run_cli(ARGS + [f"hydra.run.dir={tmp_path}", "trainer.lr=1e-4"])
-    assert proc.returncode == 2 and "trainer.lr" in proc.stderr
 
 
 class NanAfter(Regularizer):

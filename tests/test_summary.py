@@ -69,6 +69,7 @@ def test_stderr_to_log_keeps_only_the_final_state_of_a_bar(caplog):
 
 def test_a_signal_during_an_atomic_write_waits_for_the_write(tmp_path):
     target = tmp_path / "f.txt"
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs in a background job
     with pytest.raises(Interrupted) as info:
         with InterruptGuard(where=lambda: "stage 3 step 7"):
             with critical():
@@ -77,7 +78,7 @@ def test_a_signal_during_an_atomic_write_waits_for_the_write(tmp_path):
             pytest.fail("the held signal must be raised when the write block ends")
     assert target.read_text() == "complete"
     assert info.value.exit_code == 130 and info.value.where == "stage 3 step 7"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
 def test_session_keeps_third_party_output_off_the_console_and_in_the_log(tmp_path):
