@@ -19,6 +19,18 @@ os.environ.update(
 )
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: multithreaded kernels only add synchronisation, most of all on a busy machine.
+    Use with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from cl_bench.tiny_model import ensure_tiny_model

@@ -9,13 +9,7 @@ import torch
 from cl_bench import linalg
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny matrices: multithreaded LAPACK only adds synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _rand(*shape, seed=0):

@@ -22,12 +22,7 @@ SMALL = ["general_eval=none", "progress=false", "sequence=synthetic_conflict", f
          "evaluation.max_new_tokens=4", "lora.target_modules=[q_proj,v_proj]"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 # ---- metrics (pure) -----------------------------------------------------------------------------

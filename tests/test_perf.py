@@ -24,12 +24,7 @@ from cl_bench.training import _forward_backward, train_stage
 TARGETS = ["q_proj", "v_proj"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------ the layout planners

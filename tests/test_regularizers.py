@@ -25,12 +25,7 @@ ADAPTER = "stage_02"
 S = lora_scaling(4, 2, "rslora")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------ small fixtures

@@ -30,12 +30,7 @@ TARGETS = ["q_proj", "v_proj"]
 ADAPTER = "stage_01"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _llama(dtype=torch.float32, seed=0):

@@ -20,12 +20,7 @@ from cl_bench.tasks.base import Example, TaskData
 E = torch.eye(4, dtype=torch.float64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _span_equal(M: torch.Tensor, N: torch.Tensor) -> bool:
