@@ -72,37 +72,28 @@ def test_plugin_state_and_history_survive_sigkill_mid_stage(reference, tmp_path)
     assert not (stages / "stage_01" / "merge.safetensors").exists()  # only the latest state is kept
 
 
-def test_ctrl_c_prints_one_line_then_the_rerun_resumes_to_the_same_matrix(reference, tmp_path):
-    stopped = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"],
-                      env_extra={"CL_BENCH_KILL_AT": "train:2:4", "CL_BENCH_KILL_SIGNAL": "INT"})
-    assert stopped.returncode == 130, stopped.stderr[-2000:]  # a real SIGINT, handled: 128 + 2
-    assert stopped.stderr.strip().splitlines() == [
-        "cl_bench: interrupted during stage 2 step 4 (training parity); rerun the same command to resume"]
-    partial = json.loads((tmp_path / "results.json").read_text())
-    assert partial["complete"] is False and partial["status"].startswith("interrupted during stage 2 step 4")
-    assert (tmp_path / "stages" / "stage_02" / "checkpoint" / "state.json").exists()
-    resumed = run_cli(ARGS + [f"hydra.run.dir={tmp_path}"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    final = json.loads((tmp_path / "results.json").read_text())
-    assert final["matrix"] == reference["matrix"]
-    assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
-
-
-def test_sigterm_names_the_phase_and_the_run_dir_to_resume_with(reference, tmp_path):
+def test_ctrl_c_prints_one_line_naming_the_run_dir_then_the_rerun_resumes_to_the_same_matrix(reference, tmp_path):
     # No hydra.run.dir on the command line (the default timestamped dir under the working
     # directory): the line must say which dir to rerun with, and that rerun must resume.
+    # SIGTERM takes the same path (exit 143: tests/test_summary.py).
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "cl_bench", *ARGS]
     stopped = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                             env=dict(env, CL_BENCH_KILL_AT="eval:0:0", CL_BENCH_KILL_SIGNAL="TERM"))
-    assert stopped.returncode == 143, stopped.stderr[-2000:]  # 128 + 15
+                             env=dict(env, CL_BENCH_KILL_AT="train:2:4", CL_BENCH_KILL_SIGNAL="INT"))
+    assert stopped.returncode == 130, stopped.stderr[-2000:]  # a real SIGINT, handled: 128 + 2
     line, = stopped.stderr.strip().splitlines()
-    match = re.fullmatch(r"cl_bench: interrupted during stage 0 evaluation \(sentiment, before training\); "
+    match = re.fullmatch(r"cl_bench: interrupted during stage 2 step 4 \(training parity\); "
                          r"rerun the same command with (hydra.run.dir=\S+) to resume", line)
     assert match, line
+    run_dir = tmp_path / match.group(1).split("=", 1)[1]
+    partial = json.loads((run_dir / "results.json").read_text())
+    assert partial["complete"] is False and partial["status"].startswith("interrupted during stage 2 step 4")
+    assert (run_dir / "stages" / "stage_02" / "checkpoint" / "state.json").exists()
     resumed = subprocess.run([*cmd, match.group(1)], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert json.loads((tmp_path / match.group(1).split("=", 1)[1] / "results.json").read_text())["matrix"] == reference["matrix"]
+    final = json.loads((run_dir / "results.json").read_text())
+    assert final["matrix"] == reference["matrix"]
+    assert [s["train"]["loss_curve"] for s in final["stages"]] == [s["train"]["loss_curve"] for s in reference["stages"]]
 
 
 def test_second_process_on_the_same_run_dir_is_refused(tiny_model_dir, tmp_path):

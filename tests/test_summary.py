@@ -81,6 +81,16 @@ def test_a_signal_during_an_atomic_write_waits_for_the_write(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
+def test_sigterm_exits_143_naming_where_it_stopped():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as info:
+        with InterruptGuard(where=lambda: "stage 0 evaluation (sentiment, before training)"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            pytest.fail("SIGTERM must raise Interrupted")
+    assert info.value.exit_code == 143 and info.value.where == "stage 0 evaluation (sentiment, before training)"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_session_keeps_third_party_output_off_the_console_and_in_the_log(tmp_path):
     import io
     import sys
