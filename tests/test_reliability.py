@@ -3,8 +3,6 @@ same final matrix; one writer per run dir; NaN guard; determinism."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -76,10 +74,7 @@ def test_ctrl_c_prints_one_line_naming_the_run_dir_then_the_rerun_resumes_to_the
     # No hydra.run.dir on the command line (the default timestamped dir under the working
     # directory): the line must say which dir to rerun with, and that rerun must resume.
     # SIGTERM takes the same path (exit 143: tests/test_summary.py).
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "cl_bench", *ARGS]
-    stopped = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                             env=dict(env, CL_BENCH_KILL_AT="train:2:4", CL_BENCH_KILL_SIGNAL="INT"))
+    stopped = run_cli(ARGS, cwd=tmp_path, env_extra={"CL_BENCH_KILL_AT": "train:2:4", "CL_BENCH_KILL_SIGNAL": "INT"})
     assert stopped.returncode == 130, stopped.stderr[-2000:]  # a real SIGINT, handled: 128 + 2
     line, = stopped.stderr.strip().splitlines()
     match = re.fullmatch(r"cl_bench: interrupted during stage 2 step 4 \(training parity\); "
@@ -89,7 +84,7 @@ def test_ctrl_c_prints_one_line_naming_the_run_dir_then_the_rerun_resumes_to_the
     partial = json.loads((run_dir / "results.json").read_text())
     assert partial["complete"] is False and partial["status"].startswith("interrupted during stage 2 step 4")
     assert (run_dir / "stages" / "stage_02" / "checkpoint" / "state.json").exists()
-    resumed = subprocess.run([*cmd, match.group(1)], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    resumed = run_cli([*ARGS, match.group(1)], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = json.loads((run_dir / "results.json").read_text())
     assert final["matrix"] == reference["matrix"]
