@@ -138,9 +138,10 @@ def test_kill9_mid_stage2_then_rerun_gives_the_single_process_matrix(runs):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     two = json.loads((base / "two" / "results.json").read_text())
     assert two["complete"] and two["matrix"] == single["matrix"]  # exact
-    # Order-dependent sums (the step gradient over 2 ranks): equal up to float rounding.
+    # Order-dependent sums (the step gradient over 2 ranks): equal up to float rounding; the curve
+    # is stored to 5 decimals, so a value near a rounding boundary may move by one unit (1e-5).
     for a, b in zip(single["stages"], two["stages"]):
-        assert b["train"]["loss_curve"] == pytest.approx(a["train"]["loss_curve"], rel=1e-5)
+        assert b["train"]["loss_curve"] == pytest.approx(a["train"]["loss_curve"], rel=0, abs=2e-5)
     assert two["stages"][0]["train"]["throughput"]["examples"] == single["stages"][0]["train"]["throughput"]["examples"]
     for stage in ("stage_01", "stage_02"):  # the trained factors (A random from the stage seed, B from 0)
         one_ad = load_file(str(base / "one" / "stages" / stage / "adapter.safetensors"))
