@@ -1,14 +1,13 @@
-"""Runs many `python -m cl_bench` command lines in one interpreter, one forked child each.
+"""A fork server for the tests' `python -m cl_bench` command lines.
 
-Bad-input cases fail in well under a second once torch, transformers and Hydra are imported; a
-fresh interpreter per case spends ~4 s of CPU importing them. The parent imports them once and
-forks a child per case, so each case still gets its own process (exit code, stdout, stderr,
-environment, Hydra's global state) exactly as from a shell.
+A fresh interpreter spends ~4-6 s of CPU importing torch, transformers and Hydra before a test's
+run even starts (bad-input cases then fail in well under a second). The server imports them once
+and forks a child per command line, so each still gets its own process (exit code, stdout, stderr,
+environment, working dir, Hydra's global state, SIGKILL) exactly as from a shell.
 
-Usage: python tests/cli_batch.py IN.json OUT.json, IN a list of argv lists; OUT a list of
-{"returncode", "stdout", "stderr"}. Or python tests/cli_batch.py --serve: one JSON request a line
-on stdin ({"argv", "env", "timeout", "cwd"}), one JSON result a line on stdout, a fork per request (the
-killed-and-resumed runs of the reliability tests: ~6 s of imports saved per process).
+Usage: python tests/cli_batch.py --serve: one JSON request a line on stdin ({"argv", "env",
+"timeout", "cwd"}), one JSON result {"returncode", "stdout", "stderr"} a line on stdout, a fork per
+request (tests/conftest.py run_cli).
 """
 from __future__ import annotations
 
@@ -75,13 +74,6 @@ def run_forked(argv: list[str], env: dict | None = None, timeout: int = 0, cwd: 
         }
 
 
-def main(in_path: str, out_path: str) -> None:
-    _preimport()
-    results = [run_forked(argv) for argv in json.loads(open(in_path).read())]
-    with open(out_path, "w") as f:
-        json.dump(results, f)
-
-
 def serve() -> None:
     _preimport()
     replies = os.fdopen(os.dup(1), "w")  # the protocol's channel; fd 1 is each child's own
@@ -92,7 +84,6 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--serve"]:
-        serve()
-    else:
-        main(sys.argv[1], sys.argv[2])
+    if sys.argv[1:] != ["--serve"]:
+        sys.exit("usage: python tests/cli_batch.py --serve")
+    serve()

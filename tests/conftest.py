@@ -95,21 +95,8 @@ def run_cli(args: list[str], timeout: int = 600, env_extra: dict | None = None,
 
 
 def run_cli_batch(arg_lists: list[list[str]], timeout: int = 600) -> list[subprocess.CompletedProcess]:
-    """`run_cli` for many command lines that each end quickly (bad input): one interpreter imports
-    torch/transformers/Hydra once and forks a process per command line (tests/cli_batch.py)."""
-    import json
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
-        src.write_text(json.dumps(arg_lists))
-        driver = subprocess.run(
-            [sys.executable, str(REPO / "tests" / "cli_batch.py"), str(src), str(dst)],
-            cwd=REPO, capture_output=True, text=True, timeout=timeout,
-        )
-        assert driver.returncode == 0, driver.stderr[-3000:]
-        return [subprocess.CompletedProcess(["cl_bench", *args], r["returncode"], r["stdout"], r["stderr"])
-                for args, r in zip(arg_lists, json.loads(dst.read_text()))]
+    """`run_cli` for each command line, in order."""
+    return [run_cli(args, timeout=timeout) for args in arg_lists]
 
 
 # Small, fast settings for end-to-end runs of the tiny model.

@@ -117,13 +117,18 @@ def test_independent_trains_every_task_from_the_base_model(independent, tiny_mod
         assert torch.allclose(saved[f"{name}.weight"], expected, atol=1e-6), name
 
 
+def crash_run(cfg, run_dir, monkeypatch, point: str) -> None:
+    """Run `cfg` in `run_dir` until it crashes at `point`."""
+    with monkeypatch.context() as m:
+        crash_at(m, point)
+        with pytest.raises(Crash):
+            run(cfg, run_dir)
+
+
 def test_independent_resumed_after_a_crash_still_starts_from_the_base_model(independent, tmp_path, monkeypatch):
     reference, _ = independent
     cfg = compose(SMALL + ["mode=independent"])
-    with monkeypatch.context() as m:
-        crash_at(m, "saved:1")
-        with pytest.raises(Crash):
-            run(cfg, tmp_path)
+    crash_run(cfg, tmp_path, monkeypatch, "saved:1")
     partial = json.loads((tmp_path / "results.json").read_text())
     assert len(partial["stages"]) == 1 and partial["complete"] is False  # stage 1 kept
     resumed = run(cfg, tmp_path)  # a fresh model holding stage 1's state must go back to W0 for stage 2
@@ -153,10 +158,7 @@ def test_multitask_is_one_joint_stage_with_the_sequential_budget(multitask):
 def test_multitask_crash_during_evaluation_keeps_the_trained_stage(multitask, tmp_path, monkeypatch):
     reference, _ = multitask
     cfg = compose(SMALL + ["mode=multitask"])
-    with monkeypatch.context() as m:
-        crash_at(m, "eval:1:0")
-        with pytest.raises(Crash):
-            run(cfg, tmp_path)
+    crash_run(cfg, tmp_path, monkeypatch, "eval:1:0")
     assert StageFiles(tmp_path, 1).model_state.exists()
     resumed = run(cfg, tmp_path)  # only the evaluation is redone
     assert resumed["matrix"] == reference["matrix"]
