@@ -241,14 +241,31 @@ def oversampled_columns(k: int, shape: tuple[int, ...]) -> int:
     return min(4 * int(k), min(shape))
 
 
+def canonical_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each singular pair (u_i, v_i) signed so that the largest-magnitude entry of u_i is positive.
+
+    An SVD fixes each pair only up to (−u_i, −v_i). Products that pair u_i with another index's v
+    (LoRA-GA's B·A = Σ u_i·v_{r+i}ᵀ) change with that choice, and LAPACK's choice is not continuous:
+    torch.svd_lowrank flipped single pairs of a real gradient under a 1e-7 relative perturbation
+    (a different batch split or rank count). With this convention the result is a function of M."""
+    idx = U.abs().argmax(dim=0)
+    signs = torch.sign(U.gather(0, idx.unsqueeze(0))).squeeze(0)
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return U * signs, V * signs
+
+
 def top_singular(M: torch.Tensor, q: int, *, method: str = "randomized", niter: int = 4, seed: int = 0):
-    """(U[:, :q], S[:q], V[:, :q]) of M by the randomized range finder or the exact SVD."""
+    """(U[:, :q], S[:q], V[:, :q]) of M by the randomized range finder or the exact SVD, each pair
+    in the sign convention of `canonical_signs`."""
     if method == "randomized":
-        return randomized_svd(M, q=q, niter=niter, seed=seed)
-    if method == "exact":
+        U, S, V = randomized_svd(M, q=q, niter=niter, seed=seed)
+    elif method == "exact":
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        return U[:, :q], S[:q], Vh[:q].T
-    raise ValueError(f"svd={method!r}; valid: {', '.join(SVD_METHODS)}")
+        U, S, V = U[:, :q], S[:q], Vh[:q].T
+    else:
+        raise ValueError(f"svd={method!r}; valid: {', '.join(SVD_METHODS)}")
+    U, V = canonical_signs(U, V)
+    return U, S, V
 
 
 def lora_ga_selection(

@@ -299,3 +299,24 @@ def test_minor_component_factors_absorb_exactly_the_minor_part():
     residual_sv = torch.linalg.svdvals(W - s * B @ A)
     torch.testing.assert_close(residual_sv[: 16 - r], S[: 16 - r], atol=1e-4, rtol=1e-4)
     assert float(residual_sv[16 - r :].abs().max()) < 1e-4
+
+
+def test_singular_pairs_get_one_sign_whatever_the_svd_returned():
+    """An SVD fixes (u_i, v_i) only up to a joint sign; LoRA-GA's B·A pairs u_i with v_{r+i}, so the
+    init would depend on that choice. canonical_signs makes the largest-|.| entry of each u_i positive."""
+    from cl_bench.linalg import canonical_signs, lora_ga_selection
+
+    U = torch.tensor([[0.6, -0.8], [-0.8, -0.6]])
+    V = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    Uc, Vc = canonical_signs(U, V)
+    assert torch.equal(Uc, torch.tensor([[-0.6, 0.8], [0.8, 0.6]]))  # column 0's largest entry was -0.8, column 1's -0.8
+    assert torch.equal(Vc, torch.tensor([[-1.0, 0.0], [0.0, -1.0]]))
+    flipped = torch.tensor([1.0, -1.0])
+    assert all(torch.equal(a, b) for a, b in zip(canonical_signs(U * flipped, V * flipped), (Uc, Vc)))
+    # the LoRA-GA product is a function of G: the exact and the randomized SVD agree on it
+    G = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)) @ torch.randn(8, 30, generator=torch.Generator().manual_seed(1))
+    products = []
+    for method in ("exact", "randomized"):
+        A, B, _ = lora_ga_selection(G, 2, method=method, seed=3)
+        products.append(B @ A)
+    torch.testing.assert_close(products[1], products[0], rtol=1e-3, atol=1e-4)

@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 # Bump when the meaning of a cached entry changes (loss, mode, layout, selection rule).
 # 2: captures are token means over all capture batches (was: mean of per-batch means).
 # 3: the model-state fingerprint hashes per-parameter digests (computed in parallel).
-CACHE_VERSION = 3
+# 4: singular pairs in one sign convention (linalg.canonical_signs): LoRA-GA/SLICE inits change sign per pair.
+CACHE_VERSION = 4
 
 
 def _update_with_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
