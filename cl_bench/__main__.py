@@ -116,7 +116,7 @@ def main() -> None:
     rank = 0
     try:
         check_group_overrides(argv)
-        if launched_world_size(slurm="distributed=ddp" in argv) > 1 and not any(a.split("=", 1)[0] in _NO_RUN_FLAGS for a in argv):
+        if launched_world_size(slurm=any(a in ("distributed=ddp", "distributed=fsdp") for a in argv)) > 1 and not any(a.split("=", 1)[0] in _NO_RUN_FLAGS for a in argv):
             rank = _join_launch(argv)
     except CLBenchError as exc:
         _fail(exc)

@@ -22,7 +22,7 @@ GROUP_HELP = {
     "evaluation": "seen-task evaluation: batch size, generation length, example limit",
     "general_eval": "general capability GP (zero-shot) / IP (few-shot) through lm-eval",
     "logger": "experiment tracking: none or wandb",
-    "distributed": "one process (none) or data parallel over the processes of torchrun / accelerate launch / SLURM (ddp)",
+    "distributed": "one process (none), or data parallel over the processes of torchrun / accelerate launch / SLURM: whole model per rank (ddp) or frozen base sharded (fsdp)",
     "experiment": "presets of a paper's settings (slice_paper, ps_lora_paper, debug) and sweep grids",
     "experiment/method": "one method row of a paper's table (vanilla, loram, lora_ga, slice_c050, ...)",
 }

@@ -19,6 +19,25 @@ module for what differs by rank:
   gathered in order (`gather`): every prediction comes from the same batch as in one process;
 * files, W&B, GP/IP and the run-dir lock: rank 0 (`is_main`, `on_main`), with barriers.
 
+`distributed=fsdp` (`sharded`) shards the frozen base instead of copying it to every rank: torch's
+FSDP2 (`fully_shard`) on every transformer block (the model's `_no_split_modules`, the blocks
+Accelerate's FSDP wraps) and on the root, bf16 parameters for compute on CUDA
+(`shard_model`). The LoRA factors (added per stage, after sharding) stay whole on every rank and
+their gradients are averaged over the ranks once per step (`average_gradients_`), as DDP would;
+the base never gets a gradient. What changes with a sharded base:
+
+* every target weight is a DTensor holding a block of rows on each rank; the fold, the fp32
+  master and the model-state files work on that block (lora.local_rows), a full weight is
+  gathered only where a method's math reads one module's W (lora.full_weight);
+* every forward pass all-gathers each block's weights, so the ranks must run the same number of
+  forward (and backward) passes: the training step, the gradient capture and evaluation pad a
+  rank's short share with passes that count for nothing (`max_over_ranks`), generation runs
+  until every rank is done (synced_gpus), and GP/IP run on every rank on the same requests;
+* gradient captures read ∂L/∂W from the blocks' inputs and output gradients (capture.py), not
+  from the sharded parameter;
+* plug-ins that need a whole model copy or PEFT's own weight-rewriting init refuse at start
+  (`check_plugins`: the plug-in's `sharded_weights` flag).
+
 A rank that dies takes the job down: torchrun stops the other ranks and names the failed one; a
 rank blocked in a collective with a dead peer raises DistributedError naming itself and the
 operation. The process-group timeout (CL_BENCH_DIST_TIMEOUT_MIN, default 120) bounds how long
@@ -38,7 +57,7 @@ import torch
 
 from .errors import CLBenchError, ConfigError
 
-KINDS = ("none", "ddp")
+KINDS = ("none", "ddp", "fsdp")
 
 
 class DistributedError(CLBenchError):
@@ -94,7 +113,7 @@ class Dist:
             raise ConfigError(f"distributed.kind={kind!r} is invalid; valid: {', '.join(KINDS)}")
         world = launched_world_size(slurm=kind != "none")
         if kind == "none" and world > 1:
-            raise ConfigError(f"launched as {world} processes but distributed=none; add distributed=ddp "
+            raise ConfigError(f"launched as {world} processes but distributed=none; add distributed=ddp (or fsdp) "
                               "(or start one process: python -m cl_bench ...)")
         if kind != "none":
             init_from_env()
@@ -103,6 +122,23 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """The base weights are FSDP shards (distributed=fsdp, any world size)."""
+        return self.on and self.kind == "fsdp"
+
+    def check_plugins(self, plugins: dict[str, Any], cfg) -> None:
+        """ConfigError naming the first plug-in that cannot run on sharded base weights."""
+        if not self.sharded:
+            return
+        for group, plugin in plugins.items():
+            if not getattr(plugin, "sharded_weights", False):
+                choice = cfg[group].get("_target_", "?").rsplit(".", 1)[-1]
+                raise ConfigError(
+                    f"{group}={getattr(plugin, 'name', choice)} does not run with distributed=fsdp (it needs whole base "
+                    "weights or a whole model copy); use distributed=ddp, or with fsdp: initializer=vanilla|lora_ga|slice|"
+                    "loram|milora, any regularizer but ewc, merge=absorb or a task-vector merge with merge.train_on=merged")
 
     def device(self, device: torch.device) -> torch.device:
         """This rank's device: cuda:LOCAL_RANK when the job asked for CUDA."""
@@ -134,19 +170,48 @@ class Dist:
 
             self._call(what, tdist.barrier)
 
-    def all_reduce_(self, tensors: Sequence[torch.Tensor], what: str = "all-reduce") -> None:
-        """Sum each tensor over the ranks, in place (CPU tensors take a device trip under NCCL)."""
+    def all_reduce_(self, tensors: Sequence[torch.Tensor], what: str = "all-reduce", op: str = "sum") -> None:
+        """Sum (op="max": maximum) each tensor over the ranks, in place (CPU tensors take a device
+        trip under NCCL)."""
         if not self.on:
             return
         import torch.distributed as tdist
 
+        reduce_op = tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM
         for t in tensors:
             if self.backend == "nccl" and t.device.type == "cpu":
                 moved = t.cuda()
-                self._call(what, tdist.all_reduce, moved)
+                self._call(what, tdist.all_reduce, moved, reduce_op)
                 t.copy_(moved.cpu())
             else:
-                self._call(what, tdist.all_reduce, t)
+                self._call(what, tdist.all_reduce, t, reduce_op)
+
+    def max_over_ranks(self, n: int, what: str) -> int:
+        """The largest `n` of any rank (`n` itself for one process)."""
+        if not self.on:
+            return int(n)
+        box = torch.tensor([int(n)], dtype=torch.int64)
+        self.all_reduce_([box], what, op="max")
+        return int(box.item())
+
+    @torch.no_grad()
+    def average_gradients_(self, params: Sequence[torch.nn.Parameter], what: str) -> None:
+        """p.grad ← the mean of p.grad over the ranks, for every parameter (one flat all-reduce;
+        a rank whose passes gave p no gradient adds zeros). The sharded path's DDP: FSDP leaves the
+        whole-on-every-rank LoRA factors alone."""
+        if not self.on or not params:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1).float() for p in params])
+        self.all_reduce_([flat], what)
+        flat /= self.world
+        at = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[at:at + n].view_as(p.grad))
+            at += n
 
     def broadcast_(self, tensors: Sequence[torch.Tensor], what: str = "broadcast") -> None:
         """Overwrite each tensor with rank 0's value, in place."""
@@ -197,12 +262,37 @@ class Dist:
         return value
 
     # ---- the training model ----------------------------------------------------------------
+    def shard_model(self, model: torch.nn.Module, log=None) -> torch.nn.Module:
+        """distributed=fsdp: FSDP2 full-shard of the (frozen) model, each transformer block a unit;
+        the model itself for any other kind. Call once, on the freshly loaded model.
+
+        Every parameter is frozen first: FSDP builds its shards with the flag they have then, and
+        only the LoRA factors added later train. On CUDA the blocks compute in bf16
+        (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)); on the CPU in the model's dtype."""
+        if not self.sharded:
+            return model
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        model.requires_grad_(False)
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else MixedPrecisionPolicy()
+        blocks = set(getattr(model, "_no_split_modules", None) or ())
+        units = [m for m in model.modules() if type(m).__name__ in blocks]
+        for module in units:
+            fully_shard(module, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        if log is not None:
+            log(f"fsdp: {len(units)} blocks ({', '.join(sorted(blocks)) or 'none: the whole model is one unit'}) "
+                f"sharded over {self.world} ranks{', bf16 compute' if on_cuda else ''}")
+        return model
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module | None:
-        """DistributedDataParallel over `model`'s trainable parameters (None for one process).
+        """DistributedDataParallel over `model`'s trainable parameters (None for one process and for
+        fsdp, whose LoRA gradients are averaged by `average_gradients_`).
 
         No start-up broadcast (init_sync=False): the runner broadcast the stage's weights after
         the init already, and a second copy of a frozen multi-GB base per stage buys nothing."""
-        if not self.on:
+        if not self.on or self.sharded:
             return None
         from torch.nn.parallel import DistributedDataParallel
 

@@ -53,13 +53,16 @@ def new_token_budget(tokenizer, examples: Sequence[Example], cap: int, margin: i
 
 
 @torch.no_grad()
-def _generate_rows(model, tokenizer, rows: Sequence[list[int]], *, max_new_tokens: int, device) -> list[list[int]]:
-    """Greedy continuations (token ids after the padded prompt) of left-padded prompt rows."""
+def _generate_rows(model, tokenizer, rows: Sequence[list[int]], *, max_new_tokens: int, device,
+                   synced: bool = False) -> list[list[int]]:
+    """Greedy continuations (token ids after the padded prompt) of left-padded prompt rows.
+    `synced`: keep running forward passes until every rank is done (a sharded model's passes are
+    collective; transformers' synced_gpus)."""
     batch = {k: v.to(device) for k, v in left_padded(rows, pad_id_of(tokenizer)).items()}
     out = model.generate(
         **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
         pad_token_id=pad_id_of(tokenizer), eos_token_id=end_token_ids(model, tokenizer),
-        temperature=None, top_p=None, top_k=None,
+        temperature=None, top_p=None, top_k=None, **({"synced_gpus": True} if synced else {}),
     )
     return out[:, batch["input_ids"].shape[1]:].tolist()
 
@@ -91,6 +94,8 @@ def evaluate_task(
     `dist` (distributed.Dist, data-parallel runs): the batches one process would run are dealt
     round-robin to the ranks and the predictions gathered in order, so each prediction comes from
     the same batch as in one process; every rank returns the whole task's score and records.
+    With a sharded base (dist.sharded) every rank runs as many batches as the busiest one (a short
+    share repeats its last batch and drops the result) and generation is synced over the ranks.
     """
     metric = task.metric_for(protocol)
     examples = task.eval[:limit] if limit else task.eval
@@ -105,17 +110,21 @@ def evaluate_task(
     model.eval()
     bs, batches, generated = max(1, int(batch_size)), 0, 0
     chunks = [order[at:at + bs] for at in range(0, len(order), bs)]
+    sharded = dist is not None and dist.sharded
     if dist is not None and dist.world > 1:
         chunks = dist.shard(chunks)
     mine = [i for chunk in chunks for i in chunk]
+    idle = 0  # sharded: batches this rank runs only so that every rank runs the same number
+    if sharded:
+        idle = dist.max_over_ranks(len(chunks), f"counting the batches of {task.name}") - len(chunks)
     bar = tqdm(total=len(mine), desc=f"eval {task.name}", leave=False, disable=not progress)
     at = 0
     while at < len(mine):
         idx = mine[at:at + min(bs, len(mine) - at)]
         try:
-            conts = _generate_rows(model, tokenizer, [rows[i] for i in idx], max_new_tokens=budget, device=device)
+            conts = _generate_rows(model, tokenizer, [rows[i] for i in idx], max_new_tokens=budget, device=device, synced=sharded)
         except torch.OutOfMemoryError:
-            if bs == 1:
+            if bs == 1 or sharded:  # a sharded rank cannot re-batch alone: its passes are collective
                 raise
             bs //= 2  # the largest batch that fits: keep the halved size for the rest
             if device.type == "cuda":
@@ -127,6 +136,9 @@ def evaluate_task(
         at += len(idx)
         batches += 1
         bar.update(len(idx))
+    filler = [rows[i] for i in (chunks[-1] if chunks else order[:bs])]
+    for _ in range(idle):
+        _generate_rows(model, tokenizer, filler, max_new_tokens=budget, device=device, synced=True)
     bar.close()
     model.train(was_training)
     if dist is not None and dist.world > 1:

@@ -396,8 +396,9 @@ def counting_hflm():
     from lm_eval.models.huggingface import HFLM
 
     class CountingHFLM(HFLM):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, synced: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
+            self.synced = synced  # sharded model: generation runs until every rank is done
             self.truncated: dict[str, dict[str, int]] = {}
             self._pending: list[str] | None = None  # task of each loglikelihood request, in order
             self._task_of_context: dict[str, str] = {}
@@ -427,6 +428,11 @@ def counting_hflm():
                 return super().generate_until(requests, disable_tqdm=disable_tqdm)
             finally:
                 self._task_of_context = {}
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            if self.synced:
+                generation_kwargs["synced_gpus"] = True
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
         def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
             ids, mask = super().tok_batch_encode(strings, padding_side=padding_side, left_truncate_len=None,
@@ -543,13 +549,16 @@ def run_benchmarks(
     one lm-eval LM (one call per mode, so requests of all benchmarks share batches). `system` is
     the system message of chat-templated prompts. Truncated requests are counted when `lm` is a
     `counting_hflm()`: details[bench]["truncated"][mode] = {"loglikelihood": n, "generate_until": n}
-    and `truncated_contexts` = {mode: total over benchmarks and request types}."""
+    and `truncated_contexts` = {mode: total over benchmarks and request types}.
+    Returns None on a rank where lm-eval returns no results: when every rank runs the same
+    requests (a sharded model), only the one with LOCAL_RANK 0 does."""
     from lm_eval import simple_evaluate
 
     scores: dict[str, dict[str, float]] = {"zero_shot": {}, "few_shot": {}}
     counts: dict[str, dict[str, int]] = {"zero_shot": {}, "few_shot": {}}
     truncated: dict[str, dict[str, dict[str, int]]] = {"zero_shot": {}, "few_shot": {}}
     chat = cfg.apply_chat_template
+    quiet = False  # lm-eval returned None here: this rank ran the requests, another one scores them
     modes = (("zero_shot", [p for p in prepared if p.config.gp], lambda b: 0),
              ("few_shot", [p for p in prepared if p.config.ip], lambda b: b.shots))
     for mode, items, shots_of in modes:
@@ -574,6 +583,9 @@ def run_benchmarks(
                 system_instruction=system if chat else None,
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             )
+        if out is None:
+            quiet = True
+            continue
         for item in items:
             truncated[mode][item.config.name] = dict((lm_truncated or {}).get(item.task, dict.fromkeys(REQUEST_TYPES, 0)))
         for item in items:
@@ -586,6 +598,8 @@ def run_benchmarks(
                 )
             scores[mode][item.config.name] = 100.0 * float(result[item.config.metric])
             counts[mode][item.config.name] = int(out["n-samples"][item.task]["effective"])
+    if quiet:
+        return None
     details = {}
     for item in prepared:
         b = item.config
@@ -605,14 +619,17 @@ def run_benchmarks(
 
 
 def evaluate_general(
-    model, tokenizer, gcfg, *, data_root: str | None, work_dir: str, device, seed: int, prompt=None
+    model, tokenizer, gcfg, *, data_root: str | None, work_dir: str, device, seed: int, prompt=None, synced: bool = False
 ) -> dict:
     """GP/IP benchmarks of the in-memory `model` (PEFT or merged, already on `device`; not moved,
     copied or left in another train/eval mode). `prompt` (data.PromptFormat; default: the default
     config's) renders lm-eval's chat template when general_eval.apply_chat_template is on: same
     template, fixed date and system message as training and evaluation. Returns
     {"zero_shot": {bench: %}, "few_shot": {bench: %}, "details": {bench: {..., "truncated": {...}}},
-     "benchmarks": {"gp": [...], "ip": [...]}, "truncated_contexts": {mode: n}, "seconds": float}."""
+     "benchmarks": {"gp": [...], "ip": [...]}, "truncated_contexts": {mode: n}, "seconds": float}.
+    `synced` (a sharded model, called on every rank with the same requests): generation runs until
+    every rank is done, and batch_size "auto" is CPU_AUTO_BATCH (a probe by out-of-memory could
+    pick different sizes on different ranks). Returns None on the ranks lm-eval keeps quiet (LOCAL_RANK > 0)."""
     import dataclasses
 
     from .data import PromptFormat
@@ -625,10 +642,13 @@ def evaluate_general(
     with _preserved_rng(), _preserved_modes(model), _quiet_dataset_building():
         with _lm_eval_logging():
             # batch_size goes to HFLM: simple_evaluate ignores its own batch_size for an LM object.
-            lm = counting_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=hflm_batch_size(cfg.batch_size, device),
+            batch_size = CPU_AUTO_BATCH if synced and cfg.batch_size == "auto" else hflm_batch_size(cfg.batch_size, device)
+            lm = counting_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, synced=synced,
                                  max_length=cfg.max_length,
                                  chat_template_args=dataclasses.replace(prompt, use_chat_template=True).chat_template_kwargs(tokenizer))
         result = run_benchmarks(lm, prepared, cfg, task_manager=task_manager, seed=seed, system=prompt.system)
+    if result is None:  # synced, on a rank that lm-eval keeps quiet: rank 0's result is the one kept
+        return None
     result["seconds"] = round(time.time() - start, 3)
     return result
 

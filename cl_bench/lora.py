@@ -16,6 +16,12 @@ weight. Memory: 4 bytes per target-weight element on the weight's device (Llama-
 all seven projections: 2.82 B elements, 11.3 GB) and the same again on disk in
 model_state.safetensors; nothing for float32 models, whose weights are their own master. The
 master is what is saved and restored, so a resumed run repeats the same arithmetic.
+
+Sharded base (distributed=fsdp): a target weight is a DTensor whose rank holds a block of rows of
+the stored layout (`local_rows`). Folds add that block of Δ to that block, the master is the
+block's float32 copy and the saved model state is the block; Δ itself (from the LoRA factors,
+whole on every rank) is computed whole, one module at a time. `full_weight` gathers one module's
+W for the methods that read it (a collective: every rank calls it in the same order).
 """
 from __future__ import annotations
 
@@ -84,6 +90,38 @@ def target_linears(model: torch.nn.Module, target_modules: Iterable[str]) -> dic
 def base_weight(layer: LoraLinear) -> torch.Tensor:
     """The frozen base weight of a LoRA layer (the Parameter itself, possibly [d_in, d_out])."""
     return layer.get_base_layer().weight
+
+
+def local_rows(weight: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """(this rank's block of `weight`, the rows of the whole weight it holds), as stored.
+
+    A plain tensor is its own block (all rows). An FSDP2 DTensor sharded on dim 0 holds rows
+    [k·c, min((k+1)·c, d)) on rank k of its mesh, c = ⌈d / world⌉ (torch.chunk's split, which
+    FSDP2 uses); the block is a view: writing it writes the shard. Raises ValueError for any
+    other placement."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(weight, DTensor):
+        return weight, slice(None)
+    placements = tuple(weight.placements)
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ValueError(f"a sharded weight placed as {placements}; cl_bench handles row shards (Shard(0)) only")
+    local = weight.to_local()
+    rows, world, rank = weight.shape[0], weight.device_mesh.size(), weight.device_mesh.get_local_rank()
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    stop = min(start + chunk, rows)
+    if local.shape[0] != stop - start:
+        raise ValueError(f"a shard of {local.shape[0]} rows where rows {start}:{stop} of {rows} were expected")
+    return local, slice(start, stop)
+
+
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The whole value of a (possibly sharded) weight, as stored. Sharded: an all-gather over
+    the ranks (every rank must call it, in the same order); plain: the weight itself."""
+    from torch.distributed.tensor import DTensor
+
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
 def as_out_in(layer, tensor: torch.Tensor) -> torch.Tensor:
@@ -196,37 +234,43 @@ class WeightMaster:
         master = cls()
         for name, linear in target_linears(model, target_modules).items():
             if linear.weight.dtype != torch.float32:
-                master.tensors[name] = linear.weight.detach().float().clone()
+                master.tensors[name] = local_rows(linear.weight.detach())[0].float().clone()
         return master
 
     @torch.no_grad()
     def fold_(self, name: str, layer: torch.nn.Module, delta: torch.Tensor) -> None:
         """W ← W + Δ for the target `name` (`layer`: its LoRA layer or its Linear).
 
-        Δ is [d_out, d_in]; it is added in float32 (to the master when there is one) and the
-        result is cast once into W's dtype.
+        Δ is [d_out, d_in], whole; it is added in float32 (to the master when there is one) and the
+        result is cast once into W's dtype. A sharded W takes its own rows of Δ.
         """
         weight = layer.get_base_layer().weight if hasattr(layer, "get_base_layer") else layer.weight
-        delta = as_out_in(layer, delta.float()).to(weight.device)
+        block, rows = local_rows(weight)
+        delta = as_out_in(layer, delta.float())[rows].to(block.device)
         if name in self.tensors:
             master = self.tensors[name]
             master.add_(delta.to(master.device))
-            weight.copy_(master)
+            block.copy_(master)
         else:
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+            block.copy_((block.float() + delta).to(block.dtype))
 
     def value(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The exact current value of a target weight: its master, or the weight itself."""
-        return self.tensors.get(name, weight)
+        """The exact current value of a target weight (this rank's block when sharded): its
+        master, or the weight itself."""
+        return self.tensors[name] if name in self.tensors else local_rows(weight)[0]
 
     @torch.no_grad()
     def restore_(self, name: str, weight: torch.Tensor, saved: torch.Tensor) -> None:
-        """Set a target weight (and its master) from a saved value (model_state.safetensors)."""
+        """Set a target weight (and its master) from a saved value (model_state.safetensors):
+        the whole weight, or this rank's block of a sharded one (what `value` returned)."""
+        block, rows = local_rows(weight)
+        if saved.shape != block.shape:
+            saved = saved[rows]
         if name in self.tensors:
             self.tensors[name] = saved.float().to(self.tensors[name].device).clone()
-            weight.copy_(self.tensors[name])
+            block.copy_(self.tensors[name])
         else:
-            weight.copy_(saved)
+            block.copy_(saved)
 
 
 @torch.no_grad()

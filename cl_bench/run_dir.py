@@ -9,7 +9,9 @@ Layout (shared/DESIGN.md §3):
   stages/stage_XX/<group>.safetensors  state_dict() of the initializer / regularizer / merge
                                        (tensors; other values as JSON metadata); only the latest kept
   stages/stage_XX/model_state.safetensors  target weights of the model the next stage trains on
-                                       (their fp32 master for low-precision models; only the latest kept)
+                                       (their fp32 master for low-precision models; only the latest kept);
+                                       distributed=fsdp: an index (metadata "shards": N, no tensors) and
+                                       model_state.rank-KK-of-NN.safetensors, rank K's rows of each weight
   stages/stage_XX/checkpoint/          in-stage checkpoint (adapter, optimizer, scheduler, RNG, step,
                                        every plug-in's state)
   predictions/stage_XX/<task>.jsonl    one scored example per line
@@ -104,6 +106,14 @@ class StageFiles:
         self.model_state = self.dir / "model_state.safetensors"
         self.checkpoint = self.dir / "checkpoint"
 
+    def model_state_shard(self, rank: int, world: int) -> Path:
+        """Rank `rank`'s rows of the target weights (distributed=fsdp)."""
+        return self.dir / f"model_state.rank-{rank:02d}-of-{world:02d}.safetensors"
+
+    def model_state_files(self) -> list[Path]:
+        """The model state: the file (the index under fsdp) and any rank shards."""
+        return [self.model_state, *sorted(self.dir.glob("model_state.rank-*.safetensors"))]
+
     def state(self, group: str) -> Path:
         """A plug-in group's state after this stage."""
         return self.dir / f"{group}.safetensors"
@@ -148,20 +158,41 @@ def load_stage_record(files: StageFiles) -> StageRecord:
     return StageRecord(meta["stage"], meta["task"], meta["adapter"], load)
 
 
-def save_model_state(files: StageFiles, model, target_modules: list[str], master: WeightMaster) -> None:
-    """The target weights of `model` (their fp32 master where there is one)."""
+def save_model_state(files: StageFiles, model, target_modules: list[str], master: WeightMaster,
+                     shard: tuple[int, int] | None = None) -> None:
+    """The target weights of `model` (their fp32 master where there is one).
+
+    `shard` = (rank, world) under distributed=fsdp: this rank's rows go to its own file; once every
+    rank has written, rank 0 calls `save_model_state_index` (the file that marks the state saved)."""
     tensors = {f"{n}.weight": master.value(n, lin.weight) for n, lin in target_linears(model, target_modules).items()}
-    atomic_save_tensors(files.model_state, tensors)
+    atomic_save_tensors(files.model_state_shard(*shard) if shard else files.model_state, tensors)
+
+
+def save_model_state_index(files: StageFiles, world: int) -> None:
+    atomic_save_tensors(files.model_state, {}, {"shards": str(world)})
 
 
 @torch.no_grad()
 def load_model_state(files: StageFiles, model, target_modules: list[str], master: WeightMaster) -> None:
-    saved = load_tensors(files.model_state)
+    """Set the target weights from the saved state: whole weights, or the row shards of an fsdp run
+    put back together (any number of ranks may resume either; each takes the rows it holds).
+    Raises ConfigError if the files do not match the model's target modules or a shard is missing."""
+    from safetensors import safe_open
+
+    with safe_open(str(files.model_state), framework="pt") as f:
+        shards = int((f.metadata() or {}).get("shards", 0))
+    paths = [files.model_state_shard(k, shards) for k in range(shards)] or [files.model_state]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise ConfigError(f"{files.model_state} was saved by {shards} ranks but {missing[0]} is missing; use another hydra.run.dir")
     current = target_linears(model, target_modules)
-    if saved.keys() != {f"{n}.weight" for n in current}:
-        raise ConfigError(f"{files.model_state} does not match the model's target modules; use another hydra.run.dir")
-    for n, lin in current.items():
-        master.restore_(n, lin.weight, saved[f"{n}.weight"])
+    opened = [safe_open(str(p), framework="pt") for p in paths]
+    for f, path in zip(opened, paths):
+        if set(f.keys()) != {f"{n}.weight" for n in current}:
+            raise ConfigError(f"{path} does not match the model's target modules; use another hydra.run.dir")
+    for n, lin in current.items():  # one module at a time: the whole weight exists only briefly
+        parts = [f.get_tensor(f"{n}.weight") for f in opened]
+        master.restore_(n, lin.weight, parts[0] if len(parts) == 1 else torch.cat(parts))
 
 
 # ---- plug-in state -------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from .interrupt import InterruptGuard, Interrupted
 from .results import SCHEMA, atomic_write_json, package_versions, provenance, write_jsonl
 from .run_dir import (
     RunLock, StageFiles, load_checkpoint, load_model_state, load_plugin_states, load_previous_results,
-    load_stage_record, save_checkpoint, save_model_state, save_plugin_states, save_stage_record,
+    load_stage_record, save_checkpoint, save_model_state, save_model_state_index, save_plugin_states, save_stage_record,
 )
 from .stage import PLUGIN_GROUPS, History, Models, StageContext, StageRecord, adapter_name, lora_scaling, stage_seed
 from .summary import format_summary
@@ -87,6 +87,7 @@ class Runner:
         self.tasks = load_sequence(cfg.sequence, cfg.data.get("root"), int(cfg.seed))
         self.plugins = build_plugins(cfg)
         self.initializer, self.regularizer, self.merger = (self.plugins[g] for g in PLUGIN_GROUPS)
+        self.dist.check_plugins(self.plugins, cfg)  # distributed=fsdp: the plug-ins that work on sharded weights
         # sequential | multitask (one joint stage) | independent (each stage from the base model): modes.py
         self.mode = modes.check_mode(cfg.get("mode", "sequential"))
         modes.check_plugins(self.mode, self.initializer, self.regularizer, self.merger, cfg.initializer)
@@ -172,6 +173,7 @@ class Runner:
     def _run_stages(self) -> None:
         cfg = self.cfg
         model, self.tokenizer = load_model(cfg.model, self.device, str(cfg.cache.dir), log=log.info)
+        model = self.dist.shard_model(model, log=log.info)  # distributed=fsdp; before the master copies any weight
         self.tracker = make_tracker(cfg.logger if self.dist.is_main else {}, self.results, self.run_dir)
         self.job.on_exit(lambda exc: self.tracker.close(exit_code=1, preempted=isinstance(exc, Requeued)))
         tr, ev = cfg.trainer, cfg.evaluation
@@ -243,7 +245,7 @@ class Runner:
         # Only the latest model and plug-in states are needed to resume; older ones cost a model each.
         if stage > 1 and self.dist.is_main:
             older = StageFiles(self.run_dir, stage - 1)
-            for path in (older.model_state, *(older.state(g) for g in PLUGIN_GROUPS)):
+            for path in (*older.model_state_files(), *(older.state(g) for g in PLUGIN_GROUPS)):
                 path.unlink(missing_ok=True)
         self.job.safe_point()  # stage saved: a pending preemption requeues here
 
@@ -276,9 +278,15 @@ class Runner:
         record = {"stage": stage, "task": ctx.current.name, "init": init_stats, "train": train_summary, "seconds": seconds}
         if self.mode == "multitask":
             record["tasks"] = [t.name for t in self.tasks]
+        if self.dist.sharded:  # every rank its rows, then the index that marks the state saved
+            save_model_state(files, self.models.train, self.targets, self.master, shard=(self.dist.rank, self.dist.world))
+            self.dist.barrier(f"saving the model state of stage {stage}")
         if self.dist.is_main:
             atomic_write_json(files.dir / "stage.json", record)
-            save_model_state(files, self.models.train, self.targets, self.master)  # marks "trained": eval may be redone alone
+            if self.dist.sharded:
+                save_model_state_index(files, self.dist.world)
+            else:
+                save_model_state(files, self.models.train, self.targets, self.master)  # marks "trained": eval may be redone alone
             _remove_tree(files.checkpoint)
         return record
 
@@ -298,11 +306,16 @@ class Runner:
         peft_model = add_adapter(self.models.train, lora_config, ctx.adapter)
         result = self.initializer.init(peft_model, ctx)
         scaling = set_scaling(peft_model, ctx.adapter, ctx.scaling_convention)
+        if self.dist.sharded:  # every rank folds its own rows: all must fold rank 0's factors
+            self.dist.broadcast_([t for A, B in (result.factors or {}).values() for t in (A, B)]
+                                 + [t for layer in lora_layers(peft_model, ctx.adapter).values()
+                                    for t in (layer.lora_A[ctx.adapter].weight, layer.lora_B[ctx.adapter].weight)],
+                                 "broadcasting the stage's init")
         if result.factors:
             result.stats["apply"] = apply_init(peft_model, result, ctx.adapter, self.master)
         elif result.absorb:  # PEFT absorbed in the model's dtype: the fp32 master follows
             follow_peft_absorption_(peft_model, ctx.adapter, self.master)
-        if self.dist.world > 1:  # every rank computed the init; all continue from rank 0's, bit for bit
+        if self.dist.world > 1 and not self.dist.sharded:  # every rank computed the init; all continue from rank 0's, bit for bit
             layers = lora_layers(peft_model, ctx.adapter).values()
             self.dist.broadcast_([t for layer in layers for t in (base_weight(layer), layer.lora_A[ctx.adapter].weight,
                                                                      layer.lora_B[ctx.adapter].weight)]
@@ -381,12 +394,29 @@ class Runner:
                 # independent: GP/IP are a mean over the T models, so one model alone is not worth measuring
                 self.mode == "independent" and stage and str(cfg.general_eval.get("when")) != "every_stage"):
             self.progress.general_begin(stage)
-            self.results["general"][str(stage)] = self.dist.on_main(lambda: self.general_eval.evaluate_general(
-                self.models.eval, self.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"),
-                work_dir=str(self.run_dir / "general_eval"), device=self.device, seed=int(cfg.seed),
-                prompt=self.encoder.prompt,
-            ), "general evaluation on rank 0")
+            self.results["general"][str(stage)] = self.general(stage)
             self.progress.general_end(self.results["general"][str(stage)])
+
+    def general(self, stage: int) -> dict[str, Any]:
+        """GP/IP of the eval model: on rank 0 alone, or under distributed=fsdp (where every forward
+        pass needs every rank) on every rank on the same requests, rank 0's files and result kept."""
+        cfg = self.cfg
+
+        def evaluate(work_dir: str) -> dict[str, Any]:
+            return self.general_eval.evaluate_general(
+                self.models.eval, self.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"), work_dir=work_dir,
+                device=self.device, seed=int(cfg.seed), prompt=self.encoder.prompt, synced=self.dist.sharded)
+
+        if not self.dist.sharded:
+            return self.dist.on_main(lambda: evaluate(str(self.run_dir / "general_eval")), "general evaluation on rank 0")
+        import tempfile
+
+        if self.dist.is_main:
+            value = evaluate(str(self.run_dir / "general_eval"))
+        else:  # the same requests, written where rank 0's files are not
+            with tempfile.TemporaryDirectory(prefix=f"cl_bench_rank{self.dist.rank}_") as scratch:
+                value = evaluate(scratch)
+        return self.dist.broadcast_object(value, "sharing the general evaluation")
 
     def finish(self) -> None:
         metrics = compute_mode_metrics(self.results["matrix"], self.results["eval_sizes"], self.mode)

@@ -320,6 +320,10 @@ class Plugin:
     """
 
     name = "none"
+    # Runs with distributed=fsdp, where every target weight is a DTensor holding a block of rows on
+    # each rank (lora.py: change weights only through master.fold_, read one with lora.full_weight).
+    # Off unless a plug-in says so; the runner refuses the others at start.
+    sharded_weights = False
 
     def begin_stage(self, model: torch.nn.Module, ctx: StageContext) -> None:
         return None

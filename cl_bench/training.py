@@ -190,6 +190,8 @@ def _forward_backward(
     plugins: Sequence[Plugin] | None = None,
     wrapped: torch.nn.Module | None = None,
     world: int = 1,
+    idle: int = 0,
+    average: Callable[[], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Forward and backward of one step's micro-batches, then the after_backward hook of every
     plug-in in `plugins` (default: the regularizer alone), in order.
@@ -199,7 +201,10 @@ def _forward_backward(
     Data parallel: `wrapped` is the DDP module (its all-reduce runs in the last backward only),
     `n_items` the whole step's trained tokens over all ranks, and the LM loss is multiplied by
     `world` for the backward because DDP averages the ranks' gradients; the logged terms stay
-    this rank's share (the trainer sums them over ranks when it reads them)."""
+    this rank's share (the trainer sums them over ranks when it reads them).
+    Sharded base (distributed=fsdp): `idle` more forward/backward passes that count for nothing (the
+    last micro-batch again, its loss times 0) keep this rank in step with the busiest one, and
+    `average` (the LoRA gradients' mean over the ranks) runs before the after_backward hooks."""
     accum = len(micro_batches)
     device = next(model.parameters()).device
     # Regularizers normalise by the forward passes of the step (regularizers/base.py); a layout
@@ -229,6 +234,16 @@ def _forward_backward(
         for k, v in extra.items():
             v = torch.as_tensor(v).detach().to(device)
             logged[k] = logged.get(k, 0.0) + v / accum
+    if idle:
+        micro = micro_batches[-1]
+        keep, targets = logits_mask(micro["labels"])
+        batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
+        for _ in range(idle):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                lm = causal_lm_loss(model if forward is None else forward, batch, n_items, keep=keep, targets=targets.to(device))
+            (lm * 0.0).backward()
+    if average is not None:
+        average()
     for plugin in (regularizer,) if plugins is None else plugins:
         plugin.after_backward(model, ctx)
     return logged, finite
@@ -338,6 +353,9 @@ def train_stage(
     deferred = is_fused(opt)  # the device skips a bad step itself; read the flag at log points only
     bad = torch.zeros((), device=device)  # sticky: 1 once any step was non-finite
     wrapped = dist.wrap(model)  # DDP under data parallelism, else None
+    average = None  # fsdp: the LoRA factors are whole on every rank, their gradients averaged here
+    if dist.sharded and dist.world > 1:
+        average = lambda: dist.average_gradients_(params, f"averaging the gradients of task {task.name!r}")  # noqa: E731
     forward = wrapped
     if cfg.get("compile", False):
         forward = torch.compile(wrapped or model, dynamic=True)
@@ -383,9 +401,13 @@ def train_stage(
                     n_items = torch.tensor(built.n_items, device=device if dist.backend == "nccl" else "cpu")
                     dist.all_reduce_([n_items], f"counting the trained tokens of {where}")
                     n_items = n_items.to(device)
+                idle = 0
+                if dist.sharded:  # every forward pass is collective: all ranks run as many as the busiest
+                    idle = dist.max_over_ranks(len(built.micro_batches), f"counting the passes of {where}") - len(built.micro_batches)
                 terms, finite = _forward_backward(model, built.micro_batches, n_items, regularizer, ctx,
                                                   autocast=use_autocast, where=where, forward=forward,
-                                                  wrapped=wrapped, world=dist.world, plugins=plugins)
+                                                  wrapped=wrapped, world=dist.world, plugins=plugins, idle=idle,
+                                                  average=average)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))  # of the all-reduced gradient
                 finite = finite & torch.isfinite(grad_norm)
                 if dist.world > 1:  # every rank skips (or takes) the same steps

@@ -1,6 +1,7 @@
-"""distributed=ddp (issue 15): the arithmetic of data parallelism in-process (a step's and a capture's
-rank shares add up to the one-process gradient), then one real 2-process torchrun job (gloo, CPU),
-killed with SIGKILL mid-stage-2 and resumed, against one process.
+"""distributed=ddp|fsdp (issue 15): the arithmetic of data parallelism in-process (a step's and a
+capture's rank shares add up to the one-process gradient; the sharded capture's activation-side
+gradient is the weight gradient; row shards of a model state go back together), then real 2-process
+torchrun jobs (gloo, CPU) of each kind, killed with SIGKILL mid-stage-2 and resumed, against one process.
 
 The e2e job is vanilla: there every difference is float summation order, so loss curves and task
 vectors must agree tightly. SVD-based inits (slice, lora_ga) amplify rounding differences through
@@ -25,7 +26,7 @@ from cl_bench.stage import trained_tokens
 from cl_bench.training import _forward_backward
 
 from conftest import FAST, REPO, compose
-from test_perf import _ctx, _examples, _llama
+from test_perf import TARGETS, _ctx, _examples, _llama
 
 
 def _rank(rank: int, world: int) -> Dist:
@@ -62,6 +63,24 @@ def test_rank_shares_of_a_step_average_to_the_single_process_gradient():
         torch.testing.assert_close(mean[k], single[k], rtol=1e-5, atol=1e-7)
 
 
+def test_passes_that_keep_a_sharded_rank_in_step_add_nothing():
+    """distributed=fsdp: a rank with fewer micro-batches than the busiest runs `idle` filler passes
+    (forward and backward: FSDP gathers weights in both); the gradient and logged terms are unchanged."""
+    model = _llama()
+    micro = Layout("group", overhead_tokens=4).micro_batches([_examples(10)], 0, batch_size=10, max_len=24)
+    n = sum(int(trained_tokens(b)) for b in micro)
+    grads, logged = [], []
+    for idle in (0, 2):
+        model.zero_grad(set_to_none=True)
+        terms, finite = _forward_backward(model, micro, n, Regularizer(), _ctx(len(micro)), autocast=False, where="t", idle=idle)
+        assert bool(finite)
+        logged.append(float(terms["lm"]))
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    assert logged[0] == logged[1]
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k])
+
+
 def test_rank_shares_of_a_capture_add_up_to_the_single_process_gradient(monkeypatch):
     """Each rank runs every world-th forward pass of the capture, divided by the trained tokens of all
     of them; the all-reduce (here: the sum of the two ranks' results) gives the one-process gradient."""
@@ -79,6 +98,90 @@ def test_rank_shares_of_a_capture_add_up_to_the_single_process_gradient(monkeypa
     for n, g in single.grads.items():
         torch.testing.assert_close(shares[0].grads[n] + shares[1].grads[n], g, rtol=1e-5, atol=1e-7)
     assert shares[0].loss + shares[1].loss == pytest.approx(single.loss, rel=1e-6)
+
+
+class _ShardedRank:
+    """What a sharded capture asks of distributed.Dist, without a process group: rank `rank` of
+    `world`, the busiest rank running `busiest` passes, no reduction (the test adds the shares)."""
+
+    sharded = True
+
+    def __init__(self, rank: int = 0, world: int = 1, busiest: int = 0):
+        self.rank, self.world, self.busiest = rank, world, busiest
+
+    def shard(self, items):
+        return list(items[self.rank::self.world])
+
+    def max_over_ranks(self, n, what):
+        return max(n, self.busiest)
+
+    def all_reduce_(self, tensors, what="", op="sum"):
+        return None
+
+
+def test_the_sharded_capture_reads_the_weight_gradient_off_inputs_and_output_gradients():
+    """distributed=fsdp: ∂L/∂W = Σ g_yᵀ·x from hooks (a sharded weight gets no gradient) equals the
+    weight-gradient capture; rank shares add up; passes that only keep a rank in step add nothing;
+    no parameter (adapter or base) is left with a gradient."""
+    from cl_bench.data import collate_training
+    from cl_bench.initializers.capture import capture_gradients
+    from cl_bench.lora import base_weight, lora_layers
+
+    model = _llama()
+    weights = {n: base_weight(layer) for n, layer in lora_layers(model, "stage_01").items()}
+    examples = _examples(12)
+    batches = [collate_training(examples[i:i + 3], 0) for i in range(0, 12, 3)]
+    single = capture_gradients(model, weights, batches)
+    hooked = capture_gradients(model, weights, batches, dist=_ShardedRank())
+    shares = [capture_gradients(model, weights, batches, dist=_ShardedRank(r, 2, busiest=5)) for r in range(2)]  # 2 + 3 idle passes
+    assert hooked.loss == pytest.approx(single.loss, rel=1e-6) and shares[0].loss + shares[1].loss == pytest.approx(single.loss, rel=1e-6)
+    for n, g in single.grads.items():
+        assert float(g.norm()) > 0
+        torch.testing.assert_close(hooked.grads[n], g, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(shares[0].grads[n] + shares[1].grads[n], g, rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())
+    assert any(p.requires_grad for p in model.parameters())  # the adapter's flags are given back
+
+
+def test_row_shards_of_a_model_state_go_back_together_for_any_number_of_ranks(tmp_path):
+    """distributed=fsdp saves rank k's rows [k·c, (k+1)·c), c = ⌈d/N⌉, per file plus an index; a resume
+    with any number of processes rebuilds each whole weight and takes its own rows."""
+    from cl_bench.lora import WeightMaster, local_rows, target_linears
+    from cl_bench.results import atomic_save_tensors
+    from cl_bench.run_dir import StageFiles, load_model_state, save_model_state_index
+
+    source, target = _llama(seed=0), _llama(seed=7)
+    whole = {f"{n}.weight": lin.weight.detach().clone() for n, lin in target_linears(source, TARGETS).items()}
+    files = StageFiles(tmp_path, 1)
+    files.dir.mkdir(parents=True)
+    for k in range(3):  # 16 rows over 3 ranks: 6, 6, 4
+        atomic_save_tensors(files.model_state_shard(k, 3), {n: w[6 * k:6 * k + 6] for n, w in whole.items()})
+    save_model_state_index(files, 3)
+    load_model_state(files, target, TARGETS, WeightMaster.attach(target, TARGETS))
+    for n, lin in target_linears(target, TARGETS).items():
+        assert torch.equal(lin.weight, whole[f"{n}.weight"])
+        assert local_rows(lin.weight)[1] == slice(None)  # a plain weight is its own block
+    files.model_state_shard(2, 3).unlink()
+    with pytest.raises(ConfigError, match="saved by 3 ranks.*rank-02-of-03"):
+        load_model_state(files, target, TARGETS, WeightMaster.attach(target, TARGETS))
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    ([], None), (["initializer=slice", "regularizer=gpm"], None), (["merge=ties", "merge.train_on=merged"], None),
+    (["initializer=pissa"], "initializer=pissa"), (["regularizer=ewc"], "regularizer=ewc"),
+    (["merge=ties"], "merge=ties"), (["merge=gainlora"], "merge=gainlora"),
+])
+def test_fsdp_refuses_at_start_the_plugins_that_need_whole_weights(overrides, refused):
+    from cl_bench.runner import build_plugins
+
+    cfg = compose(overrides)
+    dist = Dist()
+    dist.kind, dist.on = "fsdp", True
+    if refused is None:
+        dist.check_plugins(build_plugins(cfg), cfg)
+    else:
+        with pytest.raises(ConfigError, match=f"{refused} does not run with distributed=fsdp"):
+            dist.check_plugins(build_plugins(cfg), cfg)
 
 
 def test_a_multi_process_launch_needs_distributed_ddp(monkeypatch):
@@ -109,10 +212,10 @@ JOB = [*FAST, "sequence=synthetic_conflict", "sequence.tasks=[parity,parity_flip
        "trainer.max_steps=4", "trainer.checkpoint_every_steps=2", "threads=1"]
 
 
-def _torchrun(run_dir, env_extra=None) -> subprocess.CompletedProcess:
+def _torchrun(run_dir, env_extra=None, kind="ddp") -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "cl_bench", "distributed=ddp", *JOB, f"hydra.run.dir={run_dir}"]
+           "-m", "cl_bench", f"distributed={kind}", *JOB, f"hydra.run.dir={run_dir}"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -160,3 +263,36 @@ def test_rank0_writes_the_files_and_rank1_only_its_log(runs):
     assert (two / "cl_bench_rank1.log").is_file() and (two / "cl_bench.log").is_file()
     assert "resuming after stage 1" in (two / "cl_bench_rank1.log").read_text()  # rank 1 read the same files
     assert "results matrix" in resumed.stdout and resumed.stdout.count("results matrix") == 1  # one summary: rank 0's
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(runs):
+    """The same job with the frozen base sharded over 2 ranks, killed mid-stage-2 and rerun."""
+    base = runs[0]
+    killed = _torchrun(base / "fsdp", {"CL_BENCH_KILL_AT": "train:2:3"}, kind="fsdp")
+    state = sorted(p.name for p in (base / "fsdp" / "stages" / "stage_01").glob("model_state*"))
+    resumed = _torchrun(base / "fsdp", kind="fsdp")
+    return killed, state, resumed
+
+
+def test_fsdp_kill9_mid_stage2_then_rerun_gives_the_single_process_matrix(runs, fsdp_run):
+    base, single = runs[0], runs[1]
+    killed, state, resumed = fsdp_run
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr
+    # stage 1's model state: each rank's rows and the index that marks it saved
+    assert state == ["model_state.rank-00-of-02.safetensors", "model_state.rank-01-of-02.safetensors", "model_state.safetensors"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "fsdp: 4 blocks (LlamaDecoderLayer) sharded over 2 ranks" in (base / "fsdp" / "cl_bench.log").read_text()
+    sharded = json.loads((base / "fsdp" / "results.json").read_text())
+    assert sharded["complete"] and sharded["matrix"] == single["matrix"]  # exact
+    for a, b in zip(single["stages"], sharded["stages"]):
+        assert b["train"]["loss_curve"] == pytest.approx(a["train"]["loss_curve"], rel=0, abs=2e-5)
+    # the final weights: the rows of both ranks put together = one process's folded weights
+    one_state = load_file(str(base / "one" / "stages" / "stage_02" / "model_state.safetensors"))
+    parts = [load_file(str(base / "fsdp" / "stages" / "stage_02" / f"model_state.rank-{k:02d}-of-02.safetensors")) for k in range(2)]
+    for k, w in one_state.items():
+        assert parts[0][k].shape[0] == -(-w.shape[0] // 2)
+        torch.testing.assert_close(torch.cat([parts[0][k], parts[1][k]]), w, rtol=1e-5, atol=1e-6)
+    for task in sharded["tasks"]:  # row 0: same weights, same batches (rank 1 ran a filler batch): same text
+        p1 = (base / "one" / "predictions" / "stage_00" / f"{task}.jsonl").read_text()
+        assert (base / "fsdp" / "predictions" / "stage_00" / f"{task}.jsonl").read_text() == p1

@@ -38,6 +38,7 @@ class Initializer(Plugin):
     """Default: PEFT's own init (vanilla LoRA: Kaiming A, B = 0)."""
 
     name = "vanilla"
+    sharded_weights = True  # PEFT's default init writes only the adapter
 
     def lora_config_kwargs(self) -> dict[str, Any]:
         return {}

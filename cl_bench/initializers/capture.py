@@ -17,6 +17,12 @@ Speed (issue 14): the examples of all capture batches are re-cut by length (batc
 forward pass holds more tokens than the largest given batch, far less padding), the LM head runs
 only at trained positions (stage.causal_lm_loss), and the loss is read once at the end, not per
 batch. None of it changes the result beyond float rounding.
+
+Sharded base (distributed=fsdp): a sharded weight gets no gradient of its own (FSDP would
+reduce-scatter it into the shards), so ∂L/∂W = Σ_tokens g_yᵀ·x is formed from each target
+module's input x and output gradient g_y (a forward hook and a tensor hook), in float32 — the same
+sum autograd forms for a weight that requires grad. Every rank runs as many forward/backward
+passes as the busiest (a short share repeats its last pass, times 0).
 """
 from __future__ import annotations
 
@@ -61,6 +67,8 @@ def capture_gradients(
     up to float summation order.
     """
     start = time.perf_counter()
+    if dist is not None and dist.sharded:
+        return _capture_sharded(model, weights, batches, offload=offload, transposed=set(transposed), max_tokens=max_tokens, dist=dist)
     batches = [{k: v.cpu() for k, v in b.items()} for b in batches]  # token ids: small
     n_items = sum(int(trained_tokens(b)) for b in batches)
     forwards = regroup(batches, max_tokens=max_tokens)
@@ -131,3 +139,71 @@ def capture_gradients(
             g = torch.zeros(w.shape, dtype=torch.float32, device=store[name])
         grads[name] = g.T.contiguous() if name in transposed else g
     return Capture(grads, steps, loss, time.perf_counter() - start, {"forward_passes": n_forwards})
+
+
+def _capture_sharded(model, weights, batches, *, offload: bool, transposed: set, max_tokens: int | None, dist) -> Capture:
+    """capture_gradients on a sharded base (see the module docstring): the same Capture, from module
+    inputs and output gradients instead of weight gradients."""
+    start = time.perf_counter()
+    batches = [{k: v.cpu() for k, v in b.items()} for b in batches]
+    n_items = sum(int(trained_tokens(b)) for b in batches)
+    forwards = regroup(batches, max_tokens=max_tokens)
+    n_forwards = len(forwards)
+    filler = forwards[:1]  # what a rank with no share of its own runs to stay in step
+    forwards = dist.shard(forwards)
+    idle = dist.max_over_ranks(len(forwards), "counting the capture's passes") - len(forwards)
+    filler = forwards[-1:] or filler
+    by_id = {id(w): name for name, w in weights.items()}
+    modules = {by_id[id(m.weight)]: m for m in model.modules() if id(getattr(m, "weight", None)) in by_id}
+    if set(modules) != set(weights):
+        raise TrainingError(f"gradient capture: no module holds the weight of {sorted(set(weights) - set(modules))[:3]}")
+    device = next(model.parameters()).device
+    # g_yᵀ·x is [d_out, d_in] whatever the storage (a Conv1D stores [d_in, d_out]: `transposed`)
+    acc = {name: torch.zeros(tuple(w.shape)[::-1] if name in transposed else tuple(w.shape), dtype=torch.float32,
+                             device="cpu" if offload else device) for name, w in weights.items()}
+    weight_scale = [1.0]  # 0 for the passes that only keep this rank in step
+
+    def make_hook(name: str):
+        def forward_hook(module, args, output):
+            x = args[0].detach()
+
+            def backward_hook(grad: torch.Tensor) -> None:
+                g = grad.reshape(-1, grad.shape[-1]).float()
+                acc[name].add_((weight_scale[0] * g.T @ x.reshape(-1, x.shape[-1]).float()).to(acc[name].device))
+
+            if output.requires_grad:
+                output.register_hook(backward_hook)
+        return forward_hook
+
+    embeddings = model.get_input_embeddings()
+    handles = [embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))]  # a graph to the targets
+    handles += [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    try:
+        for p in flags:  # no parameter gradient at all: the adapters' stay as they were
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for i, micro in enumerate([*forwards, *filler * idle]):
+                weight_scale[0] = 1.0 if i < len(forwards) else 0.0
+                keep, targets = logits_mask(micro["labels"])
+                batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
+                loss = causal_lm_loss(model, batch, n_items, keep=keep, targets=targets)
+                (loss * weight_scale[0]).backward()
+                if i < len(forwards):
+                    loss_sum += loss.detach()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if not batches:
+        raise DataError("gradient capture got no batches (capture_steps or the task's training split is empty)")
+    dist.all_reduce_([loss_sum, *(acc[name] for name in weights)], "all-reducing the captured gradients")
+    loss = float(loss_sum)
+    if not math.isfinite(loss):
+        raise TrainingError(f"gradient capture: the loss over {len(batches)} capture batches is {loss}")
+    return Capture(acc, len(batches), loss, time.perf_counter() - start, {"forward_passes": n_forwards})

@@ -23,7 +23,7 @@ import torch
 from .. import linalg
 from ..errors import ConfigError
 from ..tasks.base import TaskData
-from ..lora import as_out_in, base_weight, lora_layers, module_shapes
+from ..lora import as_out_in, base_weight, full_weight, lora_layers, module_shapes
 from ..stage import StageContext, check_buffer_size
 from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 from .cache import TensorCache, batches_fingerprint, content_key, model_state_fingerprint
@@ -123,7 +123,9 @@ class LoraGA(Initializer):
         reset_peak_memory(ctx.device)
         layers = lora_layers(peft_model, ctx.adapter)
         self.validate(module_shapes(layers), ctx.rank)
-        cache = TensorCache(ctx.cache_dir, ctx.log, ctx.dist)
+        # The cache key fingerprints the model's weights; a sharded rank holds only its rows of them.
+        sharded = ctx.dist is not None and ctx.dist.sharded
+        cache = TensorCache(None if sharded else ctx.cache_dir, ctx.log, ctx.dist)
         captures = _Captures(peft_model, layers, ctx, cache, offload=self.offload, max_tokens=self.capture_max_tokens)
         current = captures.plan(ctx.current, self.capture_steps, self.capture_batch_size)
         previous = [captures.plan(t, *self._previous_shape(), indices=self._previous_indices(ctx, t))
@@ -216,7 +218,7 @@ class LoraGA(Initializer):
             if self.scale == "stable":
                 A, B, beta = linalg.stable_scale_factors(A, B, self.stable_gamma)
             else:
-                A, B, beta = linalg.rescale_factors(as_out_in(layer, base_weight(layer)), A, B)
+                A, B, beta = linalg.rescale_factors(as_out_in(layer, full_weight(base_weight(layer))), A, B)
             betas.append(beta)
             factors[name] = (A, B)
             del G

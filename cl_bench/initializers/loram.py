@@ -14,7 +14,7 @@ import torch
 from .. import linalg
 from ..config import validate_rank
 from ..errors import ConfigError
-from ..lora import as_out_in, base_weight, lora_layers, module_shapes
+from ..lora import as_out_in, base_weight, full_weight, lora_layers, module_shapes
 from ..stage import StageContext
 from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 
@@ -35,7 +35,7 @@ class LoRAM(Initializer):
         self.validate(module_shapes(layers), ctx.rank)
         factors, betas = {}, []
         for name, layer in layers.items():
-            W = as_out_in(layer, base_weight(layer))
+            W = as_out_in(layer, full_weight(base_weight(layer)))  # gathered when sharded (fsdp)
             A, B = linalg.dst1_factors(W.shape[0], W.shape[1], int(layer.r[ctx.adapter]), device=W.device)
             A, B, beta = linalg.rescale_factors(W, A, B)
             factors[name] = (A, B)

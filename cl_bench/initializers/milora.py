@@ -14,7 +14,7 @@ import torch
 
 from .. import linalg
 from ..config import validate_rank
-from ..lora import as_out_in, base_weight, lora_layers, module_shapes
+from ..lora import as_out_in, base_weight, full_weight, lora_layers, module_shapes
 from ..stage import StageContext
 from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 
@@ -33,7 +33,7 @@ class MiLoRA(Initializer):
         self.validate(module_shapes(layers), ctx.rank)
         factors, minor_sq, total_sq = {}, 0.0, 0.0
         for name, layer in layers.items():
-            W = as_out_in(layer, base_weight(layer))
+            W = as_out_in(layer, full_weight(base_weight(layer)))  # gathered when sharded (fsdp)
             s = float(layer.scaling[ctx.adapter])
             A, B = linalg.minor_component_factors(W, int(layer.r[ctx.adapter]), s)
             factors[name] = (A, B)

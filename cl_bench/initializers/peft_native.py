@@ -53,6 +53,8 @@ def _check_rank(name: str, module_shapes: dict[str, tuple[int, int]], rank: int,
 class _PeftNative(Initializer):
     """Shared bookkeeping: time spent before wrapping (PEFT preprocessing) and after."""
 
+    sharded_weights = False  # PEFT's init rewrites whole base weights in place (W - s·B0·A0)
+
     init_lora_weights: str = ""
     # PEFT itself sets W ← W − s·B0·A0 while wrapping (the runner then only brings the fp32
     # master along); EVA starts with B = 0 and needs no absorption.

@@ -15,6 +15,7 @@ from .base import Merge
 
 class Absorb(Merge):
     name = "absorb"
+    sharded_weights = True  # one fold per module
 
     @torch.no_grad()
     def consolidate(self, model: torch.nn.Module, ctx: StageContext) -> Models:

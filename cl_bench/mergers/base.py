@@ -95,6 +95,10 @@ class TaskVectorMerge(Merge):
         self.stages = 0
         self.merged_sq_norm: float | None = None
 
+    @property
+    def sharded_weights(self) -> bool:  # "sum" evaluates a second model: a copy of a sharded one is not built
+        return self.train_on == "merged"
+
     # ---- the math (subclasses) ---------------------------------------------------------
     def merge(self, taus: list[torch.Tensor], stages: list[int], module: str) -> torch.Tensor:
         """X(τ_1..τ_t) of one module; `stages` are the τ's stage numbers (seeds of random merges)."""

@@ -60,6 +60,7 @@ class Regularizer(Plugin):
     """No regularization. Subclasses override the hooks they need."""
 
     name = "none"
+    sharded_weights = True  # the hooks see LoRA factors, activations and data only
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
         """Extra loss terms for this micro-batch, by name; each is logged and added to the loss."""

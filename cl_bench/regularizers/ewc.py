@@ -119,6 +119,7 @@ class EWC(Regularizer):
     """λ·½ Σ F̃ ⊙ ΔW_t², logged as `ewc`; see the module docstring."""
 
     name = "ewc"
+    sharded_weights = False  # its Fisher comes from per-example gradients of the (whole) base weights
 
     def __init__(self, lam: float = 1.0e4, gamma: float = 1.0, fisher_samples: int = 64):
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
