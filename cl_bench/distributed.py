@@ -138,7 +138,7 @@ class Dist:
                 raise ConfigError(
                     f"{group}={getattr(plugin, 'name', choice)} does not run with distributed=fsdp (it needs whole base "
                     "weights or a whole model copy); use distributed=ddp, or with fsdp: initializer=vanilla|lora_ga|slice|"
-                    "loram|milora, any regularizer but ewc, merge=absorb or a task-vector merge with merge.train_on=merged")
+                    "loram|milora, any regularizer, merge=absorb or a task-vector merge with merge.train_on=merged")
 
     def device(self, device: torch.device) -> torch.device:
         """This rank's device: cuda:LOCAL_RANK when the job asked for CUDA."""

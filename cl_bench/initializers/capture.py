@@ -20,8 +20,8 @@ batch. None of it changes the result beyond float rounding.
 
 Sharded base (distributed=fsdp): a sharded weight gets no gradient of its own (FSDP would
 reduce-scatter it into the shards), so ∂L/∂W = Σ_tokens g_yᵀ·x is formed from each target
-module's input x and output gradient g_y (a forward hook and a tensor hook), in float32 — the same
-sum autograd forms for a weight that requires grad. Every rank runs as many forward/backward
+module's input x and output gradient g_y (weight_grads.py), in float32 — the same sum autograd
+forms for a weight that requires grad. Every rank runs as many forward/backward
 passes as the busiest (a short share repeats its last pass, times 0).
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 from ..batching import regroup
 from ..errors import DataError, TrainingError
 from ..stage import causal_lm_loss, logits_mask, trained_tokens
+from ..weight_grads import HookedWeightGradients
 
 
 @dataclass
@@ -143,9 +144,11 @@ def capture_gradients(
 
 def _capture_sharded(model, weights, batches, *, offload: bool, transposed: set, max_tokens: int | None, dist) -> Capture:
     """capture_gradients on a sharded base (see the module docstring): the same Capture, from module
-    inputs and output gradients instead of weight gradients."""
+    inputs and output gradients (weight_grads.py) instead of weight gradients."""
     start = time.perf_counter()
     batches = [{k: v.cpu() for k, v in b.items()} for b in batches]
+    if not batches:
+        raise DataError("gradient capture got no batches (capture_steps or the task's training split is empty)")
     n_items = sum(int(trained_tokens(b)) for b in batches)
     forwards = regroup(batches, max_tokens=max_tokens)
     n_forwards = len(forwards)
@@ -153,57 +156,30 @@ def _capture_sharded(model, weights, batches, *, offload: bool, transposed: set,
     forwards = dist.shard(forwards)
     idle = dist.max_over_ranks(len(forwards), "counting the capture's passes") - len(forwards)
     filler = forwards[-1:] or filler
-    by_id = {id(w): name for name, w in weights.items()}
-    modules = {by_id[id(m.weight)]: m for m in model.modules() if id(getattr(m, "weight", None)) in by_id}
-    if set(modules) != set(weights):
-        raise TrainingError(f"gradient capture: no module holds the weight of {sorted(set(weights) - set(modules))[:3]}")
     device = next(model.parameters()).device
-    # g_yᵀ·x is [d_out, d_in] whatever the storage (a Conv1D stores [d_in, d_out]: `transposed`)
-    acc = {name: torch.zeros(tuple(w.shape)[::-1] if name in transposed else tuple(w.shape), dtype=torch.float32,
-                             device="cpu" if offload else device) for name, w in weights.items()}
-    weight_scale = [1.0]  # 0 for the passes that only keep this rank in step
-
-    def make_hook(name: str):
-        def forward_hook(module, args, output):
-            x = args[0].detach()
-
-            def backward_hook(grad: torch.Tensor) -> None:
-                g = grad.reshape(-1, grad.shape[-1]).float()
-                acc[name].add_((weight_scale[0] * g.T @ x.reshape(-1, x.shape[-1]).float()).to(acc[name].device))
-
-            if output.requires_grad:
-                output.register_hook(backward_hook)
-        return forward_hook
-
-    embeddings = model.get_input_embeddings()
-    handles = [embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))]  # a graph to the targets
-    handles += [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
-    flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device)
     try:
-        for p in flags:  # no parameter gradient at all: the adapters' stay as they were
-            p.requires_grad_(False)
-        with torch.enable_grad():
+        hooked = HookedWeightGradients(model, weights, transposed=transposed, device="cpu" if offload else None)
+    except ValueError as exc:
+        raise TrainingError(f"gradient capture: {exc}") from None
+    try:
+        with hooked, torch.enable_grad():
             for i, micro in enumerate([*forwards, *filler * idle]):
-                weight_scale[0] = 1.0 if i < len(forwards) else 0.0
                 keep, targets = logits_mask(micro["labels"])
                 batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
                 loss = causal_lm_loss(model, batch, n_items, keep=keep, targets=targets)
-                (loss * weight_scale[0]).backward()
                 if i < len(forwards):
+                    loss.backward()
                     loss_sum += loss.detach()
+                else:  # a filler pass: every rank's FSDP gathers must match; it adds zeros
+                    (loss * 0.0).backward()
     finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
         model.train(was_training)
-    if not batches:
-        raise DataError("gradient capture got no batches (capture_steps or the task's training split is empty)")
-    dist.all_reduce_([loss_sum, *(acc[name] for name in weights)], "all-reducing the captured gradients")
+    grads = hooked.pop()
+    dist.all_reduce_([loss_sum, *(grads[name] for name in weights)], "all-reducing the captured gradients")
     loss = float(loss_sum)
     if not math.isfinite(loss):
         raise TrainingError(f"gradient capture: the loss over {len(batches)} capture batches is {loss}")
-    return Capture(acc, len(batches), loss, time.perf_counter() - start, {"forward_passes": n_forwards})
+    return Capture(grads, len(batches), loss, time.perf_counter() - start, {"forward_passes": n_forwards})

@@ -41,6 +41,7 @@ import torch
 from ..errors import ConfigError
 from ..lora import base_weight, lora_layers
 from ..stage import StageContext
+from ..weight_grads import HookedWeightGradients
 from .base import Regularizer, StageDelta, fp32_penalty
 
 
@@ -65,7 +66,11 @@ def empirical_fisher(
     each gradient is squared into its accumulator as soon as backward produces it and freed.
     With `into`, the result is added to those tensors in place (no second copy). The model runs
     in eval mode; its requires_grad flags and mode are restored. Raises ValueError on no batches.
+    Sharded weights (distributed=fsdp, DTensors: no .grad of their own) take each pass's gradient
+    from their modules' inputs and output gradients (weight_grads.py); every rank runs every pass.
     """
+    from torch.distributed.tensor import DTensor
+
     batches = list(batches)
     if not batches:
         raise ValueError("empirical_fisher got no batches")
@@ -75,6 +80,18 @@ def empirical_fisher(
         shape = tuple(w.shape[::-1]) if name in transposed else tuple(w.shape)
         if name not in acc:
             acc[name] = torch.zeros(shape, dtype=torch.float32, device=w.device)
+    if any(isinstance(w, DTensor) for w in weights.values()):
+        was_training = model.training
+        model.eval()
+        try:
+            with HookedWeightGradients(model, weights, transposed=transposed) as hooked, torch.enable_grad():
+                for batch in batches:
+                    loss_of(model, batch).backward()
+                    for name, g in hooked.pop().items():
+                        acc[name].addcmul_(g, g, value=1.0 / len(batches))
+        finally:
+            model.train(was_training)
+        return acc
 
     def square_into(name: str):
         def hook(param: torch.Tensor) -> None:
@@ -119,7 +136,7 @@ class EWC(Regularizer):
     """λ·½ Σ F̃ ⊙ ΔW_t², logged as `ewc`; see the module docstring."""
 
     name = "ewc"
-    sharded_weights = False  # its Fisher comes from per-example gradients of the (whole) base weights
+    sharded_weights = True  # a sharded W's per-example gradient comes from its module's hooks (empirical_fisher)
 
     def __init__(self, lam: float = 1.0e4, gamma: float = 1.0, fisher_samples: int = 64):
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
