@@ -264,7 +264,9 @@ class Dist:
     # ---- the training model ----------------------------------------------------------------
     def shard_model(self, model: torch.nn.Module, log=None) -> torch.nn.Module:
         """distributed=fsdp: FSDP2 full-shard of the (frozen) model, each transformer block a unit;
-        the model itself for any other kind. Call once, on the freshly loaded model.
+        the model itself for any other kind. Call once, on the freshly loaded model, left on the
+        CPU: FSDP moves each block to this rank's device as it shards it, so the device holds one
+        whole block at most (each rank still reads the whole checkpoint into CPU memory first).
 
         Every parameter is frozen first: FSDP builds its shards with the flag they have then, and
         only the LoRA factors added later train. On CUDA the blocks compute in bf16
@@ -274,7 +276,7 @@ class Dist:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model.requires_grad_(False)
-        on_cuda = next(model.parameters()).device.type == "cuda"
+        on_cuda = self.backend == "nccl"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else MixedPrecisionPolicy()
         blocks = set(getattr(model, "_no_split_modules", None) or ())
         units = [m for m in model.modules() if type(m).__name__ in blocks]

@@ -67,8 +67,10 @@ def model_unavailable(path: str) -> ModelLoadError:
     )
 
 
-def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = None, log=print):
-    """(model, tokenizer) on `device`, in eval mode; a one-line ModelLoadError if unavailable."""
+def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = None, log=print, place: bool = True):
+    """(model, tokenizer) on `device`, in eval mode; a one-line ModelLoadError if unavailable.
+    `place=False`: in `device`'s dtype but left on the CPU (distributed=fsdp moves each rank's
+    shards to the device as it shards, so no GPU ever holds the whole model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model_cfg, cache_dir, log=log)
@@ -96,6 +98,7 @@ def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = Non
         # Padding needs an id; the attention mask and label masking make its value irrelevant.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model.to(device)
+    if place:
+        model.to(device)
     model.eval()
     return model, tokenizer

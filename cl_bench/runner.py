@@ -172,7 +172,7 @@ class Runner:
 
     def _run_stages(self) -> None:
         cfg = self.cfg
-        model, self.tokenizer = load_model(cfg.model, self.device, str(cfg.cache.dir), log=log.info)
+        model, self.tokenizer = load_model(cfg.model, self.device, str(cfg.cache.dir), log=log.info, place=not self.dist.sharded)
         model = self.dist.shard_model(model, log=log.info)  # distributed=fsdp; before the master copies any weight
         self.tracker = make_tracker(cfg.logger if self.dist.is_main else {}, self.results, self.run_dir)
         self.job.on_exit(lambda exc: self.tracker.close(exit_code=1, preempted=isinstance(exc, Requeued)))
