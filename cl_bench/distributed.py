@@ -115,6 +115,12 @@ class Dist:
         if kind == "none" and world > 1:
             raise ConfigError(f"launched as {world} processes but distributed=none; add distributed=ddp (or fsdp) "
                               "(or start one process: python -m cl_bench ...)")
+        if kind == "fsdp" and world == 1 and "WORLD_SIZE" not in os.environ:
+            # A one-process start would run unsharded and run out of memory where sharding was the point
+            # (accelerate launch without --multi_gpu starts one process).
+            raise ConfigError("distributed=fsdp was started as one process, so nothing would be sharded; launch N processes "
+                              "(torchrun --nproc-per-node N, accelerate launch --multi_gpu --num_processes N, or SLURM tasks) "
+                              "or use distributed=none")
         if kind != "none":
             init_from_env()
         return cls(kind)

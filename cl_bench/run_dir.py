@@ -238,11 +238,17 @@ def load_plugin_states(folder: Path, plugins: dict[str, Plugin]) -> None:
 
 # ---- in-stage checkpoints ------------------------------------------------------------------
 
-def save_checkpoint(files: StageFiles, model, state, optimizer, scheduler, plugins: dict[str, Plugin]) -> None:
-    """Adapter, optimizer and scheduler state, RNG states, the step and every plug-in's state;
-    the JSON goes last and marks the checkpoint complete."""
+def save_checkpoint(files: StageFiles, model, state, optimizer, scheduler, plugins: dict[str, Plugin],
+                    init: Factors | None = None) -> None:
+    """Adapter, optimizer and scheduler state, RNG states, the step and every plug-in's state, and
+    the stage's absorbed init factors (`init`, when the init was absorbed); the JSON goes last
+    and marks the checkpoint complete."""
     ckpt = files.checkpoint
     save_plugin_states(ckpt, plugins)
+    if init is not None:
+        atomic_save_tensors(ckpt / "init.safetensors", factors_to_tensors(init))
+    else:
+        (ckpt / "init.safetensors").unlink(missing_ok=True)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     atomic_save_tensors(ckpt / "trainable.safetensors", trainable)
     opt_state = optimizer.state_dict()
@@ -262,6 +268,13 @@ def save_checkpoint(files: StageFiles, model, state, optimizer, scheduler, plugi
         "scalars": scalars, "scheduler": scheduler.state_dict(),
     }
     atomic_write_json(ckpt / "state.json", meta)
+
+
+def load_checkpoint_init(files: StageFiles) -> Factors | None:
+    """The absorbed init factors the checkpointed stage started from (None: not absorbed, or a
+    checkpoint written before they were saved)."""
+    path = files.checkpoint / "init.safetensors"
+    return tensors_to_factors(load_tensors(path)) if path.exists() else None
 
 
 def load_checkpoint(files: StageFiles, model) -> tuple[Any, dict] | None:

@@ -36,7 +36,7 @@ from .models import load_model, model_unavailable, resolve_device, resolve_model
 from .interrupt import InterruptGuard, Interrupted
 from .results import SCHEMA, atomic_write_json, package_versions, provenance, write_jsonl
 from .run_dir import (
-    RunLock, StageFiles, load_checkpoint, load_model_state, load_plugin_states, load_previous_results,
+    RunLock, StageFiles, load_checkpoint, load_checkpoint_init, load_model_state, load_plugin_states, load_previous_results,
     load_stage_record, save_checkpoint, save_model_state, save_model_state_index, save_plugin_states, save_stage_record,
 )
 from .stage import PLUGIN_GROUPS, History, Models, StageContext, StageRecord, adapter_name, lora_scaling, stage_seed
@@ -266,7 +266,7 @@ class Runner:
         if ctx.init_absorbed:  # as training starts: begin_stage may have re-set A and re-folded (InfLoRA, GPM)
             init_factors = adapter_factors(peft_model, ctx.adapter)
         t0 = time.time()
-        train_summary = self.train(peft_model, ctx, files)
+        train_summary, init_factors = self.train(peft_model, ctx, files, init_factors)
         seconds["train"] = time.time() - t0
         t0 = time.time()
         for plugin in self.plugins.values():
@@ -324,19 +324,22 @@ class Runner:
         init_factors = adapter_factors(peft_model, ctx.adapter) if result.absorb else None
         return peft_model, result.stats or {"method": self.initializer.name}, init_factors, scaling
 
-    def train(self, peft_model, ctx: StageContext, files: StageFiles) -> dict[str, Any]:
-        """The stage's optimizer steps, resumed from its in-stage checkpoint when there is one."""
+    def train(self, peft_model, ctx: StageContext, files: StageFiles, init_factors):
+        """The stage's optimizer steps, resumed from its in-stage checkpoint when there is one.
+        Returns (summary, the absorbed init factors the trained adapter started from)."""
         cfg = self.cfg
         tr = OmegaConf.to_container(cfg.trainer, resolve=True)
         # multitask: the joint stage's step cap is the sequential run's total (max_steps per task x T)
         tr["total_steps"] = steps_per_stage(len(ctx.current.train), cfg.trainer, len(self.tasks) if self.mode == "multitask" else 1)
         resumed = load_checkpoint(files, peft_model)
+        if resumed and init_factors is not None:
+            init_factors = self.checkpointed_init(peft_model, ctx, files, init_factors)
         every = int(tr.get("checkpoint_every_steps") or 0)
         if self.job.preemptible:  # visit every step boundary: a preemption signal saves there
             tr["checkpoint_every_steps"] = 1
 
         def checkpoint(st, opt, sch):
-            save = lambda: self.dist.is_main and save_checkpoint(files, peft_model, st, opt, sch, self.plugins)  # noqa: E731
+            save = lambda: self.dist.is_main and save_checkpoint(files, peft_model, st, opt, sch, self.plugins, init_factors)  # noqa: E731
             if every and st.step % every == 0:
                 save()
                 save = None
@@ -355,7 +358,27 @@ class Runner:
                                          kill_point(f"train:{ctx.stage}:{step}")),
         )
         self.progress.train_end(summary)
-        return summary
+        return summary, init_factors
+
+    @torch.no_grad()
+    def checkpointed_init(self, peft_model, ctx: StageContext, files: StageFiles, recomputed):
+        """On a resume from an in-stage checkpoint the init ran again and folded W ← W_prev − s·B0'·A0';
+        the checkpointed adapter trained from the first attempt's (A0, B0). Fold the difference
+        (W ← W + s·B0'·A0' − s·B0·A0) and return the saved factors: the stage continues on exactly the
+        weights it started from, even where the recomputed init differs by rounding (another number of
+        ranks, threads or device: the SVD of the captured gradient amplifies it)."""
+        from . import merges
+
+        saved = load_checkpoint_init(files)
+        if saved is None or set(saved) != set(recomputed):  # a checkpoint from before inits were saved
+            return recomputed
+        layers = lora_layers(peft_model, ctx.adapter)
+        for name, (A_new, B_new) in recomputed.items():
+            s = float(layers[name].scaling[ctx.adapter])
+            A0, B0 = saved[name]
+            delta = merges.lora_delta(A_new, B_new, s) - merges.lora_delta(A0, B0, s)
+            self.master.fold_(name, layers[name], delta.to(ctx.device))
+        return saved
 
     def consolidate(self, peft_model, ctx: StageContext, files: StageFiles, init_factors, scaling) -> None:
         """Record the stage in the history (and its files), let the merge decide the models,

@@ -213,6 +213,8 @@ def test_a_multi_process_launch_needs_distributed_ddp(monkeypatch):
         Dist.from_config({"kind": "fsdp2"})
     monkeypatch.delenv("WORLD_SIZE")
     assert Dist.from_config({"kind": "none"}).world == 1
+    with pytest.raises(ConfigError, match="distributed=fsdp was started as one process"):  # e.g. accelerate without --multi_gpu
+        Dist.from_config({"kind": "fsdp"})
 
 
 def test_slurm_tasks_count_as_ranks_only_for_distributed_ddp(monkeypatch):

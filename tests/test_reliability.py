@@ -120,3 +120,46 @@ def test_nan_loss_stops_the_stage_and_keeps_finished_ones(tiny_model_dir, tmp_pa
     assert results["complete"] is False and "non-finite" in results["status"]
     assert len(results["stages"]) == 1 and results["matrix"][1][0] is not None  # stage 1 kept
     assert (tmp_path / "stages" / "stage_01" / "adapter.safetensors").exists()
+
+
+def test_a_resumed_stage_continues_from_the_init_it_started_with(tmp_path):
+    """An in-stage resume runs the init again; where the recomputed (A0', B0') differ by rounding
+    (another number of ranks or threads: the SVD of the capture amplifies it), the checkpointed
+    adapter trained from the saved (A0, B0). The runner folds the difference: W = W_prev − s·B0·A0."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cl_bench.lora import WeightMaster, base_weight, lora_layers
+    from cl_bench.merges import lora_delta
+    from cl_bench.results import atomic_save_tensors
+    from cl_bench.run_dir import StageFiles, factors_to_tensors
+    from cl_bench.runner import Runner
+    from test_perf import TARGETS, _llama
+
+    model = _llama()
+    layers = lora_layers(model, "stage_01")
+    w_prev = {n: base_weight(layer).detach().clone() for n, layer in layers.items()}
+    gen = torch.Generator().manual_seed(0)
+    saved, recomputed = {}, {}
+    for n, layer in layers.items():
+        A, B = (torch.randn(layer.lora_A["stage_01"].weight.shape, generator=gen),
+                torch.randn(layer.lora_B["stage_01"].weight.shape, generator=gen))
+        saved[n] = (A, B)
+        recomputed[n] = (A + 1e-2 * torch.randn(A.shape, generator=gen), B + 1e-2 * torch.randn(B.shape, generator=gen))
+    master = WeightMaster.attach(model, TARGETS)
+    for n, (A, B) in recomputed.items():  # what start_adapter folded on the resume
+        master.fold_(n, layers[n], -lora_delta(A, B, float(layers[n].scaling["stage_01"])))
+    files = StageFiles(tmp_path, 1)
+    files.checkpoint.mkdir(parents=True)
+    atomic_save_tensors(files.checkpoint / "init.safetensors", factors_to_tensors(saved))
+    runner = Runner.__new__(Runner)
+    runner.master = master
+    out = runner.checkpointed_init(model, SimpleNamespace(adapter="stage_01", device=torch.device("cpu")), files, recomputed)
+    for n, layer in layers.items():
+        assert torch.equal(out[n][0], saved[n][0]) and torch.equal(out[n][1], saved[n][1])
+        expected = w_prev[n] - lora_delta(*saved[n], float(layer.scaling["stage_01"]))
+        torch.testing.assert_close(base_weight(layer).detach(), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(base_weight(layer).detach(), w_prev[n] - lora_delta(*recomputed[n], float(layer.scaling["stage_01"])), atol=1e-4)
+    (files.checkpoint / "init.safetensors").unlink()  # a checkpoint from before inits were saved: kept as recomputed
+    assert runner.checkpointed_init(model, SimpleNamespace(adapter="stage_01", device=torch.device("cpu")), files, recomputed) is recomputed
