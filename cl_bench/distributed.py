@@ -270,17 +270,22 @@ class Dist:
     # ---- the training model ----------------------------------------------------------------
     def shard_model(self, model: torch.nn.Module, log=None) -> torch.nn.Module:
         """distributed=fsdp: FSDP2 full-shard of the (frozen) model, each transformer block a unit;
-        the model itself for any other kind. Call once, on the freshly loaded model, left on the
-        CPU: FSDP moves each block to this rank's device as it shards it, so the device holds one
-        whole block at most (each rank still reads the whole checkpoint into CPU memory first).
+        the model itself for any other kind. Call once, on the freshly loaded model: on rank 0 with
+        its weights, on the CPU; on the other ranks built on the meta device (models.load_model
+        weights=False). FSDP moves rank 0's blocks to its device as it shards them, the other
+        ranks allocate their shards empty, and rank 0's whole state dict is broadcast into every
+        rank's shards (torch.distributed.checkpoint's set_model_state_dict, broadcast_from_rank0),
+        buffers too: one CPU copy of the checkpoint per job, one whole block per device at most.
 
         Every parameter is frozen first: FSDP builds its shards with the flag they have then, and
         only the LoRA factors added later train. On CUDA the blocks compute in bf16
         (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)); on the CPU in the model's dtype."""
         if not self.sharded:
             return model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        whole = model.state_dict() if self.is_main else {}  # rank 0's CPU tensors, kept alive until broadcast
         model.requires_grad_(False)
         on_cuda = self.backend == "nccl"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else MixedPrecisionPolicy()
@@ -289,6 +294,12 @@ class Dist:
         for module in units:
             fully_shard(module, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
+        if not self.is_main:
+            model.to_empty(device=torch.device("cuda", self.local_rank) if on_cuda else torch.device("cpu"))
+        self._call("broadcasting the model's weights", set_model_state_dict, model, whole,
+                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del whole
+        self.broadcast_(list(model.buffers()), "broadcasting the model's buffers")  # e.g. rotary inv_freq (not in the state dict)
         if log is not None:
             log(f"fsdp: {len(units)} blocks ({', '.join(sorted(blocks)) or 'none: the whole model is one unit'}) "
                 f"sharded over {self.world} ranks{', bf16 compute' if on_cuda else ''}")

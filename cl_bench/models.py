@@ -67,11 +67,15 @@ def model_unavailable(path: str) -> ModelLoadError:
     )
 
 
-def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = None, log=print, place: bool = True):
+def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = None, log=print, place: bool = True,
+               weights: bool = True):
     """(model, tokenizer) on `device`, in eval mode; a one-line ModelLoadError if unavailable.
     `place=False`: in `device`'s dtype but left on the CPU (distributed=fsdp moves each rank's
-    shards to the device as it shards, so no GPU ever holds the whole model)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    shards to the device as it shards, so no GPU ever holds the whole model).
+    `weights=False`: the same model built from its config on the meta device, no weights read
+    (distributed=fsdp ranks > 0: rank 0 reads the checkpoint and broadcasts the shards); its
+    generation config is the checkpoint's, as from_pretrained would set it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     path = resolve_model_path(model_cfg, cache_dir, log=log)
     dtype = resolve_dtype(str(model_cfg.get("dtype", "auto")), device)
@@ -85,7 +89,17 @@ def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = Non
         raise model_unavailable(path) from None
     kwargs = {"attn_implementation": attn} if attn else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust, **kwargs)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust, **kwargs)
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust, **kwargs)
+            model.config._name_or_path = str(path)
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(path)
+            except OSError:  # no generation_config.json: from_pretrained keeps the one from the model config too
+                pass
     except ImportError as exc:  # flash_attention_2 without the flash-attn package
         raise ConfigError(f"model.attn_implementation={attn}: {str(exc).splitlines()[0]}; use sdpa") from None
     except (OSError, ValueError) as exc:
@@ -93,7 +107,8 @@ def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = Non
             raise ConfigError(f"model.attn_implementation={attn} is not supported by {path}: "
                               f"{str(exc).splitlines()[0]}; set model.attn_implementation=null (the model's default)") from None
         raise model_unavailable(path) from None
-    log(f"model {path}: {type(model).__name__}, {dtype}, attention {model.config._attn_implementation}")
+    log(f"model {path}: {type(model).__name__}, {dtype}, attention {model.config._attn_implementation}"
+        + ("" if weights else "; built on the meta device, its weights come from rank 0"))
     if tokenizer.pad_token_id is None:
         # Padding needs an id; the attention mask and label masking make its value irrelevant.
         tokenizer.pad_token = tokenizer.eos_token

@@ -172,7 +172,9 @@ class Runner:
 
     def _run_stages(self) -> None:
         cfg = self.cfg
-        model, self.tokenizer = load_model(cfg.model, self.device, str(cfg.cache.dir), log=log.info, place=not self.dist.sharded)
+        sharded = self.dist.sharded  # fsdp: rank 0 alone reads the weights, on the CPU; shard_model spreads them
+        model, self.tokenizer = load_model(cfg.model, self.device, str(cfg.cache.dir), log=log.info, place=not sharded,
+                                           weights=not sharded or self.dist.is_main)
         model = self.dist.shard_model(model, log=log.info)  # distributed=fsdp; before the master copies any weight
         self.tracker = make_tracker(cfg.logger if self.dist.is_main else {}, self.results, self.run_dir)
         self.job.on_exit(lambda exc: self.tracker.close(exit_code=1, preempted=isinstance(exc, Requeued)))

@@ -306,6 +306,7 @@ def test_fsdp_kill9_mid_stage2_then_rerun_gives_the_single_process_matrix(runs, 
     assert state == ["model_state.rank-00-of-02.safetensors", "model_state.rank-01-of-02.safetensors", "model_state.safetensors"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "fsdp: 4 blocks (LlamaDecoderLayer) sharded over 2 ranks" in (base / "fsdp" / "cl_bench.log").read_text()
+    assert "built on the meta device, its weights come from rank 0" in (base / "fsdp" / "cl_bench_rank1.log").read_text()
     sharded = json.loads((base / "fsdp" / "results.json").read_text())
     assert sharded["complete"] and sharded["matrix"] == single["matrix"]  # exact
     for a, b in zip(single["stages"], sharded["stages"]):
