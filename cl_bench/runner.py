@@ -261,6 +261,9 @@ class Runner:
         self.progress.init_begin(stage, ctx.current.name)
         t0 = time.time()
         peft_model, init_stats, init_factors, scaling = self.start_adapter(ctx)
+        if init_factors is not None:  # a resumed stage: back to the init its checkpoint trained from
+            init_factors = self.checkpointed_init(peft_model, ctx, files, init_factors)
+        start_init = init_factors  # what the in-stage checkpoints keep (begin_stage may change it below)
         seconds["init"] = time.time() - t0
         self.progress.init_end(init_stats, seconds["init"])
         for plugin in self.plugins.values():
@@ -268,7 +271,7 @@ class Runner:
         if ctx.init_absorbed:  # as training starts: begin_stage may have re-set A and re-folded (InfLoRA, GPM)
             init_factors = adapter_factors(peft_model, ctx.adapter)
         t0 = time.time()
-        train_summary, init_factors = self.train(peft_model, ctx, files, init_factors)
+        train_summary = self.train(peft_model, ctx, files, start_init)
         seconds["train"] = time.time() - t0
         t0 = time.time()
         for plugin in self.plugins.values():
@@ -326,22 +329,20 @@ class Runner:
         init_factors = adapter_factors(peft_model, ctx.adapter) if result.absorb else None
         return peft_model, result.stats or {"method": self.initializer.name}, init_factors, scaling
 
-    def train(self, peft_model, ctx: StageContext, files: StageFiles, init_factors):
+    def train(self, peft_model, ctx: StageContext, files: StageFiles, start_init) -> dict[str, Any]:
         """The stage's optimizer steps, resumed from its in-stage checkpoint when there is one.
-        Returns (summary, the absorbed init factors the trained adapter started from)."""
+        `start_init`: the absorbed init factors the stage started from (kept in its checkpoints)."""
         cfg = self.cfg
         tr = OmegaConf.to_container(cfg.trainer, resolve=True)
         # multitask: the joint stage's step cap is the sequential run's total (max_steps per task x T)
         tr["total_steps"] = steps_per_stage(len(ctx.current.train), cfg.trainer, len(self.tasks) if self.mode == "multitask" else 1)
         resumed = load_checkpoint(files, peft_model)
-        if resumed and init_factors is not None:
-            init_factors = self.checkpointed_init(peft_model, ctx, files, init_factors)
         every = int(tr.get("checkpoint_every_steps") or 0)
         if self.job.preemptible:  # visit every step boundary: a preemption signal saves there
             tr["checkpoint_every_steps"] = 1
 
         def checkpoint(st, opt, sch):
-            save = lambda: self.dist.is_main and save_checkpoint(files, peft_model, st, opt, sch, self.plugins, init_factors)  # noqa: E731
+            save = lambda: self.dist.is_main and save_checkpoint(files, peft_model, st, opt, sch, self.plugins, start_init)  # noqa: E731
             if every and st.step % every == 0:
                 save()
                 save = None
@@ -360,26 +361,30 @@ class Runner:
                                          kill_point(f"train:{ctx.stage}:{step}")),
         )
         self.progress.train_end(summary)
-        return summary, init_factors
+        return summary
 
     @torch.no_grad()
     def checkpointed_init(self, peft_model, ctx: StageContext, files: StageFiles, recomputed):
-        """On a resume from an in-stage checkpoint the init ran again and folded W ← W_prev − s·B0'·A0';
-        the checkpointed adapter trained from the first attempt's (A0, B0). Fold the difference
-        (W ← W + s·B0'·A0' − s·B0·A0) and return the saved factors: the stage continues on exactly the
-        weights it started from, even where the recomputed init differs by rounding (another number of
-        ranks, threads or device: the SVD of the captured gradient amplifies it)."""
+        """Before begin_stage of a stage that resumes from an in-stage checkpoint: the init ran again
+        and folded W ← W_prev − s·B0'·A0', but the checkpointed adapter trained from the first
+        attempt's (A0, B0). Fold the difference (W ← W + s·B0'·A0' − s·B0·A0), put (A0, B0) back in
+        the adapter and return them: begin_stage (InfLoRA's A, GainLoRA's companion branch) and the
+        checkpoint then continue from the init the stage started with, even where the recomputed one
+        differs by rounding (another number of ranks, threads or device: the SVD of the captured
+        gradient amplifies it). Without a complete checkpoint holding the init: `recomputed`."""
         from . import merges
 
-        saved = load_checkpoint_init(files)
-        if saved is None or set(saved) != set(recomputed):  # a checkpoint from before inits were saved
+        saved = load_checkpoint_init(files) if (files.checkpoint / "state.json").exists() else None
+        if saved is None or set(saved) != set(recomputed):  # no checkpoint, or one from before inits were saved
             return recomputed
         layers = lora_layers(peft_model, ctx.adapter)
         for name, (A_new, B_new) in recomputed.items():
-            s = float(layers[name].scaling[ctx.adapter])
+            layer = layers[name]
+            s = float(layer.scaling[ctx.adapter])
             A0, B0 = saved[name]
-            delta = merges.lora_delta(A_new, B_new, s) - merges.lora_delta(A0, B0, s)
-            self.master.fold_(name, layers[name], delta.to(ctx.device))
+            self.master.fold_(name, layer, merges.lora_delta(A_new, B_new, s) - merges.lora_delta(A0, B0, s))
+            layer.lora_A[ctx.adapter].weight.copy_(A0)
+            layer.lora_B[ctx.adapter].weight.copy_(B0)
         return saved
 
     def consolidate(self, peft_model, ctx: StageContext, files: StageFiles, init_factors, scaling) -> None:

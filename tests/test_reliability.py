@@ -125,7 +125,8 @@ def test_nan_loss_stops_the_stage_and_keeps_finished_ones(tiny_model_dir, tmp_pa
 def test_a_resumed_stage_continues_from_the_init_it_started_with(tmp_path):
     """An in-stage resume runs the init again; where the recomputed (A0', B0') differ by rounding
     (another number of ranks or threads: the SVD of the capture amplifies it), the checkpointed
-    adapter trained from the saved (A0, B0). The runner folds the difference: W = W_prev − s·B0·A0."""
+    adapter trained from the saved (A0, B0). Before begin_stage the runner folds the difference
+    (W = W_prev − s·B0·A0) and puts (A0, B0) back in the adapter."""
     from types import SimpleNamespace
 
     import torch
@@ -150,16 +151,25 @@ def test_a_resumed_stage_continues_from_the_init_it_started_with(tmp_path):
     master = WeightMaster.attach(model, TARGETS)
     for n, (A, B) in recomputed.items():  # what start_adapter folded on the resume
         master.fold_(n, layers[n], -lora_delta(A, B, float(layers[n].scaling["stage_01"])))
+    for n, (A, B) in recomputed.items():
+        layers[n].lora_A["stage_01"].weight.data.copy_(A)
+        layers[n].lora_B["stage_01"].weight.data.copy_(B)
     files = StageFiles(tmp_path, 1)
     files.checkpoint.mkdir(parents=True)
     atomic_save_tensors(files.checkpoint / "init.safetensors", factors_to_tensors(saved))
+    (files.checkpoint / "state.json").write_text("{}")  # a complete checkpoint
     runner = Runner.__new__(Runner)
     runner.master = master
     out = runner.checkpointed_init(model, SimpleNamespace(adapter="stage_01", device=torch.device("cpu")), files, recomputed)
     for n, layer in layers.items():
         assert torch.equal(out[n][0], saved[n][0]) and torch.equal(out[n][1], saved[n][1])
+        # the adapter holds the saved init again, for begin_stage (InfLoRA's A, GainLoRA's companion)
+        assert torch.equal(layer.lora_A["stage_01"].weight, saved[n][0]) and torch.equal(layer.lora_B["stage_01"].weight, saved[n][1])
         expected = w_prev[n] - lora_delta(*saved[n], float(layer.scaling["stage_01"]))
         torch.testing.assert_close(base_weight(layer).detach(), expected, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(base_weight(layer).detach(), w_prev[n] - lora_delta(*recomputed[n], float(layer.scaling["stage_01"])), atol=1e-4)
+    (files.checkpoint / "state.json").unlink()  # no complete checkpoint: the stage starts over from the recomputed init
+    assert runner.checkpointed_init(model, SimpleNamespace(adapter="stage_01", device=torch.device("cpu")), files, recomputed) is recomputed
+    (files.checkpoint / "state.json").write_text("{}")
     (files.checkpoint / "init.safetensors").unlink()  # a checkpoint from before inits were saved: kept as recomputed
     assert runner.checkpointed_init(model, SimpleNamespace(adapter="stage_01", device=torch.device("cpu")), files, recomputed) is recomputed
