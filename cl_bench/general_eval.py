@@ -636,6 +636,10 @@ def evaluate_general(
 
     start = time.time()
     cfg = parse_config(gcfg)
+    if cfg.apply_chat_template and not getattr(tokenizer, "chat_template", None):  # lm-eval would fail mid-run
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise ConfigError(f"general_eval.apply_chat_template=true but the tokenizer of {name} has no chat template; "
+                          "set general_eval.apply_chat_template=false")
     prompt = prompt if prompt is not None else PromptFormat()
     prepared = prepare_benchmarks(cfg, data_root=data_root, work_dir=work_dir, seed=seed)
     task_manager = make_task_manager(prepared, work_dir)

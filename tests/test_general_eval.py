@@ -107,6 +107,15 @@ def test_bad_config_is_one_line_config_error(cfg, culprit):
     assert culprit in message and "\n" not in message
 
 
+def test_chat_template_asked_of_a_tokenizer_without_one_is_one_line_config_error(tmp_path):
+    """Caught before lm-eval, which would fail mid-run with its own traceback."""
+    from types import SimpleNamespace
+
+    tokenizer = SimpleNamespace(chat_template=None, name_or_path="/models/base-model")
+    with pytest.raises(ConfigError, match="tokenizer of /models/base-model has no chat template.*apply_chat_template=false"):
+        ge.evaluate_general(None, tokenizer, _conf("synthetic"), data_root=None, work_dir=str(tmp_path), device="cpu", seed=0)
+
+
 def test_should_run_follows_when():
     def stages(when):
         return [s for s in range(4) if ge.should_run(_cfg({"commonsense_qa": {}}, when=when), s, 3)]
