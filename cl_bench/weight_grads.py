@@ -1,4 +1,6 @@
-"""∂L/∂W of target weights read off their modules, for weights that get no .grad of their own.
+"""Gradients ∂L/∂W of the target weights alone, as backward produces them: from the weights
+themselves (`weight_grad_hooks`) or, for weights that get no .grad of their own, off their modules
+(`HookedWeightGradients`).
 
 Under distributed=fsdp a target weight is a row shard (DTensor): asking autograd for W.grad would
 make FSDP reduce-scatter it into the shards and materialise gradients of the whole frozen base.
@@ -10,9 +12,44 @@ Used by the gradient capture (initializers/capture.py) and EWC's Fisher (regular
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
+
+
+@contextmanager
+def weight_grad_hooks(model: torch.nn.Module, weights: Mapping[str, torch.nn.Parameter],
+                      on_grad: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While active, only `weights` require grad (every other parameter of `model` is frozen) and as
+    soon as backward has accumulated a weight's gradient, on_grad(name, grad) receives it and the
+    weight's .grad is freed: at most one module's gradient exists beyond what on_grad keeps.
+    On exit the requires_grad flags are restored and the weights' .grad cleared."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(param: torch.Tensor) -> None:
+            on_grad(name, param.grad)
+            param.grad = None
+
+        return hook
+
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        for name, w in weights.items():
+            w.grad = None
+            w.requires_grad_(True)
+            handles.append(w.register_post_accumulate_grad_hook(hook_for(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for w in weights.values():
+            w.grad = None
 
 
 class HookedWeightGradients:

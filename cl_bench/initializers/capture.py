@@ -36,7 +36,7 @@ import torch
 from ..batching import regroup
 from ..errors import DataError, TrainingError
 from ..stage import causal_lm_loss, logits_mask, trained_tokens
-from ..weight_grads import HookedWeightGradients
+from ..weight_grads import HookedWeightGradients, weight_grad_hooks
 
 
 @dataclass
@@ -81,33 +81,20 @@ def capture_gradients(
     store = {name: (torch.device("cpu") if offload else w.device) for name, w in weights.items()}
     acc: dict[str, torch.Tensor] = {}
 
-    def make_hook(name: str):
-        def fold(param: torch.Tensor) -> None:
-            grad = param.grad.detach().to(device=store[name], dtype=torch.float32)
-            if name in acc:
-                acc[name].add_(grad)
-            else:
-                # `.to` returns the grad itself when nothing converts; own a copy then.
-                acc[name] = grad.clone() if grad is param.grad else grad
-            param.grad = None
+    def fold(name: str, param_grad: torch.Tensor) -> None:
+        grad = param_grad.detach().to(device=store[name], dtype=torch.float32)
+        if name in acc:
+            acc[name].add_(grad)
+        else:
+            # `.to` returns the grad itself when nothing converts; own a copy then.
+            acc[name] = grad.clone() if grad is param_grad else grad
 
-        return fold
-
-    flags = {p: p.requires_grad for p in model.parameters()}
-    target_ids = {id(w) for w in weights.values()}
     was_training = model.training
-    handles = []
     steps = 0
     try:
-        for p in flags:
-            p.requires_grad_(False)
-        for name, w in weights.items():
-            w.grad = None
-            w.requires_grad_(True)
-            handles.append(w.register_post_accumulate_grad_hook(make_hook(name)))
         model.eval()
         loss_sum = torch.zeros((), device=device)
-        with torch.enable_grad():
+        with weight_grad_hooks(model, weights, fold), torch.enable_grad():
             for micro in forwards:
                 keep, targets = logits_mask(micro["labels"])
                 batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
@@ -116,12 +103,6 @@ def capture_gradients(
                 loss_sum += loss.detach()
             steps = len(batches)
     finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            if id(p) in target_ids:
-                p.grad = None
         model.train(was_training)
     if steps == 0:
         raise DataError("gradient capture got no batches (capture_steps or the task's training split is empty)")

@@ -41,7 +41,7 @@ import torch
 from ..errors import ConfigError
 from ..lora import base_weight, lora_layers
 from ..stage import StageContext
-from ..weight_grads import HookedWeightGradients
+from ..weight_grads import HookedWeightGradients, weight_grad_hooks
 from .base import Regularizer, StageDelta, fp32_penalty
 
 
@@ -93,36 +93,18 @@ def empirical_fisher(
             model.train(was_training)
         return acc
 
-    def square_into(name: str):
-        def hook(param: torch.Tensor) -> None:
-            g = param.grad.detach().float()
-            g = g.T if name in transposed else g
-            acc[name].addcmul_(g, g, value=1.0 / len(batches))
-            param.grad = None
+    def square_into(name: str, grad: torch.Tensor) -> None:
+        g = grad.detach().float()
+        g = g.T if name in transposed else g
+        acc[name].addcmul_(g, g, value=1.0 / len(batches))
 
-        return hook
-
-    flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    handles = []
     try:
-        for p in flags:
-            p.requires_grad_(False)
-        for name, w in weights.items():
-            w.grad = None
-            w.requires_grad_(True)
-            handles.append(w.register_post_accumulate_grad_hook(square_into(name)))
         model.eval()
-        with torch.enable_grad():
+        with weight_grad_hooks(model, weights, square_into), torch.enable_grad():
             for batch in batches:
                 loss_of(model, batch).backward()
     finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        for w in weights.values():
-            w.grad = None
         model.train(was_training)
     return acc
 
