@@ -39,7 +39,7 @@ def app_help() -> str:
 
     import yaml
 
-    from .config import CONF_DIR, GROUP_HELP, config_groups, group_choices
+    from .run.config import CONF_DIR, GROUP_HELP, config_groups, group_choices
 
     main_cfg = yaml.safe_load((CONF_DIR / "config.yaml").read_text())
     defaults = {k: v for d in main_cfg.get("defaults", []) if isinstance(d, dict) for k, v in d.items()}
@@ -83,8 +83,8 @@ def _join_launch(argv: list[str]) -> int:
     """Under torchrun / accelerate launch with N > 1 processes: join the process group, share rank
     0's time stamp (the default run dir) and keep ranks > 0 off the console, out of .hydra/ and in
     their own log file. Returns this process's rank."""
-    from .distributed import Dist, init_from_env
-    from .errors import ConfigError
+    from .infra.distributed import Dist, init_from_env
+    from .infra.errors import ConfigError
 
     if any(a in ("--multirun", "-m") for a in argv):
         raise ConfigError("--multirun cannot run under a multi-process launcher (each job would start on every rank); "
@@ -105,9 +105,9 @@ def _quiet_console() -> None:
 
 
 def main() -> None:
-    from .config import check_group_overrides
-    from .distributed import launched_world_size
-    from .errors import CLBenchError
+    from .run.config import check_group_overrides
+    from .infra.distributed import launched_world_size
+    from .infra.errors import CLBenchError
 
     argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
@@ -122,7 +122,7 @@ def main() -> None:
         _fail(exc)
     offline_line = None
     if not any(a.split("=", 1)[0] in _NO_RUN_FLAGS for a in argv):
-        from .hub import decide_offline
+        from .data.hub import decide_offline
 
         offline_line = decide_offline()  # before any Hugging Face library is imported
 
@@ -130,14 +130,14 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .config import CONF_DIR
+    from .run.config import CONF_DIR
 
     # An absolute path: a relative one would be resolved against the package when main() is
     # reached through the `cl_bench` console script (module cl_bench.__main__, not __main__).
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def app(cfg) -> None:
-        from . import console
-        from .interrupt import Interrupted
+        from .infra import console
+        from .infra.interrupt import Interrupted
 
         hydra_cfg = HydraConfig.get()
         run_dir = hydra_cfg.runtime.output_dir
@@ -152,9 +152,9 @@ def main() -> None:
                 log.info(line, extra={} if offline and "not reachable" in line else console.FILE_ONLY)
             log.info(f"run dir {run_dir}")
             try:
-                from .runner import run
+                from .run.runner import run
 
-                from .summary import format_summary
+                from .run.summary import format_summary
 
                 results = run(cfg, run_dir, stream=stream)
                 log.info(format_summary(results, run_dir), extra=console.FILE_ONLY)  # the log keeps it too

@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import CONF_DIR
-from .gating import BANK
-from .runner import Runner
+from .run.config import CONF_DIR
+from .lora.gating import BANK
+from .run.runner import Runner
 
 TASKS = "[sentiment,is_animal,parity,has_color,first_word]"  # five synthetic skills
 

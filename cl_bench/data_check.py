@@ -15,12 +15,12 @@ from typing import Callable
 
 import yaml
 
-from .config import CONF_DIR
-from .errors import CLBenchError
+from .run.config import CONF_DIR
+from .infra.errors import CLBenchError
 
 
 def _superni(name: str, base: Path) -> Path | None:
-    from .tasks import superni
+    from .data.tasks import superni
 
     task = superni.resolve_task_name(name)
     return next((train for train, _ in superni.candidate_files(task, base) if train.is_file()), None)
@@ -30,7 +30,7 @@ def _folder_family(module_name: str) -> Callable[[str, Path], Path | None]:
     def locate(name: str, base: Path) -> Path | None:
         import importlib
 
-        module = importlib.import_module(f"cl_bench.tasks.{module_name}")
+        module = importlib.import_module(f"cl_bench.data.tasks.{module_name}")
         task = module.resolve_task_name(name)
         return next((d for d in module.candidate_dirs(task, base) if (d / "train.json").is_file()), None)
 
@@ -38,13 +38,13 @@ def _folder_family(module_name: str) -> Callable[[str, Path], Path | None]:
 
 
 def _synthetic(name: str, base: Path) -> Path | None:
-    from .tasks.synthetic import FAMILY_SPECS
+    from .data.tasks.synthetic import FAMILY_SPECS
 
     return Path("(generated)") if name in FAMILY_SPECS else None
 
 
 # family -> where its loader would find a task below data.root (None = not there). Tests check
-# that every family of cl_bench.tasks.FAMILIES has an entry.
+# that every family of cl_bench.data.tasks.FAMILIES has an entry.
 LOCATORS: dict[str, Callable[[str, Path], Path | None]] = {
     "synthetic": _synthetic,
     "superni": _superni,
@@ -88,7 +88,7 @@ def check_sequence(path: Path, root: Path) -> SequenceStatus:
 
 def check_general(path: Path, root: Path) -> list[tuple[str, str]]:
     """(benchmark, where its data comes from or what is missing) for one general_eval YAML."""
-    from . import general_eval
+    from .evaluation import general as general_eval
 
     cfg = general_eval.parse_config(yaml.safe_load(path.read_text()))
     out = []

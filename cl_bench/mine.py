@@ -40,8 +40,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import CLBenchError, ConfigError, DataError
-from .linalg import module_seed
+from .infra.errors import CLBenchError, ConfigError, DataError
+from .lora.linalg import module_seed
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -270,7 +270,7 @@ def task_sketches(
 ) -> tuple[list[GradientSketch], list[dict]]:
     """One sketch per task of the base model's mean training-loss gradient. `prompt` is the
     data.PromptFormat of the runs (default: the default config's, fixed date included)."""
-    from .data import PromptFormat, TrainingEncoder
+    from .data.prompts import PromptFormat, TrainingEncoder
     from .initializers.capture import capture_gradients
 
     weights = target_weights(model, targets)
@@ -309,7 +309,7 @@ def parse_pool(pool: str | None, pool_file: str | None) -> list[str]:
 
 def load_pool(family: str, names: Sequence[str], root: str | None, n_eval: int, seed: int, skip_missing: bool, log=print):
     """Tasks of the pool (resolved, de-duplicated) and the names that could not be loaded."""
-    from .tasks import family_module
+    from .data.tasks import family_module
 
     module = family_module(family)
     resolve = getattr(module, "resolve_task_name", lambda n: n)
@@ -390,8 +390,8 @@ def _check_args(args) -> None:
 def mine(args, log: Callable[[str], None] = print) -> dict:
     from omegaconf import OmegaConf
 
-    from .data import DEFAULT_DATE_STRING, PromptFormat
-    from .models import load_model, resolve_device
+    from .data.prompts import DEFAULT_DATE_STRING, PromptFormat
+    from .data.models import load_model, resolve_device
 
     _check_args(args)
     prompt = PromptFormat(format=args.prompt_format, system=args.system, date_string=args.date_string or DEFAULT_DATE_STRING)

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from .config import CONF_DIR, check_group_overrides
-from .errors import CLBenchError, ConfigError
+from .run.config import CONF_DIR, check_group_overrides
+from .infra.errors import CLBenchError, ConfigError
 
 _OVERRIDE = re.compile(r"^merge(\.[A-Za-z_][A-Za-z0-9_]*)?=")
 
@@ -104,15 +104,15 @@ def remerge(run_dir: str | Path, overrides: list[str], name: str | None = None, 
     """Recompute the merge given by `overrides` from the run in `run_dir`; returns the new results."""
     from omegaconf import OmegaConf
 
-    from .data import prompt_format
-    from .evaluation import evaluate_task
-    from .lora import target_linears
-    from .metrics import compute_cl_metrics
-    from .models import load_model, resolve_device
-    from .results import atomic_write_json, package_versions, write_jsonl
-    from .run_dir import RunLock, StageFiles, load_stage_record
-    from .summary import format_summary
-    from .tasks import load_sequence
+    from .data.prompts import prompt_format
+    from .evaluation.seen import evaluate_task
+    from .lora.layers import target_linears
+    from .evaluation.metrics import compute_cl_metrics
+    from .data.models import load_model, resolve_device
+    from .infra.files import atomic_write_json, package_versions, write_jsonl
+    from .run.store import RunLock, StageFiles, load_stage_record
+    from .run.summary import format_summary
+    from .data.tasks import load_sequence
 
     run_dir = Path(run_dir)
     choice, knobs = parse_overrides(overrides)
@@ -157,7 +157,7 @@ def remerge(run_dir: str | Path, overrides: list[str], name: str | None = None, 
         max_prompt_len = min(int(ev.max_prompt_len), max_pos - int(ev.max_new_tokens))
         general_eval = None
         if str(cfg.general_eval.get("when", "none")) != "none":
-            from . import general_eval
+            from .evaluation import general as general_eval
 
         out = json.loads(json.dumps(source))  # a deep copy; row 0 and unchanged rows stay as they are
         out["config"]["merge"] = OmegaConf.to_container(new_cfg, resolve=True)

@@ -51,126 +51,25 @@ stage holds all of it and `load_state_dict` gets back exactly what was returned.
 """
 from __future__ import annotations
 
-import math
-import random
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from . import merges
-from .tasks.base import TaskData
+from .data.prompts import Batch
+from .data.replay import replay_buffer_indices
+from .data.tasks.base import TaskData
+from .infra.distributed import Dist
+from .lora import task_vectors as merges
+from .lora.layers import Factors, WeightMaster
 
-# A tokenized training batch: input_ids, attention_mask, labels (prompt masked with -100).
-Batch = dict[str, torch.Tensor]
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [r, d_in], B [d_out, r])
-
-SCALINGS = ("rslora", "standard")
 PLUGIN_GROUPS = ("initializer", "regularizer", "merge")  # config groups whose plug-ins share Plugin
-
-
-def lora_scaling(alpha: float, r: int, convention: str) -> float:
-    """The LoRA scaling s: α/√r (rsLoRA, Kalajdzievski 2023) or α/r (Hu et al. 2021).
-
-    The one formula for s: the runner sets every adapter layer's `scaling` from it (so training,
-    absorption and merging use the same value) and StageContext.scaling is its nominal value.
-    Raises ValueError for an unknown convention.
-    """
-    if convention not in SCALINGS:
-        raise ValueError(f"unknown LoRA scaling convention {convention!r}; valid: {', '.join(SCALINGS)}")
-    return float(alpha) / (float(r) ** 0.5 if convention == "rslora" else float(r))
-
-
-def trained_tokens(batch: Batch) -> torch.Tensor:
-    """Tokens a causal-LM loss is taken on: labels != -100 after the one-position shift (0-d).
-
-    Summed over every batch of an optimizer step (or of a gradient capture) it is the
-    `num_items_in_batch` that makes the loss a mean over tokens whatever the batch split.
-    """
-    return (batch["labels"][:, 1:] != -100).sum()
-
-
-def logits_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep, targets): keep[b, t] is True where position t predicts a trained token
-    (labels[b, t+1] != -100); targets are those tokens, in keep's row-major order. Computed
-    where `labels` lives (on the host for training batches: no device sync)."""
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != -100
-    return keep, labels[:, 1:][keep[:, :-1]]
-
-
-_LOGITS_TO_KEEP: dict[type, bool] = {}
-
-
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    import inspect
-
-    base = model
-    while hasattr(base, "get_base_model") or hasattr(base, "_orig_mod") or hasattr(base, "no_sync"):
-        # PEFT wrapper, torch.compile wrapper, DistributedDataParallel
-        base = base._orig_mod if hasattr(base, "_orig_mod") else base.module if hasattr(base, "no_sync") else base.get_base_model()
-    kind = type(base)
-    if kind not in _LOGITS_TO_KEEP:
-        _LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(base.forward).parameters
-    return _LOGITS_TO_KEEP[kind]
-
-
-def causal_lm_loss(model: torch.nn.Module, batch: Batch, n_items, *, keep: torch.Tensor | None = None,
-                   targets: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ token cross-entropy over the trained tokens of `batch` / n_items (0-d, fp32 logits),
-    the loss HF's ForCausalLM computes with `num_items_in_batch=n_items`.
-
-    The LM head and the softmax run only at the positions that predict a trained token
-    (transformers' boolean `logits_to_keep`): with the prompt masked that skips most positions,
-    and the [tokens, vocab] logits (2 GB in fp32 for 4096 tokens of Llama-3's vocabulary) shrink
-    with them. Same numbers up to float rounding. Models whose forward has no `logits_to_keep`
-    take HF's own loss. `keep`/`targets` (logits_mask) may be given to avoid recomputing them.
-    Batch keys used: input_ids, labels, and attention_mask / position_ids when present.
-    """
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_items_in_batch")}
-    if not _accepts_logits_to_keep(model):
-        return model(**inputs, labels=batch["labels"], num_items_in_batch=n_items, use_cache=False).loss
-    if keep is None or targets is None:
-        keep, targets = logits_mask(batch["labels"])
-    # use_cache=False also lets transformers see packed rows (position_ids restarts, no mask).
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:  # a model that ignores a boolean mask
-        return model(**inputs, labels=batch["labels"], num_items_in_batch=n_items, use_cache=False).loss
-    targets = targets.to(logits.device)
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / n_items
 
 
 def stage_seed(seed: int, stage: int) -> int:
     """The seed of stage `stage` (1-based) of a run seeded with `seed`: RNG, data order, SVDs."""
     return int(seed) * 1000 + int(stage)
-
-
-def check_buffer_size(size) -> int | float:
-    """A replay-buffer size per task: an int >= 1 (a count of training examples) or a float in
-    (0, 1] (a fraction of the task's training split). Returns it; raises ValueError otherwise."""
-    if isinstance(size, bool) or not isinstance(size, (int, float)):
-        raise ValueError(f"{size!r} must be a count (an integer >= 1) or a fraction in (0, 1]")
-    if isinstance(size, int) and size < 1 or isinstance(size, float) and not 0.0 < size <= 1.0:
-        raise ValueError(f"{size!r} must be a count (an integer >= 1) or a fraction in (0, 1]")
-    return size
-
-
-def replay_buffer_indices(task: TaskData, size: int | float, seed: int) -> list[int]:
-    """The replay buffer of `task`: sorted indices into task.train (never its eval split).
-
-    `size` is a count (int, capped at the split) or a fraction of the split (float, rounded up,
-    at least 1). The examples are the first k of a permutation seeded by (run seed, task name)
-    alone, so the buffer of a task is the same at every later stage, after any resume and for
-    every plug-in that asks with the same size (replay, SLICE's previous-task capture), and a
-    smaller buffer is a subset of a larger one. Raises ValueError for a bad size.
-    """
-    check_buffer_size(size)
-    n = len(task.train)
-    k = min(n, size if isinstance(size, int) else max(1, math.ceil(size * n)))
-    # str seeding hashes with SHA-512: the same in every process, whatever PYTHONHASHSEED says
-    order = random.Random(f"replay-buffer/{int(seed)}/{task.name}").sample(range(n), n)
-    return sorted(order[:k])
 
 
 def adapter_name(stage: int) -> str:
@@ -283,10 +182,10 @@ class StageContext:
     scaling_convention: str = "rslora"
     grad_accum: int = 1  # micro-batches per optimizer step (see Regularizer.loss on normalisation)
     history: History = field(default_factory=History)  # stages 1..t-1; stage t joins before consolidate
-    master: Any = None  # lora.WeightMaster of the target weights (the one fold goes through it)
+    master: WeightMaster | None = None  # lora.WeightMaster of the target weights (the one fold goes through it)
     init_absorbed: bool = False  # W absorbed this stage's s·B0·A0 (set by the runner before begin_stage)
     run_seed: int = 0  # the run's `seed` (ctx.seed is this stage's seed)
-    dist: Any = None  # distributed.Dist of the run: rank, world size, collectives (None: one process)
+    dist: Dist | None = None  # distributed.Dist of the run: rank, world size, collectives (None: one process)
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -347,3 +246,21 @@ class Plugin:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         return None
+
+
+class Regularizer(Plugin):
+    """No regularization. Subclasses override the hooks they need."""
+
+    name = "none"
+    sharded_weights = True  # the hooks see LoRA factors, activations and data only
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
+        """Extra loss terms for this micro-batch, by name; each is logged and added to the loss."""
+        return {}
+
+    def extra_examples(self, ctx: StageContext, step: int, micro: int) -> list[tuple[TaskData, int]]:
+        """Training examples to add to micro-batch `micro` of optimizer step `step` (0-based), as
+        (task, index into task.train) with task one of ctx.tasks: evaluation examples cannot be
+        named. Must be a pure function of (state, ctx.seed, step, micro) so a resumed stage
+        draws the same examples."""
+        return []

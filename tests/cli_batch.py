@@ -56,7 +56,7 @@ def _preimport() -> None:
     import transformers  # noqa: F401
 
     import cl_bench.__main__  # noqa: F401
-    import cl_bench.runner  # noqa: F401
+    import cl_bench.run.runner  # noqa: F401
 
 
 def run_forked(argv: list[str], env: dict | None = None, timeout: int = 0, cwd: str | None = None) -> dict:

@@ -33,7 +33,7 @@ def single_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from cl_bench.tiny_model import ensure_tiny_model
+    from cl_bench.data.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(CACHE)
 

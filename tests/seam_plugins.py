@@ -12,7 +12,7 @@ import torch
 
 from cl_bench.mergers.absorb import Absorb
 from cl_bench.mergers.base import Merge
-from cl_bench.regularizers.base import Regularizer
+from cl_bench.stage import Regularizer
 from cl_bench.stage import Models
 
 
@@ -48,7 +48,7 @@ class StatefulRegularizer(Regularizer):
         return {"calls": torch.tensor(float(self.calls))}  # a constant: no gradient
 
     def end_stage(self, model, ctx) -> None:
-        from cl_bench.lora import adapter_factors
+        from cl_bench.lora.layers import adapter_factors
 
         self.stages.append(ctx.stage)
         norm = _b_norm(adapter_factors(model, ctx.adapter))
@@ -114,7 +114,7 @@ class KeepBranches(Merge):
                 p.requires_grad_(f".{ctx.adapter}." in n)
 
     def consolidate(self, model, ctx) -> Models:
-        from cl_bench.lora import adapter_factors
+        from cl_bench.lora.layers import adapter_factors
 
         for record in ctx.history[:-1]:  # earlier branches are still there, unchanged
             now = adapter_factors(model, record.adapter)
@@ -127,7 +127,7 @@ class KeepBranches(Merge):
         """Resume: re-attach every stage's branch from the history onto the fresh model."""
         from peft import LoraConfig
 
-        from cl_bench.lora import add_adapter, lora_layers
+        from cl_bench.lora.layers import add_adapter, lora_layers
 
         config = LoraConfig(r=ctx.rank, lora_alpha=ctx.alpha, target_modules=ctx.target_modules,
                             use_rslora=ctx.scaling_convention == "rslora")

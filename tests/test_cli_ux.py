@@ -86,7 +86,7 @@ def test_offline_is_detected_once_and_a_missing_model_fails_at_once(tiny_model_d
 
 
 def test_offline_check_is_fast_and_sets_every_switch():
-    from cl_bench.hub import OFFLINE_VARS, decide_offline
+    from cl_bench.data.hub import OFFLINE_VARS, decide_offline
 
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
     start = time.time()
@@ -99,7 +99,7 @@ def test_offline_check_is_fast_and_sets_every_switch():
 
 
 def test_user_set_name_or_path_is_honoured_whatever_the_model_group(tiny_model_dir):
-    from cl_bench.models import resolve_model_path
+    from cl_bench.data.models import resolve_model_path
     from conftest import compose
 
     for group in ("tiny", "llama3_2_3b_instruct"):

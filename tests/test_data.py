@@ -1,11 +1,11 @@
 """Prompt and label construction: chat template, one BOS, masked prompt, trained EOS, no target cut."""
 import torch
 
-from cl_bench.data import (
+from cl_bench.data.prompts import (
     TrainingEncoder, encode_for_training, encode_prompts_left_padded, render_prompt_ids, truncate_middle,
 )
-from cl_bench.tasks.base import Example
-from cl_bench.tasks.synthetic import load_task
+from cl_bench.data.tasks.base import Example
+from cl_bench.data.tasks.synthetic import load_task
 
 EX = Example(id="x", prompt="Is the number even or odd?\nNumber: 12", target="even")
 
@@ -128,7 +128,7 @@ def _renderings(tok, fmt):
 def test_prompt_token_ids_do_not_depend_on_today(tiny_model_dir, monkeypatch):
     from transformers import AutoTokenizer
 
-    from cl_bench.data import PromptFormat
+    from cl_bench.data.prompts import PromptFormat
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     fmt = PromptFormat()
@@ -148,8 +148,8 @@ def test_prompt_token_ids_do_not_depend_on_today(tiny_model_dir, monkeypatch):
 def test_lm_eval_chat_template_gets_the_same_fixed_rendering(tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cl_bench.data import PromptFormat, render_prompt_text
-    from cl_bench.general_eval import counting_hflm
+    from cl_bench.data.prompts import PromptFormat, render_prompt_text
+    from cl_bench.evaluation.general import counting_hflm
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = LLAMA_STYLE
@@ -165,8 +165,8 @@ def test_lm_eval_chat_template_gets_the_same_fixed_rendering(tiny_model_dir, mon
 def test_system_message_and_the_slice_authors_format(tiny):
     import pytest
 
-    from cl_bench.data import PromptFormat, render_prompt_text
-    from cl_bench.errors import ConfigError
+    from cl_bench.data.prompts import PromptFormat, render_prompt_text
+    from cl_bench.infra.errors import ConfigError
 
     _, tok = tiny
     assert render_prompt_text(tok, EX, PromptFormat(system="Be brief.")).startswith("<s><|system|>\nBe brief.</s>\n<|user|>\n")

@@ -2,7 +2,7 @@
 import re
 
 from cl_bench.data_check import LOCATORS, main
-from cl_bench.tasks import FAMILIES
+from cl_bench.data.tasks import FAMILIES
 
 NI_SAMPLES = ["task088_identify_typo_verification", "task090_equation_learner_algebra",
               "task1510_evalution_relation_extraction", "task363_sst2_polarity_classification",

@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cl_bench.batching import Layout
-from cl_bench.distributed import Dist
-from cl_bench.errors import ConfigError
-from cl_bench.regularizers.base import Regularizer
-from cl_bench.stage import trained_tokens
-from cl_bench.training import _forward_backward
+from cl_bench.train.layouts import Layout
+from cl_bench.infra.distributed import Dist
+from cl_bench.infra.errors import ConfigError
+from cl_bench.stage import Regularizer
+from cl_bench.train.loss import trained_tokens
+from cl_bench.train.trainer import _forward_backward
 
 from conftest import FAST, REPO, compose
 from test_perf import TARGETS, _ctx, _examples, _llama
@@ -84,9 +84,9 @@ def test_passes_that_keep_a_sharded_rank_in_step_add_nothing():
 def test_rank_shares_of_a_capture_add_up_to_the_single_process_gradient(monkeypatch):
     """Each rank runs every world-th forward pass of the capture, divided by the trained tokens of all
     of them; the all-reduce (here: the sum of the two ranks' results) gives the one-process gradient."""
-    from cl_bench.data import collate_training
+    from cl_bench.data.prompts import collate_training
     from cl_bench.initializers.capture import capture_gradients
-    from cl_bench.lora import base_weight, lora_layers
+    from cl_bench.lora.layers import base_weight, lora_layers
 
     model = _llama()
     weights = {n: base_weight(layer) for n, layer in lora_layers(model, "stage_01").items()}
@@ -123,9 +123,9 @@ def test_the_sharded_capture_reads_the_weight_gradient_off_inputs_and_output_gra
     """distributed=fsdp: ∂L/∂W = Σ g_yᵀ·x from hooks (a sharded weight gets no gradient) equals the
     weight-gradient capture; rank shares add up; passes that only keep a rank in step add nothing;
     no parameter (adapter or base) is left with a gradient."""
-    from cl_bench.data import collate_training
+    from cl_bench.data.prompts import collate_training
     from cl_bench.initializers.capture import capture_gradients
-    from cl_bench.lora import base_weight, lora_layers
+    from cl_bench.lora.layers import base_weight, lora_layers
 
     model = _llama()
     weights = {n: base_weight(layer) for n, layer in lora_layers(model, "stage_01").items()}
@@ -148,8 +148,8 @@ def test_ewc_fisher_of_sharded_weights_from_hooks_equals_the_weight_gradient_fis
     (weight_grads.py); here every Parameter passes for a DTensor, so the hook path runs in-process."""
     import torch.distributed.tensor
 
-    from cl_bench.data import collate_training
-    from cl_bench.lora import base_weight, lora_layers
+    from cl_bench.data.prompts import collate_training
+    from cl_bench.lora.layers import base_weight, lora_layers
     from cl_bench.regularizers.ewc import empirical_fisher
 
     model = _llama()
@@ -167,9 +167,9 @@ def test_ewc_fisher_of_sharded_weights_from_hooks_equals_the_weight_gradient_fis
 def test_row_shards_of_a_model_state_go_back_together_for_any_number_of_ranks(tmp_path):
     """distributed=fsdp saves rank k's rows [k·c, (k+1)·c), c = ⌈d/N⌉, per file plus an index; a resume
     with any number of processes rebuilds each whole weight and takes its own rows."""
-    from cl_bench.lora import WeightMaster, local_rows, target_linears
-    from cl_bench.results import atomic_save_tensors
-    from cl_bench.run_dir import StageFiles, load_model_state, save_model_state_index
+    from cl_bench.lora.layers import WeightMaster, local_rows, target_linears
+    from cl_bench.infra.files import atomic_save_tensors
+    from cl_bench.run.store import StageFiles, load_model_state, save_model_state_index
 
     source, target = _llama(seed=0), _llama(seed=7)
     whole = {f"{n}.weight": lin.weight.detach().clone() for n, lin in target_linears(source, TARGETS).items()}
@@ -193,7 +193,7 @@ def test_row_shards_of_a_model_state_go_back_together_for_any_number_of_ranks(tm
     (["merge=ties"], "merge=ties"), (["merge=gainlora"], "merge=gainlora"),
 ])
 def test_fsdp_refuses_at_start_the_plugins_that_need_whole_weights(overrides, refused):
-    from cl_bench.runner import build_plugins
+    from cl_bench.run.runner import build_plugins
 
     cfg = compose(overrides)
     dist = Dist()
@@ -220,7 +220,7 @@ def test_a_multi_process_launch_needs_distributed_ddp(monkeypatch):
 def test_slurm_tasks_count_as_ranks_only_for_distributed_ddp(monkeypatch):
     """srun / submitit with tasks_per_node x nodes tasks: N ranks; a plain sbatch --ntasks script that
     runs one process with distributed=none stays one process."""
-    from cl_bench.distributed import launched_world_size
+    from cl_bench.infra.distributed import launched_world_size
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     for k, v in dict(SLURM_JOB_ID="7", SLURM_NTASKS="8", SLURM_STEP_ID="0", SLURM_PROCID="5").items():
@@ -244,7 +244,7 @@ def _torchrun(run_dir, env_extra=None, kind="ddp") -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
-    from cl_bench.runner import run
+    from cl_bench.run.runner import run
 
     base = tmp_path_factory.mktemp("dist")
     torch.set_num_threads(1)

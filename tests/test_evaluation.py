@@ -1,8 +1,8 @@
 """Generation is cut at the padded input length; scores do not depend on batch composition."""
 import torch
 
-from cl_bench.evaluation import evaluate_task, generate
-from cl_bench.tasks.base import Example, TaskData
+from cl_bench.evaluation.seen import evaluate_task, generate
+from cl_bench.data.tasks.base import Example, TaskData
 
 
 class EchoModel(torch.nn.Module):

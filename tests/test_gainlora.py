@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -12,16 +11,17 @@ from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cl_bench.errors import ConfigError
-from cl_bench.gating import Gate, GatedBranches, gate_activation, masked_mean, pooled_prompt, prompt_mask
+from cl_bench.infra.errors import ConfigError
+from cl_bench.lora.gating import Gate, GatedBranches, gate_activation, masked_mean, pooled_prompt, prompt_mask
 from cl_bench.initializers.base import InitResult
-from cl_bench.lora import (
+from cl_bench.lora.layers import (
     WeightMaster, adapter_factors, add_adapter, apply_init, lora_layers, set_scaling, target_linears,
 )
 from cl_bench.mergers.gainlora import GainLoRA
-from cl_bench.regularizers.base import Regularizer
-from cl_bench.stage import History, StageContext, StageRecord, adapter_name, lora_scaling
-from cl_bench.training import train_stage
+from cl_bench.stage import Regularizer
+from cl_bench.stage import History, StageContext, StageRecord, adapter_name
+from cl_bench.lora.layers import lora_scaling
+from cl_bench.train.trainer import train_stage
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -168,8 +168,8 @@ def staged(tiny):
     stage 3 with an absorbing init. Memory at ε = 1: it spans every stored gate input exactly."""
     import copy
 
-    from cl_bench.data import TrainingEncoder
-    from cl_bench.tasks import synthetic
+    from cl_bench.data.prompts import TrainingEncoder
+    from cl_bench.data.tasks import synthetic
 
     model0, tok = tiny
     encoder = TrainingEncoder(tok, 64)
@@ -366,7 +366,7 @@ def _overrides(combo):
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
-    from cl_bench.runner import run
+    from cl_bench.run.runner import run
     from conftest import compose
 
     out = {}
@@ -384,8 +384,8 @@ def test_runs_keep_every_branch_gated_and_the_base_weights_unchanged(runs, combo
     the second gate is nearly closed on task 1 and open on task 2 (mean g over training prompts)."""
     from transformers import AutoModelForCausalLM
 
-    from cl_bench.results import load_tensors
-    from cl_bench.run_dir import StageFiles, load_plugin_state, load_stage_record
+    from cl_bench.infra.files import load_tensors
+    from cl_bench.run.store import StageFiles, load_plugin_state, load_stage_record
 
     run_dir, results = runs[combo]
     assert results["complete"] and all(v is not None for row in results["matrix"] for v in row)
@@ -419,8 +419,8 @@ def test_runs_keep_every_branch_gated_and_the_base_weights_unchanged(runs, combo
 def test_gainlora_resumes_after_sigkill_mid_stage_2_to_the_identical_matrix(runs, tmp_path):
     """With slice: the resumed run rebuilds branch 1, its init companion and gate 1 (restore), then
     stage 2 from its in-stage checkpoint (gate 2 is a trainable parameter of the model)."""
-    from cl_bench.results import load_tensors
-    from cl_bench.runner import run
+    from cl_bench.infra.files import load_tensors
+    from cl_bench.run.runner import run
     from conftest import compose, run_cli
 
     killed = run_cli(_overrides("slice_olora") + [f"hydra.run.dir={tmp_path}"], env_extra={"CL_BENCH_KILL_AT": "train:2:2"})
@@ -437,7 +437,7 @@ def test_gainlora_resumes_after_sigkill_mid_stage_2_to_the_identical_matrix(runs
 
 @pytest.mark.slow
 def test_superni15_samples_run_with_gainlora(shared_data, tmp_path):
-    from cl_bench.runner import run
+    from cl_bench.run.runner import run
     from conftest import FAST, compose
 
     cfg = compose(FAST + ["sequence=superni15_samples", "sequence.tasks=[task363_sst2_polarity_classification,"

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from cl_bench import general_eval as ge
-from cl_bench import general_tasks as gt
-from cl_bench.errors import ConfigError, DataError
+from cl_bench.evaluation import general as ge
+from cl_bench.evaluation.general import tasks as gt
+from cl_bench.infra.errors import ConfigError, DataError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "general_eval"
 REGISTRY_BENCHMARKS = ("hellaswag", "commonsense_qa", "bbh_object_counting")
@@ -167,7 +167,7 @@ def test_synthetic_general_is_deterministic_disjoint_and_correct():
 
 
 def test_synthetic_words_are_in_the_tiny_model_vocabulary():
-    from cl_bench.wordlists import COLORS, NAMES, NOUNS
+    from cl_bench.data.wordlists import COLORS, NAMES, NOUNS
 
     known = set(NOUNS) | set(COLORS) | set(NAMES)
     assert all(set(words) <= known for words in gt.CATEGORIES.values())
@@ -389,7 +389,7 @@ def test_offline_synthetic_and_local_benchmarks(own_tiny, data_root, tmp_path, m
 def test_truncated_generation_prompts_are_counted_per_benchmark(own_tiny, tmp_path):
     """lm-eval cuts generation prompts longer than max_length - max_gen_toks from the left
     without a word in its results: every such request is counted and shown in the summary."""
-    from cl_bench.summary import format_summary
+    from cl_bench.run.summary import format_summary
 
     model, tokenizer = own_tiny
     # count_items questions are 13-17 tokens (fit in 40 - 8 new tokens); with 5 demonstrations they do not.

@@ -19,11 +19,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cl_bench import linalg
-from cl_bench.errors import ConfigError
+from cl_bench.lora import linalg
+from cl_bench.infra.errors import ConfigError
 from cl_bench.initializers import gradient
-from cl_bench.lora import WeightMaster, apply_init, as_out_in, base_weight, set_scaling
-from cl_bench.lora import lora_layers as _lora_layers
+from cl_bench.lora.layers import WeightMaster, apply_init, as_out_in, base_weight, set_scaling
+from cl_bench.lora.layers import lora_layers as _lora_layers
 from cl_bench.stage import StageContext
 from cl_bench.initializers.cache import TensorCache, content_key, model_state_fingerprint
 from cl_bench.initializers.capture import capture_gradients
@@ -32,7 +32,7 @@ from cl_bench.initializers.loram import LoRAM
 from cl_bench.initializers.milora import MiLoRA
 from cl_bench.initializers.peft_native import EVA, OLoRA, CorDA, LoraGAPeft, PiSSA
 from cl_bench.initializers.vanilla import Vanilla
-from cl_bench.tasks.base import Example, TaskData
+from cl_bench.data.tasks.base import Example, TaskData
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

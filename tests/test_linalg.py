@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cl_bench import linalg
+from cl_bench.lora import linalg
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
@@ -304,7 +304,7 @@ def test_minor_component_factors_absorb_exactly_the_minor_part():
 def test_singular_pairs_get_one_sign_whatever_the_svd_returned():
     """An SVD fixes (u_i, v_i) only up to a joint sign; LoRA-GA's B·A pairs u_i with v_{r+i}, so the
     init would depend on that choice. canonical_signs makes the largest-|.| entry of each u_i positive."""
-    from cl_bench.linalg import canonical_signs, lora_ga_selection
+    from cl_bench.lora.linalg import canonical_signs, lora_ga_selection
 
     U = torch.tensor([[0.6, -0.8], [-0.8, -0.6]])
     V = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

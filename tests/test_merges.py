@@ -8,18 +8,19 @@ from peft import LoraConfig
 from peft.utils import merge_utils as peft
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cl_bench import merges
-from cl_bench.errors import ConfigError
+from cl_bench.lora import task_vectors as merges
+from cl_bench.infra.errors import ConfigError
 from cl_bench.initializers.base import InitResult
-from cl_bench.lora import WeightMaster, adapter_factors, add_adapter, apply_init, lora_layers, set_scaling, target_linears
+from cl_bench.lora.layers import WeightMaster, adapter_factors, add_adapter, apply_init, lora_layers, set_scaling, target_linears
 from cl_bench.mergers.absorb import Absorb
 from cl_bench.mergers.average import Average
 from cl_bench.mergers.dare import Dare
 from cl_bench.mergers.magmax import MagMax
 from cl_bench.mergers.task_arithmetic import TaskArithmetic
 from cl_bench.mergers.ties import Ties
-from cl_bench.run_dir import StageFiles, load_model_state, load_plugin_state, save_model_state, save_plugin_state
-from cl_bench.stage import History, StageContext, StageRecord, adapter_name, lora_scaling
+from cl_bench.run.store import StageFiles, load_model_state, load_plugin_state, save_model_state, save_plugin_state
+from cl_bench.stage import History, StageContext, StageRecord, adapter_name
+from cl_bench.lora.layers import lora_scaling
 
 T = torch.tensor
 # Three task vectors of one 2×2 module, magnitudes distinct within each (no ties in any top-k).
@@ -257,7 +258,7 @@ def test_bf16_eval_model_comes_from_the_fp32_master():
 
 
 def test_a_bad_knob_in_the_config_is_a_one_line_config_error():
-    from cl_bench.runner import build_plugins
+    from cl_bench.run.runner import build_plugins
     from conftest import compose
 
     with pytest.raises(ConfigError, match=r"merge\.density=5 is invalid"):

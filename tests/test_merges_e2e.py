@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from cl_bench import merges
+from cl_bench.lora import task_vectors as merges
 from cl_bench.remerge import main as remerge_main
-from cl_bench.results import load_tensors
-from cl_bench.run_dir import StageFiles, load_plugin_state, load_stage_record
-from cl_bench.runner import run
+from cl_bench.infra.files import load_tensors
+from cl_bench.run.store import StageFiles, load_plugin_state, load_stage_record
+from cl_bench.run.runner import run
 from conftest import FAST, compose, run_cli
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """CL metrics against matrices computed by hand (shared/DESIGN.md §4)."""
 import pytest
 
-from cl_bench.metrics import (
+from cl_bench.evaluation.metrics import (
     average_anytime_accuracy, average_performance, backward_transfer, compute_cl_metrics, final_performance,
     forgetting, forgetting_from_peak, forward_transfer, weighted_final_accuracy,
 )

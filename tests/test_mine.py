@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cl_bench import mine
-from cl_bench.tasks import superni
+from cl_bench.data.tasks import superni
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -142,7 +142,7 @@ def tiny_model(request):
     try:
         return request.getfixturevalue("tiny_model_dir")
     except pytest.FixtureLookupError:
-        from cl_bench.tiny_model import ensure_tiny_model
+        from cl_bench.data.tiny_model import ensure_tiny_model
 
         return ensure_tiny_model()
 

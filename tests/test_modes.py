@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-import cl_bench.runner as runner_module
-from cl_bench.errors import ConfigError
-from cl_bench.metrics import compute_mode_metrics
-from cl_bench.results import load_tensors
-from cl_bench.run_dir import StageFiles, load_stage_record
-from cl_bench.runner import build_plugins, run
+import cl_bench.run.runner as runner_module
+from cl_bench.infra.errors import ConfigError
+from cl_bench.evaluation.metrics import compute_mode_metrics
+from cl_bench.infra.files import load_tensors
+from cl_bench.run.store import StageFiles, load_stage_record
+from cl_bench.run.runner import build_plugins, run
 from conftest import compose
 
 TASKS = ["sentiment", "parity"]
@@ -57,7 +57,8 @@ def test_mode_metrics_reject_a_matrix_of_the_wrong_shape():
     (["mode=independent", "initializer=slice"], "mode=independent with initializer=slice"),
 ])
 def test_combinations_without_an_earlier_stage_are_refused_in_one_line(overrides, message):
-    from cl_bench import config, modes
+    from cl_bench.run import config
+    from cl_bench.run import modes
 
     cfg = compose(SMALL + overrides)
     with pytest.raises(ConfigError) as err:
@@ -68,7 +69,7 @@ def test_combinations_without_an_earlier_stage_are_refused_in_one_line(overrides
 
 
 def test_an_initializer_calibrated_on_previous_tasks_is_refused():
-    from cl_bench import modes
+    from cl_bench.run import modes
 
     plugins = build_plugins(compose(SMALL))  # CorDA's knob, checked from the config alone (CorDA builds slowly)
     with pytest.raises(ConfigError, match="initializer.calibration=previous"):

@@ -14,12 +14,14 @@ from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cl_bench.batching import Layout, collate_packed, pack_rows, plan_groups
-from cl_bench.data import Encoded
-from cl_bench.errors import ConfigError, TrainingError
-from cl_bench.regularizers.base import Regularizer
-from cl_bench.stage import StageContext, causal_lm_loss, lora_scaling, trained_tokens
-from cl_bench.training import _forward_backward, train_stage
+from cl_bench.train.layouts import Layout, collate_packed, pack_rows, plan_groups
+from cl_bench.data.prompts import Encoded
+from cl_bench.infra.errors import ConfigError, TrainingError
+from cl_bench.stage import Regularizer
+from cl_bench.stage import StageContext
+from cl_bench.train.loss import causal_lm_loss, trained_tokens
+from cl_bench.lora.layers import lora_scaling
+from cl_bench.train.trainer import _forward_backward, train_stage
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -77,7 +79,7 @@ def _examples(n=12, seed=3):
 
 
 def _ctx(accum):
-    from cl_bench.tasks.base import Example, TaskData
+    from cl_bench.data.tasks.base import Example, TaskData
 
     ex = [Example(f"e{i}", "p", "a") for i in range(4)]
     return StageContext(stage=1, current=TaskData("t", "exact_match", ex[1:], ex[:1]), previous=[], rank=2, alpha=4.0,
@@ -123,7 +125,7 @@ def test_packed_rows_never_attend_across_examples():
 
 def test_loss_on_trained_positions_only_equals_hf_loss():
     model = _llama()
-    from cl_bench.data import collate_training
+    from cl_bench.data.prompts import collate_training
 
     batch = collate_training(_examples(), pad_id=0)
     n = int(trained_tokens(batch))
@@ -134,7 +136,7 @@ def test_loss_on_trained_positions_only_equals_hf_loss():
 
 
 def test_pack_refuses_a_regularizer_with_loss_terms():
-    from cl_bench.training import check_layout, layout_of
+    from cl_bench.train.trainer import check_layout, layout_of
 
     class Terms(Regularizer):
         def loss(self, model, batch, ctx):
@@ -159,8 +161,8 @@ class NanAt(Regularizer):
 
 @pytest.fixture(scope="module")
 def encoder_and_task(tiny):
-    from cl_bench.data import TrainingEncoder
-    from cl_bench.tasks import synthetic
+    from cl_bench.data.prompts import TrainingEncoder
+    from cl_bench.data.tasks import synthetic
 
     return TrainingEncoder(tiny[1], 64), synthetic.load_task("sentiment", root=None, n_train=16, n_eval=2, seed=0)
 
@@ -207,9 +209,9 @@ def test_activation_checkpointing_gives_the_same_training(tiny, encoder_and_task
 
 # ------------------------------------------------------------------ evaluation
 def test_new_token_budget_and_end_tokens(tiny):
-    from cl_bench.data import target_ids
-    from cl_bench.evaluation import end_token_ids, new_token_budget
-    from cl_bench.tasks.base import Example
+    from cl_bench.data.prompts import target_ids
+    from cl_bench.evaluation.seen import end_token_ids, new_token_budget
+    from cl_bench.data.tasks.base import Example
 
     model, tok = tiny
     exs = [Example("a", "p", "cat", references=("cat", "red cat dog")), Example("b", "p", "sun")]
@@ -224,8 +226,8 @@ def test_new_token_budget_and_end_tokens(tiny):
 
 
 def test_eval_halves_the_batch_on_out_of_memory(tiny):
-    from cl_bench.evaluation import evaluate_task
-    from cl_bench.tasks.base import Example, TaskData
+    from cl_bench.evaluation.seen import evaluate_task
+    from cl_bench.data.tasks.base import Example, TaskData
 
     model, tok = tiny
 
@@ -252,7 +254,7 @@ def test_eval_halves_the_batch_on_out_of_memory(tiny):
 
 # ------------------------------------------------------------------ threads
 def test_default_threads_follow_affinity_and_slurm(monkeypatch):
-    from cl_bench.jobs import cpu_threads, usable_cpus
+    from cl_bench.infra.jobs import cpu_threads, usable_cpus
 
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     monkeypatch.delenv("CL_BENCH_THREADS", raising=False)
@@ -267,10 +269,10 @@ def test_default_threads_follow_affinity_and_slurm(monkeypatch):
 
 # ------------------------------------------------------------------ capture: tokens per forward pass
 def test_capture_max_tokens_only_changes_the_forward_passes():
-    from cl_bench.data import collate_training
+    from cl_bench.data.prompts import collate_training
     from cl_bench.initializers.capture import capture_gradients
     from cl_bench.initializers.gradient import Slice
-    from cl_bench.lora import base_weight, lora_layers
+    from cl_bench.lora.layers import base_weight, lora_layers
 
     model = _llama()
     weights = {n: base_weight(layer) for n, layer in lora_layers(model, "stage_01").items()}

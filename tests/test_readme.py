@@ -81,7 +81,7 @@ def check_cl_bench(args: list[str], monkeypatch, capsys) -> None:
         return
     args = [a for a in args if a not in ("--multirun", "-m")]
     if "--config-name" in args:  # a sweep defined in a YAML: its swept values must be valid too
-        from cl_bench.config import check_group_overrides
+        from cl_bench.run.config import check_group_overrides
 
         name = args[args.index("--config-name") + 1]
         params = yaml.safe_load((REPO / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
@@ -101,7 +101,7 @@ def fake_results(path, seed: int) -> None:
 
 def check_module(module: str, args: list[str], tmp_path, capsys) -> None:
     if module == "cl_bench.report":
-        from cl_bench.report import main
+        from cl_bench.report.collect import main
 
         valued = {"--out", "--markdown", "--baseline", "--format", "--metrics", "--title", "--notes", "--plots"}  # options taking a value
         kinds = ["option" if a.startswith("-") else (args[i - 1] if i and args[i - 1] in valued else "path") for i, a in enumerate(args)]
@@ -177,8 +177,8 @@ def test_readme_shows_the_walkthrough_and_data_sections():
     assert any("cl_bench.report" in c for c in commands) and any("cl_bench.data_check" in c for c in commands)
     assert any("--multirun" in c and "seed=1,2,3" in c for c in commands)
     # The README sections that error messages point at exist.
-    from cl_bench.errors import DataError, ModelLoadError
-    from cl_bench.summary import MODEL_SIZES_SECTION
+    from cl_bench.infra.errors import DataError, ModelLoadError
+    from cl_bench.run.summary import MODEL_SIZES_SECTION
 
     for section in (DataError.readme_section, ModelLoadError.readme_section, MODEL_SIZES_SECTION):
         assert f"## {section}" in README
@@ -191,7 +191,7 @@ def test_console_script_entry_and_help_text(monkeypatch, capsys):
 
     assert callable(getattr(importlib.import_module(module), func))
     code, out = run_main(["--help"], monkeypatch, capsys)
-    from cl_bench.config import GROUP_HELP, config_groups
+    from cl_bench.run.config import GROUP_HELP, config_groups
 
     assert code == 0 and set(GROUP_HELP) == set(config_groups())
     for group in config_groups():

@@ -11,14 +11,16 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cl_bench.errors import ConfigError
+from cl_bench.infra.errors import ConfigError
 from cl_bench.regularizers.ewc import EWC, empirical_fisher, ewc_penalty
 from cl_bench.regularizers.o_lora import OLoRA, orthogonality
 from cl_bench.regularizers.ps_loss import PSLoss, parameter_stability
 from cl_bench.regularizers.replay import Replay
-from cl_bench.run_dir import load_plugin_state, save_plugin_state
-from cl_bench.stage import History, StageContext, StageRecord, lora_scaling, replay_buffer_indices
-from cl_bench.tasks.base import Example, TaskData
+from cl_bench.run.store import load_plugin_state, save_plugin_state
+from cl_bench.stage import History, StageContext, StageRecord
+from cl_bench.data.replay import replay_buffer_indices
+from cl_bench.lora.layers import lora_scaling
+from cl_bench.data.tasks.base import Example, TaskData
 
 TARGETS = ["q_proj", "v_proj"]
 ADAPTER = "stage_02"
@@ -40,7 +42,7 @@ def _wrapped(seed=0):
 
 
 def _modules(model):
-    from cl_bench.lora import lora_layers
+    from cl_bench.lora.layers import lora_layers
 
     return lora_layers(model, ADAPTER)
 
@@ -224,7 +226,7 @@ def test_ewc_end_stage_accumulates_the_fisher_online_and_its_state_round_trips(t
     reg.begin_stage(model, ctx)
     reg.end_stage(model, ctx)
     assert calls == [("cur", 5, 1)] * 2  # capped at the 5 training examples, one per backward
-    from cl_bench.lora import base_weight
+    from cl_bench.lora.layers import base_weight
 
     direct = empirical_fisher(model, {m: base_weight(l) for m, l in _modules(model).items()}, _token_batches(5))
     for m in direct:
@@ -293,9 +295,9 @@ def test_replay_draws_only_earlier_tasks_buffered_training_examples_deterministi
 
 
 def test_slice_captures_previous_tasks_on_the_replay_buffer_replay_uses(tiny):
-    from cl_bench.data import TrainingEncoder
+    from cl_bench.data.prompts import TrainingEncoder
     from cl_bench.initializers.gradient import Slice
-    from cl_bench.tasks import synthetic
+    from cl_bench.data.tasks import synthetic
 
     prev = synthetic.load_task("sentiment", root=None, n_train=40, n_eval=4, seed=0)
     ctx = _ctx(previous=[prev], current=synthetic.load_task("parity", root=None, n_train=40, n_eval=4, seed=0))
@@ -335,7 +337,7 @@ def _args(reg: str, init: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
-    from cl_bench.runner import run
+    from cl_bench.run.runner import run
 
     threads = torch.get_num_threads()
     out = {}
@@ -388,7 +390,7 @@ def test_regularizers_that_add_nothing_at_stage_1_leave_it_unchanged(runs):
 
 @pytest.mark.slow
 def test_ewc_fisher_survives_sigkill_mid_stage_2(runs, tmp_path):
-    from cl_bench.runner import run
+    from cl_bench.run.runner import run
 
     args = _args("ewc", "vanilla")
     killed = run_cli(args + [f"hydra.run.dir={tmp_path}"], env_extra={"CL_BENCH_KILL_AT": "train:2:2"})

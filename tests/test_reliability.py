@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from cl_bench.errors import TrainingError
-from cl_bench.regularizers.base import Regularizer
-from cl_bench.run_dir import RunLock
-from cl_bench.runner import run
+from cl_bench.infra.errors import TrainingError
+from cl_bench.stage import Regularizer
+from cl_bench.run.store import RunLock
+from cl_bench.run.runner import run
 from conftest import FAST, REPO, compose, run_cli
 
 pytestmark = pytest.mark.slow
@@ -131,11 +131,11 @@ def test_a_resumed_stage_continues_from_the_init_it_started_with(tmp_path):
 
     import torch
 
-    from cl_bench.lora import WeightMaster, base_weight, lora_layers
-    from cl_bench.merges import lora_delta
-    from cl_bench.results import atomic_save_tensors
-    from cl_bench.run_dir import StageFiles, factors_to_tensors
-    from cl_bench.runner import Runner
+    from cl_bench.lora.layers import WeightMaster, base_weight, lora_layers
+    from cl_bench.lora.task_vectors import lora_delta
+    from cl_bench.infra.files import atomic_save_tensors
+    from cl_bench.run.store import StageFiles, factors_to_tensors
+    from cl_bench.run.runner import Runner
     from test_perf import TARGETS, _llama
 
     model = _llama()

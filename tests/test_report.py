@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from cl_bench.report import main
-from cl_bench.stats import paired_test
+from cl_bench.report.collect import main
+from cl_bench.report.stats import paired_test
 
 
 def fake_run(path, target, c, seed, ap, complete=True):

@@ -9,8 +9,8 @@ from statistics import fmean, stdev
 
 import pytest
 
-from cl_bench.report import main
-from cl_bench.stats import fmt_p, paired_test
+from cl_bench.report.collect import main
+from cl_bench.report.stats import fmt_p, paired_test
 
 TASKS = ["a", "b"]
 SEEDS = [1, 2, 3]

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from cl_bench.runner import run
+from cl_bench.run.runner import run
 from conftest import FAST, compose
 
 pytestmark = pytest.mark.slow
@@ -75,8 +75,8 @@ def test_rerun_of_a_finished_run_is_not_redone(finished_run, capsys):
     ("evaluation.use_chat_template=false evaluation.prompt.system=hi", "evaluation.prompt.system is set but"),
 ])
 def test_bad_protocol_or_prompt_is_a_one_line_config_error(override, message):
-    from cl_bench import config
-    from cl_bench.errors import ConfigError
+    from cl_bench.run import config
+    from cl_bench.infra.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:
         config.validate(compose(override.split()))
@@ -84,7 +84,7 @@ def test_bad_protocol_or_prompt_is_a_one_line_config_error(override, message):
 
 
 def test_standard_scaling_is_one_config_field(tiny_model_dir, tmp_path):
-    from cl_bench.stage import lora_scaling
+    from cl_bench.lora.layers import lora_scaling
 
     lora = compose(["lora.r=4", "lora.alpha=8", "lora.scaling=standard"]).lora
     assert lora_scaling(lora.alpha, lora.r, lora.scaling) == pytest.approx(2.0)

@@ -5,21 +5,9 @@ import random
 
 import pytest
 
-from cl_bench import scoring
-from cl_bench.scoring import (
-    METRICS,
-    accuracy,
-    chosen_label,
-    edit_similarity,
-    exact_match,
-    indel_similarity,
-    lcs_length,
-    resolve_code_literals,
-    rouge_l,
-    sari,
-    sari_multi,
-    score,
-)
+from cl_bench.evaluation import scoring
+from cl_bench.evaluation.scoring import METRICS, accuracy, edit_similarity, exact_match, indel_similarity, lcs_length, resolve_code_literals, rouge_l, sari, sari_multi, score
+from cl_bench.data.answers import chosen_label
 
 
 def test_exact_match_normalizes_case_space_and_trailing_punctuation():

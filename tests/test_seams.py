@@ -14,17 +14,19 @@ from transformers import LlamaConfig, LlamaForCausalLM, get_linear_schedule_with
 
 from cl_bench.initializers.base import InitResult
 from cl_bench.initializers.capture import capture_gradients
-from cl_bench.lora import WeightMaster, add_adapter, adapter_factors, apply_init, base_weight, lora_layers, set_scaling
+from cl_bench.lora.layers import WeightMaster, add_adapter, adapter_factors, apply_init, base_weight, lora_layers, set_scaling
 from cl_bench.mergers.absorb import Absorb
-from cl_bench.regularizers.base import Regularizer, token_mean_term
-from cl_bench.results import load_tensors
-from cl_bench.run_dir import (
+from cl_bench.regularizers.base import token_mean_term
+from cl_bench.stage import Regularizer
+from cl_bench.infra.files import load_tensors
+from cl_bench.run.store import (
     StageFiles, load_model_state, load_plugin_state, load_stage_record, save_model_state, save_plugin_state,
     save_stage_record,
 )
-from cl_bench.stage import History, StageContext, StageRecord, lora_scaling
-from cl_bench.tasks.base import Example, TaskData
-from cl_bench.training import build_optimizer, step_gradients, train_stage
+from cl_bench.stage import History, StageContext, StageRecord
+from cl_bench.lora.layers import lora_scaling
+from cl_bench.data.tasks.base import Example, TaskData
+from cl_bench.train.trainer import build_optimizer, step_gradients, train_stage
 
 TARGETS = ["q_proj", "v_proj"]
 ADAPTER = "stage_01"
@@ -184,8 +186,8 @@ class Replay(Regularizer):
 
 @pytest.fixture(scope="module")
 def encoder_and_tasks(tiny):
-    from cl_bench.data import TrainingEncoder
-    from cl_bench.tasks import synthetic
+    from cl_bench.data.prompts import TrainingEncoder
+    from cl_bench.data.tasks import synthetic
 
     tasks = [synthetic.load_task(n, root=None, n_train=8, n_eval=2, seed=0) for n in ("sentiment", "parity")]
     return TrainingEncoder(tiny[1], 64), tasks
@@ -312,7 +314,7 @@ def test_bf16_init_absorption_goes_through_the_master():
 
 
 def test_bf16_peft_absorbed_init_brings_the_master_along():
-    from cl_bench.lora import follow_peft_absorption_
+    from cl_bench.lora.layers import follow_peft_absorption_
 
     model = _llama(torch.bfloat16)
     master = WeightMaster.attach(model, TARGETS)
@@ -339,7 +341,7 @@ def test_fold_without_master_is_the_old_fp32_arithmetic():
 
 
 def base_weight_of(model, name):
-    from cl_bench.lora import target_linears
+    from cl_bench.lora.layers import target_linears
 
     return target_linears(model, TARGETS)[name].weight.detach()
 
@@ -374,7 +376,7 @@ def test_a_merge_may_keep_the_model_wrapped_with_one_adapter_per_stage(tiny_mode
     stage 2's, folds nothing, and evaluates the wrapped model."""
     from transformers import AutoModelForCausalLM
 
-    from cl_bench.runner import run
+    from cl_bench.run.runner import run
     from conftest import FAST, compose
 
     cfg = compose(FAST + ["sequence=synthetic_conflict", "sequence.tasks=[sentiment,parity]", "trainer.max_steps=3",

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cl_bench.tasks import FAMILIES, cl_benchmark, superni, trace
+from cl_bench.data.tasks import FAMILIES, cl_benchmark, superni, trace
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SEQUENCE_FILES = sorted((CONF / "sequence").glob("*.yaml"))
@@ -86,7 +86,7 @@ def test_cl_benchmark_orders_follow_ps_lora_table_9():
 def test_sample_sequences_load_from_the_shared_samples():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared samples not found at {SHARED_DATA} (the ../shared checkout is absent)")
-    from cl_bench.tasks import load_sequence
+    from cl_bench.data.tasks import load_sequence
 
     for name in ("ni_samples", "standard_order1"):
         seq = load(name)
@@ -98,7 +98,7 @@ def test_every_sequence_composes_with_the_app_config():
     pytest.importorskip("hydra")
     from hydra import compose, initialize_config_dir
 
-    from cl_bench.config import validate
+    from cl_bench.run.config import validate
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for path in SEQUENCE_FILES:

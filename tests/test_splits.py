@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cl_bench.tasks import cl_benchmark, split_stats, superni, synthetic, trace
-from cl_bench.tasks.base import Example, prompt_key, split_examples, split_train_test
+from cl_bench.data.tasks import cl_benchmark, split_stats, superni, synthetic, trace
+from cl_bench.data.tasks.base import Example, prompt_key, split_examples, split_train_test
 
 
 @pytest.fixture(autouse=True)

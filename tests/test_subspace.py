@@ -9,13 +9,14 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from cl_bench import linalg
+from cl_bench.lora import linalg
 from cl_bench.initializers.base import InitResult
-from cl_bench.lora import WeightMaster, adapter_factors, apply_init, lora_layers, replace_start_A_, set_scaling
+from cl_bench.lora.layers import WeightMaster, adapter_factors, apply_init, lora_layers, replace_start_A_, set_scaling
 from cl_bench.regularizers.inflora import InfLoRA
-from cl_bench.representations import collect_input_grams
-from cl_bench.stage import StageContext, lora_scaling
-from cl_bench.tasks.base import Example, TaskData
+from cl_bench.lora.representations import collect_input_grams
+from cl_bench.stage import StageContext
+from cl_bench.lora.layers import lora_scaling
+from cl_bench.data.tasks.base import Example, TaskData
 
 E = torch.eye(4, dtype=torch.float64)
 
@@ -84,7 +85,7 @@ def test_threshold_schedule_and_bad_values():
     assert linalg.stage_threshold(0.99, 0.01, 5) == 1.0  # capped
     with pytest.raises(ValueError):
         linalg.stage_threshold(1.2, 0.0, 1)
-    from cl_bench.errors import ConfigError
+    from cl_bench.infra.errors import ConfigError
 
     with pytest.raises(ConfigError, match="regularizer \\(inflora\\).*threshold"):
         InfLoRA(threshold=-0.1)
@@ -303,7 +304,7 @@ def _overrides(reg, init):
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
-    from cl_bench.runner import run
+    from cl_bench.run.runner import run
     from conftest import compose
 
     out = {}
@@ -319,7 +320,7 @@ def test_stage_2_leaves_the_stored_inputs_of_stage_1_unchanged(runs, reg, init):
     """τ_2·M_1 = 0: stage 2's net change of every target weight vanishes on the memory built after
     stage 1, exactly (gpm: projected gradients and steps; inflora: frozen A ⟂ M_1). With slice the
     absorbed init was re-folded and the history records the start training really had."""
-    from cl_bench.run_dir import StageFiles, load_plugin_state, load_stage_record
+    from cl_bench.run.store import StageFiles, load_plugin_state, load_stage_record
 
     run_dir, results = runs[reg, init]
     assert results["complete"] and all(v is not None for row in results["matrix"] for v in row)
@@ -343,8 +344,8 @@ def test_stage_2_leaves_the_stored_inputs_of_stage_1_unchanged(runs, reg, init):
 
 @pytest.mark.slow
 def test_gpm_resumes_after_sigkill_mid_stage_2_to_the_identical_matrix_and_memory(runs, tmp_path):
-    from cl_bench.results import load_tensors
-    from cl_bench.runner import run
+    from cl_bench.infra.files import load_tensors
+    from cl_bench.run.runner import run
     from conftest import compose, run_cli
 
     killed = run_cli(_overrides("gpm", "vanilla") + [f"hydra.run.dir={tmp_path}"], env_extra={"CL_BENCH_KILL_AT": "train:2:2"})

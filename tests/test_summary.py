@@ -6,12 +6,12 @@ import signal
 
 import pytest
 
-from cl_bench.baselines import floor_of, task_baseline
-from cl_bench.console import StderrToLog
-from cl_bench.interrupt import Interrupted, InterruptGuard, critical
-from cl_bench.results import atomic_write_text
-from cl_bench.summary import floor_warnings, format_summary
-from cl_bench.tasks.base import Example, TaskData
+from cl_bench.evaluation.baselines import floor_of, task_baseline
+from cl_bench.infra.console import StderrToLog
+from cl_bench.infra.interrupt import Interrupted, InterruptGuard, critical
+from cl_bench.infra.files import atomic_write_text
+from cl_bench.run.summary import floor_warnings, format_summary
+from cl_bench.data.tasks.base import Example, TaskData
 
 
 def results(**extra):
@@ -96,7 +96,7 @@ def test_session_keeps_third_party_output_off_the_console_and_in_the_log(tmp_pat
     import sys
     import warnings
 
-    from cl_bench.console import session
+    from cl_bench.infra.console import session
 
     console, log_file = io.StringIO(), tmp_path / "run.log"
     root = logging.getLogger()

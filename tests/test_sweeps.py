@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +20,10 @@ import torch
 
 from hydra.experimental.callback import Callback
 
-from cl_bench import plots
-from cl_bench.config import validate
-from cl_bench.jobs import Job, Requeued
-from cl_bench.tracking import run_id
+from cl_bench.report import figures as plots
+from cl_bench.run.config import validate
+from cl_bench.infra.jobs import Job, Requeued
+from cl_bench.run.tracking import run_id
 from conftest import FAST, REPO, compose
 
 CONF = REPO / "conf"
@@ -177,7 +176,7 @@ def test_preemption_without_a_safe_point_requeues_after_the_grace_period():
 @pytest.fixture(scope="module")
 def alone(tiny_model_dir, tmp_path_factory):
     """The reference job, run alone in a fresh Runner."""
-    from cl_bench.runner import run
+    from cl_bench.run.runner import run
 
     run_dir = tmp_path_factory.mktemp("alone")
     run(compose(JOB_ARGS + [f"experiment/method={REFERENCE_METHOD}"]), run_dir)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cl_bench.errors import DataError
-from cl_bench.scoring import score
-from cl_bench.tasks import cl_benchmark
+from cl_bench.infra.errors import DataError
+from cl_bench.evaluation.scoring import score
+from cl_bench.data.tasks import cl_benchmark
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SC_INSTRUCTION = "What is the sentiment of the following paragraph? Choose one from the option.\n"

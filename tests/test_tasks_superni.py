@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from cl_bench.data import TrainingEncoder, encode_for_training, render_prompt_ids
-from cl_bench.errors import DataError
-from cl_bench.tasks import superni
-from cl_bench.tasks.base import VALID_METRICS
+from cl_bench.data.prompts import TrainingEncoder, encode_for_training, render_prompt_ids
+from cl_bench.infra.errors import DataError
+from cl_bench.data.tasks import superni
+from cl_bench.data.tasks.base import VALID_METRICS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -28,7 +28,7 @@ def tiny_tokenizer(request):
     try:
         model_dir = request.getfixturevalue("tiny_model_dir")
     except pytest.FixtureLookupError:
-        from cl_bench.tiny_model import ensure_tiny_model
+        from cl_bench.data.tiny_model import ensure_tiny_model
 
         model_dir = ensure_tiny_model()
     return AutoTokenizer.from_pretrained(str(model_dir))
@@ -281,7 +281,7 @@ def test_hub_fallback_reads_the_natural_instructions_dataset(tmp_path, monkeypat
 def test_runner_names_the_sequence_task_missing_from_the_samples(shared_data, tmp_path):
     from conftest import compose
 
-    from cl_bench.runner import run
+    from cl_bench.run.runner import run
 
     cfg = compose(["sequence=ni_opp1", f"data.root={shared_data}", "general_eval=none", "progress=false"])
     with pytest.raises(DataError, match="task611_mutual_multi_turn_dialogue' not found") as info:
@@ -294,7 +294,7 @@ def test_runner_names_the_sequence_task_missing_from_the_samples(shared_data, tm
 def test_end_to_end_run_on_real_samples(shared_data, tiny_model_dir, tmp_path):
     from conftest import FAST, compose
 
-    from cl_bench.runner import run
+    from cl_bench.run.runner import run
 
     tasks = ["task088_identify_typo_verification", "task363_sst2_polarity_classification"]
     cfg = compose(FAST + ["sequence=ni_samples", f"sequence.tasks=[{','.join(tasks)}]", f"data.root={shared_data}"])
@@ -316,7 +316,7 @@ def test_end_to_end_run_on_real_samples(shared_data, tiny_model_dir, tmp_path):
 def test_task002_every_reference_scores_by_the_official_rules(shared_data):
     """task002 (Quoref) lists several valid answers per instance: the natural-instructions
     scorer takes the best one. Predicting each instance's *last* reference is 100% correct."""
-    from cl_bench.scoring import score
+    from cl_bench.evaluation.scoring import score
 
     task = superni.load_task("task002_quoref_answer_generation", root=str(shared_data), n_train=8, n_eval=100, seed=42)
     assert task.metric == "ni_exact_match" and task.metric_for("slice_paper") == "slice_rouge_l"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cl_bench.tasks.synthetic import FAMILY_SPECS, FORMAT_FAMILIES, KNOWN_FAMILIES, generate, load_task
+from cl_bench.data.tasks.synthetic import FAMILY_SPECS, FORMAT_FAMILIES, KNOWN_FAMILIES, generate, load_task
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "sequence"
 LABELLED = [name for name, family in FAMILY_SPECS.items() if family.labels]
@@ -88,7 +88,7 @@ def test_a_flip_asks_about_the_same_input_and_inverts_the_answer(base):
 # ------------------------------------------------------------------------ pretraining corpus
 @pytest.fixture(scope="module")
 def corpus_chats():
-    from cl_bench.tiny_model import CORPUS_LINES, build_corpus
+    from cl_bench.data.tiny_model import CORPUS_LINES, build_corpus
 
     return build_corpus(CORPUS_LINES, 0)[1]
 
@@ -99,7 +99,7 @@ def _chats_of(chats, name):
 
 
 def test_pretraining_never_shows_a_flip_nor_a_pooled_prompt(corpus_chats):
-    from cl_bench.tiny_model import POOL_GUARD
+    from cl_bench.data.tiny_model import POOL_GUARD
 
     for name in FAMILY_SPECS:
         if name.endswith("_flip"):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cl_bench.errors import DataError
-from cl_bench.scoring import score
-from cl_bench.tasks import trace
+from cl_bench.infra.errors import DataError
+from cl_bench.evaluation.scoring import score
+from cl_bench.data.tasks import trace
 
 FOMC = "What is the monetary policy stance for the following text? A. dovish, B. hawkish, C. neutral. Choose one from A, B and C.\n"
 SCIENCEQA = "Choose an answer for the following question and give your reasons.\n\n"
@@ -149,7 +149,7 @@ def test_missing_data_message(tmp_path):
 def test_end_to_end_run_on_trace_format_files(tmp_path, tiny_model_dir):
     from conftest import FAST, compose
 
-    from cl_bench.runner import run
+    from cl_bench.run.runner import run
 
     for task in ("FOMC", "20Minuten"):
         write_trace(tmp_path / "data" / "trace", task, sizes=(24, 0, 8))

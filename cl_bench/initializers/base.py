@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from .. import memory
-from ..stage import Factors, Plugin, StageContext
+from ..infra import memory
+from ..stage import Plugin, StageContext
+from ..lora.layers import Factors
 
 
 @dataclass

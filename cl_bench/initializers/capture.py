@@ -33,10 +33,10 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ..batching import regroup
-from ..errors import DataError, TrainingError
-from ..stage import causal_lm_loss, logits_mask, trained_tokens
-from ..weight_grads import HookedWeightGradients, weight_grad_hooks
+from ..train.layouts import regroup
+from ..infra.errors import DataError, TrainingError
+from ..train.loss import causal_lm_loss, logits_mask, trained_tokens
+from ..lora.weight_grads import HookedWeightGradients, weight_grad_hooks
 
 
 @dataclass

@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
-from .. import linalg
-from ..errors import ConfigError
-from ..tasks.base import TaskData
-from ..lora import as_out_in, base_weight, full_weight, lora_layers, module_shapes
-from ..stage import StageContext, check_buffer_size
+from ..lora import linalg
+from ..infra.errors import ConfigError
+from ..data.tasks.base import TaskData
+from ..lora.layers import as_out_in, base_weight, full_weight, lora_layers, module_shapes
+from ..stage import StageContext
+from ..data.replay import check_buffer_size
 from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 from .cache import TensorCache, batches_fingerprint, content_key, model_state_fingerprint
 from .capture import capture_gradients

@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from .. import linalg
-from ..config import validate_rank
-from ..errors import ConfigError
-from ..lora import as_out_in, base_weight, full_weight, lora_layers, module_shapes
+from ..lora import linalg
+from ..lora.layers import validate_rank
+from ..infra.errors import ConfigError
+from ..lora.layers import as_out_in, base_weight, full_weight, lora_layers, module_shapes
 from ..stage import StageContext
 from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 

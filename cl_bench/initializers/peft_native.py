@@ -23,9 +23,10 @@ from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 from peft.tuners.lora.loraga import preprocess_loraga
 
-from ..errors import ConfigError, TrainingError
-from ..lora import lora_layers
-from ..stage import StageContext, trained_tokens
+from ..infra.errors import ConfigError, TrainingError
+from ..lora.layers import lora_layers
+from ..stage import StageContext
+from ..train.loss import trained_tokens
 from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 
 

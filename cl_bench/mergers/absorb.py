@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import merges
-from ..lora import fold_adapter_
+from ..lora import task_vectors as merges
+from ..lora.layers import fold_adapter_
 from ..stage import Models, StageContext
 from .base import Merge
 

@@ -19,9 +19,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .. import merges
-from ..errors import ConfigError
-from ..lora import fold_adapter_, lora_layers, target_linears
+from ..lora import task_vectors as merges
+from ..infra.errors import ConfigError
+from ..lora.layers import fold_adapter_, lora_layers, target_linears
 from ..stage import Models, Plugin, StageContext, StageRecord
 
 

@@ -10,8 +10,8 @@ Models(train, eval) after stage t:
 """
 from __future__ import annotations
 
-from .. import merges
-from ..errors import ConfigError
+from ..lora import task_vectors as merges
+from ..infra.errors import ConfigError
 from .base import TaskVectorMerge, _choice, _number
 
 

@@ -75,12 +75,12 @@ from typing import Any, Mapping
 
 import torch
 
-from .. import linalg
-from ..errors import ConfigError
-from ..gating import Gate, GatedBranches, GateInputs
-from ..lora import add_frozen_adapter, lora_layers, unwrapped
-from ..merges import lora_delta
-from ..representations import InputMemory, collect_input_grams
+from ..lora import linalg
+from ..infra.errors import ConfigError
+from ..lora.gating import Gate, GatedBranches, GateInputs
+from ..lora.layers import add_frozen_adapter, lora_layers, unwrapped
+from ..lora.task_vectors import lora_delta
+from ..lora.representations import InputMemory, collect_input_grams
 from ..stage import Models, StageContext
 from .base import Merge
 
@@ -257,7 +257,7 @@ class GainLoRA(Merge):
     @torch.no_grad()
     def _gate_means(self, bank: GatedBranches, embeddings: torch.nn.Module, ctx: StageContext) -> list[list[float]]:
         """[gate i][task j] mean g_i over task j's training prompts (the memory's sample), i, j ≤ t."""
-        from ..gating import pooled_prompt
+        from ..lora.gating import pooled_prompt
 
         sums = {name: [0.0] * ctx.stage for name in bank.gates}
         for j, task in enumerate(ctx.tasks[:ctx.stage]):

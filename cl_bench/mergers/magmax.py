@@ -15,7 +15,7 @@ Models(train, eval) after stage t, following Algorithm 1:
 """
 from __future__ import annotations
 
-from .. import merges
+from ..lora import task_vectors as merges
 from .base import TaskVectorMerge
 
 

@@ -41,9 +41,8 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..lora import lora_layers
-from ..stage import Plugin, StageContext
-from ..tasks.base import TaskData
+from ..lora.layers import lora_layers
+from ..stage import Plugin, Regularizer, StageContext  # noqa: F401  (Regularizer: the seam, re-exported for regularizer=none's _target_)
 
 
 def token_mean_term(token_sum: torch.Tensor, batch: dict[str, torch.Tensor], ctx: StageContext) -> torch.Tensor:
@@ -54,24 +53,6 @@ def token_mean_term(token_sum: torch.Tensor, batch: dict[str, torch.Tensor], ctx
     is (a parameter penalty, the same on every rank, needs nothing)."""
     world = ctx.dist.world if ctx.dist is not None else 1
     return token_sum * ctx.grad_accum * world / batch["num_items_in_batch"]
-
-
-class Regularizer(Plugin):
-    """No regularization. Subclasses override the hooks they need."""
-
-    name = "none"
-    sharded_weights = True  # the hooks see LoRA factors, activations and data only
-
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
-        """Extra loss terms for this micro-batch, by name; each is logged and added to the loss."""
-        return {}
-
-    def extra_examples(self, ctx: StageContext, step: int, micro: int) -> list[tuple[TaskData, int]]:
-        """Training examples to add to micro-batch `micro` of optimizer step `step` (0-based), as
-        (task, index into task.train) with task one of ctx.tasks: evaluation examples cannot be
-        named. Must be a pure function of (state, ctx.seed, step, micro) so a resumed stage
-        draws the same examples."""
-        return []
 
 
 def fp32_penalty(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:

@@ -38,11 +38,12 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from ..errors import ConfigError
-from ..lora import base_weight, lora_layers
+from ..infra.errors import ConfigError
+from ..lora.layers import base_weight, lora_layers
 from ..stage import StageContext
-from ..weight_grads import HookedWeightGradients, weight_grad_hooks
-from .base import Regularizer, StageDelta, fp32_penalty
+from ..lora.weight_grads import HookedWeightGradients, weight_grad_hooks
+from .base import StageDelta, fp32_penalty
+from ..stage import Regularizer
 
 
 def _model_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:

@@ -36,11 +36,11 @@ from typing import Any, Mapping
 
 import torch
 
-from .. import linalg
-from ..lora import lora_layers, replace_start_A_
-from ..representations import InputMemory
+from ..lora import linalg
+from ..lora.layers import lora_layers, replace_start_A_
+from ..lora.representations import InputMemory
 from ..stage import StageContext
-from .base import Regularizer
+from ..stage import Regularizer
 
 
 class GPM(Regularizer):

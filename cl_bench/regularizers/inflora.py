@@ -41,12 +41,12 @@ from typing import Any, Mapping
 
 import torch
 
-from .. import linalg
-from ..errors import ConfigError
-from ..lora import lora_layers, replace_start_A_
-from ..representations import InputMemory, collect_input_grams
+from ..lora import linalg
+from ..infra.errors import ConfigError
+from ..lora.layers import lora_layers, replace_start_A_
+from ..lora.representations import InputMemory, collect_input_grams
 from ..stage import StageContext
-from .base import Regularizer
+from ..stage import Regularizer
 
 DESIGNS = ("project", "inputs")
 

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..infra.errors import ConfigError
 from ..stage import StageContext
-from .base import Regularizer, StageDelta
+from .base import StageDelta
+from ..stage import Regularizer
 
 NORMS = ("abs", "fro_sq")
 

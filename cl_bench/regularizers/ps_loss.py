@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..infra.errors import ConfigError
 from ..stage import StageContext
-from .base import Regularizer, StageDelta, fp32_penalty
+from .base import StageDelta, fp32_penalty
+from ..stage import Regularizer
 
 TERMS = ("both", "magnitude", "sign")
 

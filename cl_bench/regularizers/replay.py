@@ -27,10 +27,11 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import ConfigError
-from ..stage import StageContext, check_buffer_size
-from ..tasks.base import TaskData
-from .base import Regularizer
+from ..infra.errors import ConfigError
+from ..stage import StageContext
+from ..data.replay import check_buffer_size
+from ..data.tasks.base import TaskData
+from ..stage import Regularizer
 
 
 class Replay(Regularizer):

@@ -1,0 +1,159 @@
+"""Seen-task evaluation: batched greedy generation with left padding and the KV cache.
+
+The continuation starts at the *padded* input length, the same for every row of a batch
+(the SLICE authors' code cut at each row's unpadded length, leaking prompt tails into the
+predictions of every row but the longest; shared/reference/slice-reference.md §5.1).
+
+Each prediction is scored against every reference of its example by the task's metric under the
+configured evaluation.protocol (TaskData.metric_for; scoring.score takes the best reference).
+
+Speed (issue 14): prompts are tokenized once and batched by token length (longest first, so an
+out-of-memory shows on the first batch); generation stops for the whole batch once every row has
+emitted an end token (the tokenizer's and the model's generation-config ones); a task scored by
+exact match generates at most its longest reference in tokens + `reference_margin` new tokens
+(capped by max_new_tokens: a longer prediction could only match after its normalisation strips
+more than the margin; tasks scored by overlap metrics always get max_new_tokens); on CUDA
+out-of-memory the batch size is halved and the batch retried.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.prompts import PromptFormat, left_padded, pad_id_of, render_prompt_ids, target_ids, truncate_middle
+from .scoring import score
+from ..data.tasks.base import Example, TaskData
+
+# Metrics that compare the whole (normalised) prediction with a reference: a budget from the
+# longest reference cannot change their score (new_token_budget).
+WHOLE_ANSWER_METRICS = ("exact_match", "ni_exact_match", "slice_exact_match")
+
+
+def end_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and every EOS id of the model's generation config (Llama-3 Instruct
+    ends turns with <|eot_id|> and lists several), in that order, without repeats."""
+    ids: list[int] = []
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in [tokenizer.eos_token_id, *(gen if isinstance(gen, (list, tuple)) else [gen])]:
+        if i is not None and int(i) not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def new_token_budget(tokenizer, examples: Sequence[Example], cap: int, margin: int | None) -> int:
+    """min(cap, longest reference of `examples` in tokens (its end token included) + margin);
+    `cap` when margin is None."""
+    if margin is None or not examples:
+        return cap
+    longest = max(len(target_ids(tokenizer, ref)) for ex in examples for ref in ex.all_references)
+    return max(1, min(cap, longest + int(margin)))
+
+
+@torch.no_grad()
+def _generate_rows(model, tokenizer, rows: Sequence[list[int]], *, max_new_tokens: int, device,
+                   synced: bool = False) -> list[list[int]]:
+    """Greedy continuations (token ids after the padded prompt) of left-padded prompt rows.
+    `synced`: keep running forward passes until every rank is done (a sharded model's passes are
+    collective; transformers' synced_gpus)."""
+    batch = {k: v.to(device) for k, v in left_padded(rows, pad_id_of(tokenizer)).items()}
+    out = model.generate(
+        **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+        pad_token_id=pad_id_of(tokenizer), eos_token_id=end_token_ids(model, tokenizer),
+        temperature=None, top_p=None, top_k=None, **({"synced_gpus": True} if synced else {}),
+    )
+    return out[:, batch["input_ids"].shape[1]:].tolist()
+
+
+def generate(
+    model, tokenizer, examples: Sequence[Example], *, max_new_tokens: int, max_prompt_len: int,
+    device: torch.device, prompt: PromptFormat | bool = True,
+) -> list[str]:
+    """Greedy predictions for `examples` as one batch (decoded, special tokens dropped, stripped)."""
+    rows = [truncate_middle(render_prompt_ids(tokenizer, ex, prompt), max_prompt_len) for ex in examples]
+    conts = _generate_rows(model, tokenizer, rows, max_new_tokens=max_new_tokens, device=device)
+    return [tokenizer.decode(c, skip_special_tokens=True).strip() for c in conts]
+
+
+def evaluate_task(
+    model, tokenizer, task: TaskData, *, batch_size: int, max_new_tokens: int, max_prompt_len: int,
+    device: torch.device, prompt: PromptFormat | bool = True, limit: int | None = None, progress: bool = True,
+    protocol: str = "per_task", reference_margin: int | None = None, stats: dict | None = None, dist=None,
+) -> tuple[float, list[dict[str, Any]]]:
+    """Score in percent and one record per example (prompt, target, prediction, score; and all
+    references when there are several). `protocol` picks the metric (TaskData.metric_for).
+
+    `batch_size` is the largest batch tried (halved on CUDA out-of-memory); `reference_margin`
+    (None = off) caps the new tokens of exact-match tasks at their longest reference + margin
+    (new_token_budget).
+    `stats`, if given, receives what was run: examples, batches, batch_size (the last used),
+    prompt_tokens, new_tokens_cap, generated_tokens (continuation positions, padding included),
+    seconds.
+    `dist` (distributed.Dist, data-parallel runs): the batches one process would run are dealt
+    round-robin to the ranks and the predictions gathered in order, so each prediction comes from
+    the same batch as in one process; every rank returns the whole task's score and records.
+    With a sharded base (dist.sharded) every rank runs as many batches as the busiest one (a short
+    share repeats its last batch and drops the result) and generation is synced over the ranks.
+    """
+    metric = task.metric_for(protocol)
+    examples = task.eval[:limit] if limit else task.eval
+    start = time.perf_counter()
+    rows = [truncate_middle(render_prompt_ids(tokenizer, ex, prompt), max_prompt_len) for ex in examples]
+    # Similar lengths per batch waste less compute on padding; results are put back in order.
+    order = sorted(range(len(examples)), key=lambda i: (-len(rows[i]), i))
+    margin = reference_margin if metric in WHOLE_ANSWER_METRICS else None
+    budget = new_token_budget(tokenizer, examples, max_new_tokens, margin)
+    predictions: list[str] = [""] * len(examples)
+    was_training = model.training
+    model.eval()
+    bs, batches, generated = max(1, int(batch_size)), 0, 0
+    chunks = [order[at:at + bs] for at in range(0, len(order), bs)]
+    sharded = dist is not None and dist.sharded
+    if dist is not None and dist.world > 1:
+        chunks = dist.shard(chunks)
+    mine = [i for chunk in chunks for i in chunk]
+    idle = 0  # sharded: batches this rank runs only so that every rank runs the same number
+    if sharded:
+        idle = dist.max_over_ranks(len(chunks), f"counting the batches of {task.name}") - len(chunks)
+    bar = tqdm(total=len(mine), desc=f"eval {task.name}", leave=False, disable=not progress)
+    at = 0
+    while at < len(mine):
+        idx = mine[at:at + min(bs, len(mine) - at)]
+        try:
+            conts = _generate_rows(model, tokenizer, [rows[i] for i in idx], max_new_tokens=budget, device=device, synced=sharded)
+        except torch.OutOfMemoryError:
+            if bs == 1 or sharded:  # a sharded rank cannot re-batch alone: its passes are collective
+                raise
+            bs //= 2  # the largest batch that fits: keep the halved size for the rest
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        for i, c in zip(idx, conts):
+            predictions[i] = tokenizer.decode(c, skip_special_tokens=True).strip()
+        generated += len(idx) * (len(conts[0]) if conts else 0)
+        at += len(idx)
+        batches += 1
+        bar.update(len(idx))
+    filler = [rows[i] for i in (chunks[-1] if chunks else order[:bs])]
+    for _ in range(idle):
+        _generate_rows(model, tokenizer, filler, max_new_tokens=budget, device=device, synced=True)
+    bar.close()
+    model.train(was_training)
+    if dist is not None and dist.world > 1:
+        for share in dist.gather({i: predictions[i] for i in mine}, f"gathering the predictions of {task.name}"):
+            for i, pred in share.items():
+                predictions[i] = pred
+    if stats is not None:
+        stats.update(examples=len(examples), batches=batches, batch_size=bs, prompt_tokens=sum(map(len, rows)),
+                     new_tokens_cap=budget, generated_tokens=generated, seconds=time.perf_counter() - start)
+    records = []
+    for ex, pred in zip(examples, predictions):
+        value = score(metric, pred, ex.all_references, task.labels, source=ex.source)
+        record = {"id": ex.id, "prompt": ex.prompt, "target": ex.target, "prediction": pred, "score": value}
+        if len(ex.all_references) > 1:
+            record["references"] = list(ex.all_references)
+        records.append(record)
+    mean = 100.0 * sum(r["score"] for r in records) / max(1, len(records))
+    return mean, records

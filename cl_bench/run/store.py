@@ -1,0 +1,306 @@
+"""The run directory as a resume point: lock, config check, stage files, in-stage checkpoints.
+
+Layout (shared/DESIGN.md §3):
+  results.json                         single source of truth, rewritten atomically
+  stages/stage_XX/adapter.safetensors  trained LoRA factors of stage XX: "<module>.A", "<module>.B"
+                                       (module = unwrapped-model name); metadata: stage, task,
+                                       adapter name, s per module
+  stages/stage_XX/init.safetensors     init factors (A0, B0) that were absorbed (when any)
+  stages/stage_XX/<group>.safetensors  state_dict() of the initializer / regularizer / merge
+                                       (tensors; other values as JSON metadata); only the latest kept
+  stages/stage_XX/model_state.safetensors  target weights of the model the next stage trains on
+                                       (their fp32 master for low-precision models; only the latest kept);
+                                       distributed=fsdp: an index (metadata "shards": N, no tensors) and
+                                       model_state.rank-KK-of-NN.safetensors, rank K's rows of each weight
+  stages/stage_XX/checkpoint/          in-stage checkpoint (adapter, optimizer, scheduler, RNG, step,
+                                       every plug-in's state)
+  predictions/stage_XX/<task>.jsonl    one scored example per line
+From adapter + init the task vector τ = s·B·A − s·B0·A0 of every stage is recomputed exactly.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..infra.config_keys import NON_RESULT_KEYS
+from ..infra.errors import ConfigError
+from ..lora.layers import WeightMaster, target_linears
+from ..infra.files import atomic_save_tensors, atomic_write_json, load_tensors
+from ..stage import Plugin, StageRecord
+from ..lora.layers import Factors
+
+# Keys that do not change results: a resumed run may differ in these.
+
+
+class RunLock:
+    """An exclusive flock on DIR/.lock; the OS releases it when the process dies, even on SIGKILL."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fh = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise ConfigError(f"run dir {self.path.parent} is in use by pid {holder}; wait for it or choose another hydra.run.dir") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(str(os.getpid()))
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fh:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    # `mode` came after the first runs: a config without it is a sequential run
+    old, new = {"mode": "sequential", **old}, {"mode": "sequential", **new}
+    a = {k: v for k, v in _flatten(old).items() if k.split(".")[0] not in NON_RESULT_KEYS}
+    b = {k: v for k, v in _flatten(new).items() if k.split(".")[0] not in NON_RESULT_KEYS}
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
+def load_previous_results(run_dir: Path, config: dict) -> dict | None:
+    """results.json of an earlier run in this dir, after checking it holds the same config."""
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc.msg}); move it away to start afresh") from None
+    diff = config_differences(previous.get("config", {}), config)
+    if diff:
+        shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+        raise ConfigError(f"run dir {run_dir} holds a run with a different config (keys: {shown}); use another hydra.run.dir")
+    return previous
+
+
+class StageFiles:
+    def __init__(self, run_dir: Path, stage: int):
+        self.dir = Path(run_dir) / "stages" / f"stage_{stage:02d}"
+        self.adapter = self.dir / "adapter.safetensors"
+        self.init = self.dir / "init.safetensors"
+        self.model_state = self.dir / "model_state.safetensors"
+        self.checkpoint = self.dir / "checkpoint"
+
+    def model_state_shard(self, rank: int, world: int) -> Path:
+        """Rank `rank`'s rows of the target weights (distributed=fsdp)."""
+        return self.dir / f"model_state.rank-{rank:02d}-of-{world:02d}.safetensors"
+
+    def model_state_files(self) -> list[Path]:
+        """The model state: the file (the index under fsdp) and any rank shards."""
+        return [self.model_state, *sorted(self.dir.glob("model_state.rank-*.safetensors"))]
+
+    def state(self, group: str) -> Path:
+        """A plug-in group's state after this stage."""
+        return self.dir / f"{group}.safetensors"
+
+
+def factors_to_tensors(factors: Factors) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (A, B) in factors.items():
+        out[f"{name}.A"] = A
+        out[f"{name}.B"] = B
+    return out
+
+
+def tensors_to_factors(tensors: dict[str, torch.Tensor]) -> Factors:
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    return {n: (tensors[f"{n}.A"].float(), tensors[f"{n}.B"].float()) for n in names}
+
+
+def save_stage_record(files: StageFiles, stage: int, task: str, adapter: str, trained: Factors,
+                      init: Factors | None, scaling: dict[str, float]) -> None:
+    """What the history and a remerge need of a stage: trained and absorbed-init factors, s."""
+    meta = {"history": json.dumps({"stage": stage, "task": task, "adapter": adapter, "scaling": scaling})}
+    if init is not None:
+        atomic_save_tensors(files.init, factors_to_tensors(init))
+    else:
+        files.init.unlink(missing_ok=True)
+    atomic_save_tensors(files.adapter, factors_to_tensors(trained), meta)
+
+
+def load_stage_record(files: StageFiles) -> StageRecord:
+    """The StageRecord of a finished stage; factors are read on first use."""
+    from safetensors import safe_open
+
+    with safe_open(str(files.adapter), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["history"])
+
+    def load():
+        trained = tensors_to_factors(load_tensors(files.adapter))
+        init = tensors_to_factors(load_tensors(files.init)) if files.init.exists() else None
+        return trained, init, {k: float(v) for k, v in meta["scaling"].items()}
+
+    return StageRecord(meta["stage"], meta["task"], meta["adapter"], load)
+
+
+def save_model_state(files: StageFiles, model, target_modules: list[str], master: WeightMaster,
+                     shard: tuple[int, int] | None = None) -> None:
+    """The target weights of `model` (their fp32 master where there is one).
+
+    `shard` = (rank, world) under distributed=fsdp: this rank's rows go to its own file; once every
+    rank has written, rank 0 calls `save_model_state_index` (the file that marks the state saved)."""
+    tensors = {f"{n}.weight": master.value(n, lin.weight) for n, lin in target_linears(model, target_modules).items()}
+    atomic_save_tensors(files.model_state_shard(*shard) if shard else files.model_state, tensors)
+
+
+def save_model_state_index(files: StageFiles, world: int) -> None:
+    atomic_save_tensors(files.model_state, {}, {"shards": str(world)})
+
+
+@torch.no_grad()
+def load_model_state(files: StageFiles, model, target_modules: list[str], master: WeightMaster) -> None:
+    """Set the target weights from the saved state: whole weights, or the row shards of an fsdp run
+    put back together (any number of ranks may resume either; each takes the rows it holds).
+    Raises ConfigError if the files do not match the model's target modules or a shard is missing."""
+    from safetensors import safe_open
+
+    with safe_open(str(files.model_state), framework="pt") as f:
+        shards = int((f.metadata() or {}).get("shards", 0))
+    paths = [files.model_state_shard(k, shards) for k in range(shards)] or [files.model_state]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise ConfigError(f"{files.model_state} was saved by {shards} ranks but {missing[0]} is missing; use another hydra.run.dir")
+    current = target_linears(model, target_modules)
+    opened = [safe_open(str(p), framework="pt") for p in paths]
+    for f, path in zip(opened, paths):
+        if set(f.keys()) != {f"{n}.weight" for n in current}:
+            raise ConfigError(f"{path} does not match the model's target modules; use another hydra.run.dir")
+    for n, lin in current.items():  # one module at a time: the whole weight exists only briefly
+        parts = [f.get_tensor(f"{n}.weight") for f in opened]
+        master.restore_(n, lin.weight, parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
+# ---- plug-in state -------------------------------------------------------------------------
+
+def save_plugin_state(path: Path, state: dict[str, Any]) -> None:
+    """Tensors into the safetensors body, every other value as JSON in its metadata."""
+    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
+    rest = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    try:
+        meta = json.dumps(rest)
+    except TypeError as exc:
+        raise TypeError(f"plug-in state for {path.name}: non-tensor values must be JSON-serialisable ({exc})") from None
+    atomic_save_tensors(path, tensors, {"state": meta})
+
+
+def load_plugin_state(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    state: dict[str, Any] = dict(load_tensors(path))
+    with safe_open(str(path), framework="pt") as f:
+        state.update(json.loads((f.metadata() or {}).get("state", "{}")))
+    return state
+
+
+def save_plugin_states(folder: Path, plugins: dict[str, Plugin]) -> None:
+    """Every group's state_dict() to folder/<group>.safetensors (none written when empty)."""
+    for group, plugin in plugins.items():
+        path = Path(folder) / f"{group}.safetensors"
+        state = plugin.state_dict()
+        if state:
+            save_plugin_state(path, state)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def load_plugin_states(folder: Path, plugins: dict[str, Plugin]) -> None:
+    """load_state_dict for every group whose file exists in `folder`."""
+    for group, plugin in plugins.items():
+        path = Path(folder) / f"{group}.safetensors"
+        if path.exists():
+            plugin.load_state_dict(load_plugin_state(path))
+
+
+# ---- in-stage checkpoints ------------------------------------------------------------------
+
+def save_checkpoint(files: StageFiles, model, state, optimizer, scheduler, plugins: dict[str, Plugin],
+                    init: Factors | None = None) -> None:
+    """Adapter, optimizer and scheduler state, RNG states, the step and every plug-in's state, and
+    the stage's absorbed init factors (`init`, when the init was absorbed); the JSON goes last
+    and marks the checkpoint complete."""
+    ckpt = files.checkpoint
+    save_plugin_states(ckpt, plugins)
+    if init is not None:
+        atomic_save_tensors(ckpt / "init.safetensors", factors_to_tensors(init))
+    else:
+        (ckpt / "init.safetensors").unlink(missing_ok=True)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    atomic_save_tensors(ckpt / "trainable.safetensors", trainable)
+    opt_state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in opt_state["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    atomic_save_tensors(ckpt / "optimizer.safetensors", tensors)
+    meta = {
+        "step": state.step, "losses": state.losses, "param_groups": opt_state["param_groups"],
+        "scalars": scalars, "scheduler": scheduler.state_dict(),
+    }
+    atomic_write_json(ckpt / "state.json", meta)
+
+
+def load_checkpoint_init(files: StageFiles) -> Factors | None:
+    """The absorbed init factors the checkpointed stage started from (None: not absorbed, or a
+    checkpoint written before they were saved)."""
+    path = files.checkpoint / "init.safetensors"
+    return tensors_to_factors(load_tensors(path)) if path.exists() else None
+
+
+def load_checkpoint(files: StageFiles, model) -> tuple[Any, dict] | None:
+    """(TrainState, optimizer/scheduler state) from an in-stage checkpoint, or None."""
+    from ..train.trainer import TrainState
+
+    ckpt = files.checkpoint
+    if not (ckpt / "state.json").exists():
+        return None
+    meta = json.loads((ckpt / "state.json").read_text())
+    trainable = load_tensors(ckpt / "trainable.safetensors")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(trainable[n])
+    tensors = load_tensors(ckpt / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.cpu"))
+    if "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors.pop("rng.cuda"))
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt_state = {"state": state, "param_groups": meta["param_groups"]}
+    return TrainState(step=meta["step"], losses=meta["losses"]), {"optimizer": opt_state, "scheduler": meta["scheduler"]}
