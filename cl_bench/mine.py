@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=5, help="tasks per sequence (default 5)")
     p.add_argument("--top-k", type=int, default=10, help="how many sequences to write (default 10)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--model", default="tiny", help="'tiny' (the embedded model) or a model path / Hub name")
+    p.add_argument("--model", default="tiny", help="a conf/model choice (tiny: the embedded model, smollm2, ...) or a model path / Hub name")
     p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--order", default="greedy", choices=ORDER_RULES, help="order inside a sequence (default greedy)")
@@ -400,7 +400,7 @@ def mine(args, log: Callable[[str], None] = print) -> dict:
     if len(tasks) < args.size:
         raise DataError(f"only {len(tasks)} pool task(s) have data but --size={args.size}; add tasks or lower --size")
     device = resolve_device(args.device)
-    model_cfg = {"builder": "tiny", "name_or_path": "tiny", "dtype": "float32"} if args.model == "tiny" else {"name_or_path": args.model, "dtype": args.dtype}
+    model_cfg = model_config(args.model, args.dtype)
     model, tokenizer = load_model(OmegaConf.create(model_cfg), device, cache_dir=args.cache_dir, log=log)
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
 
@@ -447,6 +447,24 @@ def mine(args, log: Callable[[str], None] = print) -> dict:
     (out / "mining.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     log(f"[mine] searched {summary['subsets_searched']} subsets in {search_seconds:.2f}s; best mean cosine {best[0][0]:+.4f}; wrote {out}")
     return summary
+
+
+
+def model_config(model: str, dtype: str) -> dict:
+    """--model as the runner's `model` group: a choice of conf/model/ (tiny, smollm2, ...; its
+    YAML, e.g. smollm2's GGUF file) or a model path / Hub name. `--dtype` other than auto wins."""
+    from omegaconf import OmegaConf
+
+    from .run.config import CONF_DIR
+
+    preset = CONF_DIR / "model" / f"{model}.yaml"
+    if "/" not in model and preset.is_file():
+        cfg = OmegaConf.to_container(OmegaConf.load(preset))
+    else:
+        cfg = {"name_or_path": model}
+    if dtype != "auto" or "dtype" not in cfg:
+        cfg["dtype"] = dtype
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..infra.errors import ConfigError, ModelLoadError
+from .gguf import converted_folder, gguf_source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,11 +42,17 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager", None)
 
 
 def resolve_model_path(model_cfg: Any, cache_dir: str | None, log=print) -> str:
-    """The tiny model is built on first use; anything else is a Hub name or a local path.
+    """The tiny model is built on first use; a GGUF file (`model.gguf_file`) is converted on first
+    use (data/gguf.py); anything else is a Hub name or a local path.
 
     A `model.name_or_path` the user set is honoured whatever the group: `model=tiny` builds the
     tiny model only while its name_or_path is still "tiny"."""
     name = model_cfg.get("name_or_path")
+    gguf = gguf_source(model_cfg)
+    if gguf is not None:  # a llama.cpp file: converted once into the cache, then an ordinary HF folder
+        from .tiny_model import default_cache_root
+
+        return str(converted_folder(gguf, cache_dir or default_cache_root(), log=log))
     if model_cfg.get("builder") == TINY and name in (None, "", TINY):
         from .tiny_model import ensure_tiny_model
 
