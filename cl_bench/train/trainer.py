@@ -3,7 +3,8 @@
 Hand-written rather than HF Trainer because the runner needs, per step, the regularizer's
 named loss terms and hooks (stage.py lists them in order), a NaN/inf guard that stops the stage
 cleanly, and in-stage checkpoints whose data position and RNG states resume bit-identically
-on CPU.
+on CPU. `Trainer` holds one stage's optimizer, wrappers and pending log terms; `train_stage`
+builds one and runs it.
 
 Gradient accumulation is exact: the LM loss of each forward pass is its summed token loss
 divided by the trained tokens of the whole optimizer step (HF's `num_items_in_batch`), so
