@@ -200,6 +200,49 @@ class Dist:
         self.all_reduce_([box], what, op="max")
         return int(box.item())
 
+    # ---- a training step's rank arithmetic (world 1: the value itself, no collective) ------
+    def step_token_count(self, n: int, device: torch.device, what: str) -> int | torch.Tensor:
+        """The whole step's trained tokens, the loss divisor every rank shares: the sum of the ranks'
+        `n` as a 0-d int64 tensor on `device` (no host sync), or `n` itself for one process."""
+        if self.world <= 1:
+            return n
+        total = torch.tensor(n, device=device if self.backend == "nccl" else "cpu")
+        self.all_reduce_([total], what)
+        return total.to(device)
+
+    def all_finite(self, finite: torch.Tensor, what: str) -> torch.Tensor:
+        """0-d bool: `finite` (this rank's flag, on the device) holds on every rank, so every rank
+        skips (or takes) the same steps; `finite` itself for one process."""
+        if self.world <= 1:
+            return finite
+        flags = finite.float()
+        self.all_reduce_([flags], what)
+        return flags == self.world
+
+    def padding_passes(self, n: int, what: str) -> int:
+        """Passes this rank adds to its `n` forward passes to run as many as the busiest rank: with
+        a sharded base every forward pass is collective. 0 for any other kind and for one process."""
+        if not self.sharded or self.world <= 1:
+            return 0
+        return self.max_over_ranks(n, what) - int(n)
+
+    def sum_or_mean(self, values: torch.Tensor, mean: Sequence[bool], what: str) -> torch.Tensor:
+        """1-d `values` over the ranks in one all-reduce (in place): entry i is the ranks' mean where
+        `mean[i]`, else their sum. `values` itself for one process."""
+        if self.world <= 1:
+            return values
+        self.all_reduce_([values], what)
+        return torch.where(torch.tensor(list(mean)).to(values.device), values / self.world, values)
+
+    def summed_counts(self, counts: dict[str, int], what: str) -> dict[str, int]:
+        """Each integer count summed over the ranks (what all ranks ran together); `counts` itself
+        for one process. Exact below 2**53 (summed as float64)."""
+        if self.world <= 1:
+            return counts
+        summed = torch.tensor([counts[k] for k in counts], dtype=torch.float64)
+        self.all_reduce_([summed], what)
+        return dict(zip(counts, (int(v) for v in summed.tolist())))
+
     @torch.no_grad()
     def average_gradients_(self, params: Sequence[torch.nn.Parameter], what: str) -> None:
         """p.grad ← the mean of p.grad over the ranks, for every parameter (one flat all-reduce;

@@ -3,7 +3,8 @@
 Hand-written rather than HF Trainer because the runner needs, per step, the regularizer's
 named loss terms and hooks (stage.py lists them in order), a NaN/inf guard that stops the stage
 cleanly, and in-stage checkpoints whose data position and RNG states resume bit-identically
-on CPU.
+on CPU. `Trainer` holds one stage's optimizer, wrappers and pending log terms; `train_stage`
+builds one and runs it.
 
 Gradient accumulation is exact: the LM loss of each forward pass is its summed token loss
 divided by the trained tokens of the whole optimizer step (HF's `num_items_in_batch`), so
@@ -208,46 +209,64 @@ def _forward_backward(
     `average` (the LoRA gradients' mean over the ranks) runs before the after_backward hooks."""
     accum = len(micro_batches)
     device = next(model.parameters()).device
+    forward = model if forward is None else forward
     # Regularizers normalise by the forward passes of the step (regularizers/base.py); a layout
     # may run more or fewer than trainer.grad_accum of them.
     rctx = ctx if ctx.grad_accum == accum else dataclasses.replace(ctx, grad_accum=accum)
     logged: dict[str, torch.Tensor] = {}
     finite = torch.ones((), dtype=torch.bool, device=device)
     for i, micro in enumerate(micro_batches):
-        keep, targets = logits_mask(micro["labels"])  # on the host, before the copy: no sync
-        batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
-        batch["num_items_in_batch"] = n_items
-        try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), Dist.no_sync(wrapped, i == accum - 1):
-                lm = causal_lm_loss(model if forward is None else forward, batch, n_items, keep=keep, targets=targets.to(device, non_blocking=True))
-                extra = regularizer.loss(model, batch, rctx)
-                lm_part = lm * world if world > 1 else lm
-                loss = lm_part + sum(v / accum for v in extra.values()) if extra else lm_part
-                finite = finite & torch.isfinite(loss.detach())
-                loss.backward()
-        except torch.OutOfMemoryError:
-            raise TrainingError(
-                f"out of memory at {where} (micro-batch {micro['input_ids'].shape[0]} x "
-                f"{micro['input_ids'].shape[1]} tokens); lower trainer.max_tokens_per_forward or trainer.batch_size "
-                "(raise trainer.grad_accum to keep the effective batch), or trainer.max_len"
-            ) from None
+        sync = Dist.no_sync(wrapped, i == accum - 1)
+        lm, extra, ok = _micro_backward(model, forward, micro, n_items, regularizer, rctx, device, sync,
+                                        autocast=autocast, world=world, where=where)
+        finite = finite & ok
         logged["lm"] = logged.get("lm", 0.0) + lm.detach()
         for k, v in extra.items():
             v = torch.as_tensor(v).detach().to(device)
             logged[k] = logged.get(k, 0.0) + v / accum
     if idle:
-        micro = micro_batches[-1]
-        keep, targets = logits_mask(micro["labels"])
-        batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
-        for _ in range(idle):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                lm = causal_lm_loss(model if forward is None else forward, batch, n_items, keep=keep, targets=targets.to(device))
-            (lm * 0.0).backward()
+        _idle_passes(forward, micro_batches[-1], n_items, idle, device, autocast=autocast)
     if average is not None:
         average()
     for plugin in (regularizer,) if plugins is None else plugins:
         plugin.after_backward(model, ctx)
     return logged, finite
+
+
+def _micro_backward(model, forward, micro: Batch, n_items, regularizer: Regularizer, rctx: StageContext,
+                    device: torch.device, sync, *, autocast: bool, world: int, where: str):
+    """Forward and backward of one micro-batch: (LM loss, regularizer terms, finite flag), on the
+    device. TrainingError naming the knobs on out of memory."""
+    accum = rctx.grad_accum
+    keep, targets = logits_mask(micro["labels"])  # on the host, before the copy: no sync
+    batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
+    batch["num_items_in_batch"] = n_items
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), sync:
+            lm = causal_lm_loss(forward, batch, n_items, keep=keep, targets=targets.to(device, non_blocking=True))
+            extra = regularizer.loss(model, batch, rctx)
+            lm_part = lm * world if world > 1 else lm
+            loss = lm_part + sum(v / accum for v in extra.values()) if extra else lm_part
+            finite = torch.isfinite(loss.detach())
+            loss.backward()
+    except torch.OutOfMemoryError:
+        raise TrainingError(
+            f"out of memory at {where} (micro-batch {micro['input_ids'].shape[0]} x "
+            f"{micro['input_ids'].shape[1]} tokens); lower trainer.max_tokens_per_forward or trainer.batch_size "
+            "(raise trainer.grad_accum to keep the effective batch), or trainer.max_len"
+        ) from None
+    return lm, extra, finite
+
+
+def _idle_passes(forward, micro: Batch, n_items, idle: int, device: torch.device, *, autocast: bool) -> None:
+    """`idle` forward/backward passes of `micro` whose loss counts for nothing (times 0): a sharded
+    rank with a short share runs as many collective passes as the busiest rank."""
+    keep, targets = logits_mask(micro["labels"])
+    batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
+    for _ in range(idle):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            lm = causal_lm_loss(forward, batch, n_items, keep=keep, targets=targets.to(device))
+        (lm * 0.0).backward()
 
 
 def step_gradients(
@@ -277,28 +296,142 @@ def step_gradients(
     return values
 
 
-class _Log:
-    """Per-step terms kept on the device until the next read (one host sync per read)."""
+class Trainer:
+    """One stage's optimizer loop: the trainable parameters (LoRA factors, and whatever a plug-in
+    added, e.g. gates) trained on ctx.current.
 
-    def __init__(self, dist: Dist | None = None):
+    Construction builds what the whole stage uses: AdamW and its schedule (`optimizer_state`: a
+    checkpoint's {"optimizer", "scheduler"} state dicts to continue from), the step batcher, the
+    DDP wrapper (data parallel), the compiled forward (trainer.compile) and the activation
+    checkpointing context (trainer.gradient_checkpointing); ConfigError on a bad layout or
+    checkpointing choice. `plugins` get after_backward / after_step every step, in order
+    (default: the regularizer alone); the regularizer also gives the loss terms and extra examples.
+
+    `run` trains from a TrainState to cfg.total_steps, once per Trainer; `step` is one optimizer
+    step. Each step's terms stay on the device until the next drain (every log_every_steps steps,
+    before a checkpoint, at the end): one host sync, and under data parallelism one all-reduce.
+    """
+
+    def __init__(self, model: torch.nn.Module, ctx: StageContext, encoder: TrainingEncoder, cfg: Any,
+                 regularizer: Regularizer, *, optimizer_state: dict | None = None,
+                 plugins: Sequence[Plugin] | None = None):
+        self.model, self.ctx, self.cfg, self.regularizer = model, ctx, cfg, regularizer
+        self.task, self.device = ctx.current, ctx.device
+        self.opt, self.sched = build_optimizer(model, cfg)
+        if optimizer_state is not None:
+            self.opt.load_state_dict(optimizer_state["optimizer"])
+            self.sched.load_state_dict(optimizer_state["scheduler"])
+        self.total = int(cfg.total_steps)
+        self.dist = ctx.dist or Dist()
+        self.batcher = StepBatcher(encoder, ctx, regularizer, cfg, self.total, self.dist)
+        check_layout(self.batcher.layout, regularizer)
+        self.params = list(trainable_parameters(model).values())
+        self.autocast = self.device.type == "cuda" and bool(cfg.get("autocast_bf16", True)) and torch.cuda.is_bf16_supported()
+        self.checkpoint_every = int(cfg.get("checkpoint_every_steps") or 0)
+        self.plugins = (regularizer,) if plugins is None else tuple(plugins)
+        self.log_every = max(1, int(cfg.get("log_every_steps") or 1))
+        self.deferred = is_fused(self.opt)  # the device skips a bad step itself; read the flag at log points only
+        self.bad = torch.zeros((), device=self.device)  # sticky: 1 once any step was non-finite
+        self.wrapped = self.dist.wrap(model)  # DDP under data parallelism, else None
+        # fsdp: the LoRA factors are whole on every rank, their gradients averaged after backward
+        self.averages = self.dist.sharded and self.dist.world > 1
+        self.forward = self.wrapped
+        if cfg.get("compile", False):
+            self.forward = torch.compile(self.wrapped or model, dynamic=True)
+        self.checkpointing = _activation_checkpointing(model, bool(cfg.get("gradient_checkpointing", False)))
         self.pending: list[tuple[int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, float]] = []
-        self.dist = dist or Dist()
+        self.counts = {"examples": 0, "tokens": 0, "fed_tokens": 0, "trained_tokens": 0, "forward_passes": 0}
+        self.on_step: Callable[[int, dict[str, float]], None] | None = None
+        self.bar: Any = None
+        self.ran = False
 
-    def add(self, step: int, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, finite: torch.Tensor, lr: float) -> None:
-        self.pending.append((step, terms, grad_norm, finite, lr))
+    def run(self, state: TrainState | None = None, *,
+            checkpoint: Callable[[TrainState, torch.optim.Optimizer, Any], None] | None = None,
+            progress: bool = True, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+        """Steps from state.step (0: a fresh stage) to cfg.total_steps; returns the stage's summary
+        for results.json. `checkpoint(state, optimizer, scheduler)` runs every checkpoint_every_steps
+        steps (not after the last), after that step's terms were read; `on_step(step, terms)` for
+        every step, in order, when its terms are read. TrainingError at the first non-finite step
+        (no checkpoint after it) or on out of memory."""
+        if self.ran:
+            raise RuntimeError("a Trainer runs its stage once; build a new one")
+        self.ran, self.on_step = True, on_step
+        state = state or TrainState()
+        self.model.train()
+        start = time.time()
+        self.bar = tqdm(total=self.total, initial=state.step, desc=f"train {self.task.name}", leave=False,
+                        disable=not progress)
+        try:
+            with self.checkpointing:
+                while state.step < self.total:
+                    self.step(state)
+                    self._log_point(state, checkpoint)
+        finally:
+            if self.deferred:
+                self.opt.found_inf = None
+            self.bar.close()
+        self.model.eval()
+        self.wrapped = self.forward = None  # the DDP buckets / compiled graph: not needed after the stage
+        return self._summary(state, time.time() - start)
 
-    def read(self) -> list[tuple[int, dict[str, float], bool]]:
-        """[(step, {terms, grad_norm, lr}, finite)] for every pending step, oldest first."""
+    def step(self, state: TrainState) -> None:
+        """Optimizer step state.step + 1: forward/backward of its passes, clipping, the plug-ins'
+        hooks, the update (skipped on the device once any step was non-finite, with the fused
+        AdamW) and the schedule; advances state.step. Its terms wait in `pending`."""
+        built = self.batcher.build(state.step)
+        where = f"task {self.task.name!r} step {state.step + 1} (trainer.lr={self.cfg.lr})"
+        n_items = self.dist.step_token_count(built.n_items, self.device, f"counting the trained tokens of {where}")
+        idle = self.dist.padding_passes(len(built.micro_batches), f"counting the passes of {where}")
+        terms, finite = _forward_backward(self.model, built.micro_batches, n_items, self.regularizer, self.ctx,
+                                          autocast=self.autocast, where=where, forward=self.forward,
+                                          wrapped=self.wrapped, world=self.dist.world, plugins=self.plugins,
+                                          idle=idle, average=self._average if self.averages else None)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.max_grad_norm))  # of the all-reduced gradient
+        finite = self.dist.all_finite(finite & torch.isfinite(grad_norm), f"the finite check of {where}")
+        lr = self.sched.get_last_lr()[0]  # the rate this step uses
+        if self.deferred:
+            self.bad = torch.maximum(self.bad, (~finite).float())
+            self.opt.found_inf = self.bad  # fused AdamW skips the update (params, moments, step count)
+        elif not bool(finite):
+            self.pending.append((state.step + 1, terms, grad_norm, finite, lr))
+            self._drain(state)  # raises
+        self.opt.step()
+        # after a skipped (non-finite) step too: its projection of unchanged parameters is a
+        # no-op up to rounding, and the stage stops at the next read before any checkpoint
+        for plugin in self.plugins:
+            plugin.after_step(self.model, self.ctx)
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        state.step += 1
+        for k, v in (("examples", built.examples), ("tokens", built.tokens), ("fed_tokens", built.fed_tokens),
+                     ("trained_tokens", built.n_items), ("forward_passes", len(built.micro_batches))):
+            self.counts[k] += v
+        self.pending.append((state.step, terms, grad_norm, finite, lr))
+
+    def _average(self) -> None:
+        self.dist.average_gradients_(self.params, f"averaging the gradients of task {self.task.name!r}")
+
+    def _log_point(self, state: TrainState, checkpoint: Callable | None) -> None:
+        """After a step: drain at log points, checkpoint when due (after the drain, which raises on
+        a non-finite step first), then report the drained steps."""
+        every = self.checkpoint_every
+        due = bool(checkpoint is not None and every and state.step % every == 0 and state.step < self.total)
+        if due or state.step % self.log_every == 0 or state.step == self.total:
+            done = self._drain(state)  # the only host sync of a step
+            if due:
+                checkpoint(state, self.opt, self.sched)
+            self._report(done)
+
+    def _read_pending(self) -> list[tuple[int, dict[str, float], bool]]:
+        """[(step, {terms, grad_norm, lr}, finite)] for every pending step, oldest first; empties
+        `pending`. Under data parallelism "lm" is the sum of the ranks' shares, the others
+        (regularizer terms, the identical grad norm, the finite flags) the ranks' mean."""
         if not self.pending:
             return []
         stacked = torch.stack([t.float() for _, terms, gn, ok, _ in self.pending
                                for t in (*terms.values(), gn.detach(), ok)])
-        if self.dist.world > 1:  # one all-reduce per read: "lm" is a sum of the ranks' shares,
-            # the others (regularizer terms, the identical grad norm, the finite flags) a mean
-            self.dist.all_reduce_([stacked], "reading the loss terms")
-            mean = torch.tensor([k != "lm" for _, terms, _, _, _ in self.pending for k in (*terms, "gn", "ok")])
-            stacked = torch.where(mean.to(stacked.device), stacked / self.dist.world, stacked)
-        flat = stacked.tolist()
+        mean = [k != "lm" for _, terms, _, _, _ in self.pending for k in (*terms, "gn", "ok")]
+        flat = self.dist.sum_or_mean(stacked, mean, "reading the loss terms").tolist()
         out, at = [], 0
         for step, terms, _, _, lr in self.pending:
             vals = flat[at:at + len(terms) + 2]
@@ -308,6 +441,46 @@ class _Log:
             out.append((step, row, vals[-1] == 1.0 and math.isfinite(vals[-2])))
         self.pending = []
         return out
+
+    def _drain(self, state: TrainState) -> list[tuple[int, dict[str, float]]]:
+        """The pending steps' terms into state.losses; returns them for `_report`. TrainingError at
+        the first non-finite step (after reporting the finite ones before it)."""
+        done = []
+        for step, row, ok in self._read_pending():
+            if not ok:
+                self._report(done)
+                shown = {k: v for k, v in row.items() if k != "lr"}
+                terms_ok = all(math.isfinite(v) for k, v in shown.items() if k != "grad_norm")
+                what = "gradient norm" if terms_ok else "loss"
+                raise TrainingError(f"non-finite {what} at task {self.task.name!r} step {step} (trainer.lr={self.cfg.lr}): "
+                                    f"{shown}; lower trainer.lr or check the regularizer")
+            state.losses.append(row)
+            done.append((step, row))
+        return done
+
+    def _report(self, done: list[tuple[int, dict[str, float]]]) -> None:
+        # after the step's checkpoint: a callback that stops the process finds it written
+        for step, row in done:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("grad_norm", "lr")})
+            if self.on_step is not None:
+                self.on_step(step, row)
+
+    def _summary(self, state: TrainState, seconds: float) -> dict[str, Any]:
+        counts = self.dist.summed_counts(self.counts, "summing the throughput counts")  # what all ranks ran together
+        first = state.losses[0] if state.losses else {}
+        last = state.losses[-1] if state.losses else {}
+        return {
+            "steps": self.total,
+            "examples": len(self.task.train),
+            "loss_first": first,
+            "loss_last": last,
+            "loss_curve": [round(x["lm"], 5) for x in state.losses],
+            "seconds": seconds,
+            # what this process ran (a resumed stage counts only its own steps)
+            "throughput": {**counts, "layout": self.batcher.layout.name,
+                           "tokens_per_s": counts["tokens"] / seconds if seconds > 0 else None},
+        }
 
 
 def train_stage(
@@ -334,136 +507,10 @@ def train_stage(
     CUDA), layout, max_tokens_per_forward, forward_overhead_tokens, log_every_steps, fused_adamw,
     compile, gradient_checkpointing (conf/trainer/default.yaml documents each).
     `on_step(step, terms)` is called for every step, in order, when its terms are read (every
-    log_every_steps steps, before a checkpoint, at the end).
+    log_every_steps steps, before a checkpoint, at the end). A `Trainer` built and run once.
     """
-    task, device = ctx.current, ctx.device
-    state = state or TrainState()
-    opt, sched = build_optimizer(model, cfg)
-    if optimizer_state is not None:
-        opt.load_state_dict(optimizer_state["optimizer"])
-        sched.load_state_dict(optimizer_state["scheduler"])
-    total = int(cfg.total_steps)
-    dist = ctx.dist or Dist()
-    batcher = StepBatcher(encoder, ctx, regularizer, cfg, total, dist)
-    check_layout(batcher.layout, regularizer)
-    params = list(trainable_parameters(model).values())
-    use_autocast = device.type == "cuda" and bool(cfg.get("autocast_bf16", True)) and torch.cuda.is_bf16_supported()
-    every = int(cfg.get("checkpoint_every_steps") or 0)
-    plugins = (regularizer,) if plugins is None else tuple(plugins)
-    log_every = max(1, int(cfg.get("log_every_steps") or 1))
-    deferred = is_fused(opt)  # the device skips a bad step itself; read the flag at log points only
-    bad = torch.zeros((), device=device)  # sticky: 1 once any step was non-finite
-    wrapped = dist.wrap(model)  # DDP under data parallelism, else None
-    average = None  # fsdp: the LoRA factors are whole on every rank, their gradients averaged here
-    if dist.sharded and dist.world > 1:
-        average = lambda: dist.average_gradients_(params, f"averaging the gradients of task {task.name!r}")  # noqa: E731
-    forward = wrapped
-    if cfg.get("compile", False):
-        forward = torch.compile(wrapped or model, dynamic=True)
-    checkpointing = _activation_checkpointing(model, bool(cfg.get("gradient_checkpointing", False)))
-
-    log = _Log(dist)
-    counts = {"examples": 0, "tokens": 0, "fed_tokens": 0, "trained_tokens": 0, "forward_passes": 0}
-    model.train()
-    start = time.time()
-    bar = tqdm(total=total, initial=state.step, desc=f"train {task.name}", leave=False, disable=not progress)
-
-    def read() -> list[tuple[int, dict[str, float]]]:
-        """The pending steps' terms into state.losses; returns them for `report`. Raises
-        TrainingError at the first non-finite step (after reporting the finite ones before it)."""
-        done = []
-        for step, row, ok in log.read():
-            if not ok:
-                report(done)
-                shown = {k: v for k, v in row.items() if k != "lr"}
-                terms_ok = all(math.isfinite(v) for k, v in shown.items() if k != "grad_norm")
-                what = "gradient norm" if terms_ok else "loss"
-                raise TrainingError(f"non-finite {what} at task {task.name!r} step {step} (trainer.lr={cfg.lr}): "
-                                    f"{shown}; lower trainer.lr or check the regularizer")
-            state.losses.append(row)
-            done.append((step, row))
-        return done
-
-    def report(done: list[tuple[int, dict[str, float]]]) -> None:
-        # after the step's checkpoint: a callback that stops the process finds it written
-        for step, row in done:
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("grad_norm", "lr")})
-            if on_step is not None:
-                on_step(step, row)
-
-    try:
-        with checkpointing:
-            while state.step < total:
-                built = batcher.build(state.step)
-                where = f"task {task.name!r} step {state.step + 1} (trainer.lr={cfg.lr})"
-                n_items: int | torch.Tensor = built.n_items
-                if dist.world > 1:  # the whole step's trained tokens: every rank divides by the same count
-                    n_items = torch.tensor(built.n_items, device=device if dist.backend == "nccl" else "cpu")
-                    dist.all_reduce_([n_items], f"counting the trained tokens of {where}")
-                    n_items = n_items.to(device)
-                idle = 0
-                if dist.sharded:  # every forward pass is collective: all ranks run as many as the busiest
-                    idle = dist.max_over_ranks(len(built.micro_batches), f"counting the passes of {where}") - len(built.micro_batches)
-                terms, finite = _forward_backward(model, built.micro_batches, n_items, regularizer, ctx,
-                                                  autocast=use_autocast, where=where, forward=forward,
-                                                  wrapped=wrapped, world=dist.world, plugins=plugins, idle=idle,
-                                                  average=average)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))  # of the all-reduced gradient
-                finite = finite & torch.isfinite(grad_norm)
-                if dist.world > 1:  # every rank skips (or takes) the same steps
-                    finite = finite.float()
-                    dist.all_reduce_([finite], f"the finite check of {where}")
-                    finite = finite == dist.world
-                lr = sched.get_last_lr()[0]  # the rate this step uses
-                if deferred:
-                    bad = torch.maximum(bad, (~finite).float())
-                    opt.found_inf = bad  # fused AdamW skips the update (params, moments, step count)
-                elif not bool(finite):
-                    log.add(state.step + 1, terms, grad_norm, finite, lr)
-                    read()  # raises
-                opt.step()
-                # after a skipped (non-finite) step too: its projection of unchanged parameters is a
-                # no-op up to rounding, and the stage stops at the next read before any checkpoint
-                for plugin in plugins:
-                    plugin.after_step(model, ctx)
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                state.step += 1
-                for k, v in (("examples", built.examples), ("tokens", built.tokens), ("fed_tokens", built.fed_tokens),
-                             ("trained_tokens", built.n_items), ("forward_passes", len(built.micro_batches))):
-                    counts[k] += v
-                log.add(state.step, terms, grad_norm, finite, lr)
-                due = bool(checkpoint is not None and every and state.step % every == 0 and state.step < total)
-                if due or state.step % log_every == 0 or state.step == total:
-                    done = read()  # the only host sync of a step; raises on a non-finite step before any checkpoint
-                    if due:
-                        checkpoint(state, opt, sched)
-                    report(done)
-    finally:
-        if deferred:
-            opt.found_inf = None
-        bar.close()
-    model.eval()
-    del wrapped, forward
-    seconds = time.time() - start
-    if dist.world > 1:  # what all ranks ran together
-        summed = torch.tensor([counts[k] for k in counts], dtype=torch.float64)
-        dist.all_reduce_([summed], "summing the throughput counts")
-        counts = dict(zip(counts, (int(v) for v in summed.tolist())))
-    first = state.losses[0] if state.losses else {}
-    last = state.losses[-1] if state.losses else {}
-    return {
-        "steps": total,
-        "examples": len(task.train),
-        "loss_first": first,
-        "loss_last": last,
-        "loss_curve": [round(x["lm"], 5) for x in state.losses],
-        "seconds": seconds,
-        # what this process ran (a resumed stage counts only its own steps)
-        "throughput": {**counts, "layout": batcher.layout.name,
-                       "tokens_per_s": counts["tokens"] / seconds if seconds > 0 else None},
-    }
+    trainer = Trainer(model, ctx, encoder, cfg, regularizer, optimizer_state=optimizer_state, plugins=plugins)
+    return trainer.run(state or TrainState(), checkpoint=checkpoint, progress=progress, on_step=on_step)
 
 
 class _activation_checkpointing:
