@@ -101,7 +101,7 @@ def fake_results(path, seed: int) -> None:
 
 def check_module(module: str, args: list[str], tmp_path, capsys) -> None:
     if module == "cl_bench.report":
-        from cl_bench.report.collect import main
+        from cl_bench.report.cli import main
 
         valued = {"--out", "--markdown", "--baseline", "--format", "--metrics", "--title", "--notes", "--plots"}  # options taking a value
         kinds = ["option" if a.startswith("-") else (args[i - 1] if i and args[i - 1] in valued else "path") for i, a in enumerate(args)]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cl_bench.report.collect import main
+from cl_bench.report.cli import main
 from cl_bench.report.stats import paired_test
 
 

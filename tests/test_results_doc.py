@@ -9,7 +9,7 @@ from statistics import fmean, stdev
 
 import pytest
 
-from cl_bench.report.collect import main
+from cl_bench.report.cli import main
 from cl_bench.report.stats import fmt_p, paired_test
 
 TASKS = ["a", "b"]

@@ -1,4 +1,4 @@
-"""`python -m cl_bench.bench`: the speed and memory figures (cl_bench/bench/phases.py)."""
-from .phases import main
+"""`python -m cl_bench.bench`: the speed and memory figures (cl_bench/bench/cli.py)."""
+from .cli import main
 
 main()

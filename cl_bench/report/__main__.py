@@ -1,4 +1,4 @@
 """`python -m cl_bench.report DIR ...`: tables, figures and a document from run dirs."""
-from .collect import main
+from .cli import main
 
 raise SystemExit(main())

@@ -20,16 +20,13 @@ Layout (SLICE paper, Table 1). With --baseline METHOD the baseline row of each b
 and every other row is Δ = mean(method) − mean(baseline), ± the method's std over seeds; the paired
 tests (cl_bench/stats.py) compare method and baseline seed by seed.
 
-`build_report` is the one call behind the command (docs/results.md is one such call); see the
-README section "Reports" for the files written.
+The command itself (files written, options) is cl_bench/report/cli.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +36,8 @@ import pandas as pd
 
 from ..infra.errors import ConfigError
 from ..infra.config_keys import NON_RESULT_KEYS
+from .labels import (METHOD_GROUPS, MODE_KEY, block_label, is_method_key, method_label, method_of, natural_key,
+                     short_names)
 
 # FWT_scratch: PS-LoRA's FWT against the independent run of the same seed (`scratch_fwt`), shown
 # only when a block holds mode=independent runs.
@@ -47,22 +46,9 @@ PAPER_METRICS = ["AP", "FP", "Fgt", "GP", "IP"]  # SLICE Tables 1-2
 SEED_KEY = "seed"
 PATH_KEYS = ("data.root", "cache.dir")
 ABSENT = "<absent>"
-# The method's plug-ins: their knobs label rows (not blocks), and differ between methods by design.
-METHOD_GROUPS = ("initializer", "regularizer", "merge")
 # Subtrees whose keys come with the choice of sequence or method (a SLICE knob is absent from a
 # vanilla run): shown only when they differ between runs of one sequence and method.
 CHOICE_SUBTREES = ("sequence.",) + tuple(f"{g}." for g in METHOD_GROUPS)
-# Plug-in classes that are the plain sequential-LoRA defaults (conf/config.yaml): not named in a
-# method label. Any other regularizer or merge is ("Vanilla+Replay").
-DEFAULT_PLUGINS = {"regularizer": "Regularizer", "merge": "Absorb"}
-# Knobs swept in the papers' figures (SLICE Fig. 4: alpha; Table 1 rows: c): metric-vs-knob curves.
-CURVE_KNOBS = {"lora.alpha": ("alpha", "LoRA α (rsLoRA: s = α/√r)"), "initializer.c": ("c", "SLICE c (PCGrad strength)"),
-               "lora.r": ("rank", "LoRA rank r")}
-PLOTS = ("all", "summary", "none")
-# The run mode (cl_bench/modes.py) is part of the method: a multitask or independent run is a row
-# beside the methods ("Multitask", "Independent"), not a block of its own.
-MODE_KEY = "mode"
-MODE_LABELS = {"multitask": "Multitask", "independent": "Independent"}
 STATES = ("complete", "pending", "incomplete", "interrupted", "failed", "missing", "unreadable")
 SKIP_DIRS = {"stages", "predictions", ".submitit", "wandb", "general_eval", ".hydra", "figures"}
 
@@ -70,6 +56,8 @@ SKIP_DIRS = {"stages", "predictions", ".submitit", "wandb", "general_eval", ".hy
 # ---- reading ------------------------------------------------------------------------------------
 @dataclass
 class Found:
+    """What one walk over the given folders found (find_runs)."""
+
     results: list[Path] = field(default_factory=list)   # results.json files
     no_results: list[Path] = field(default_factory=list)  # Hydra job dirs without results.json
     sweeps: list[Path] = field(default_factory=list)    # dirs holding a multirun.yaml
@@ -96,6 +84,7 @@ def find_runs(paths: list[str]) -> Found:
 
 
 def find_results(paths: list[str]) -> list[Path]:
+    """The results.json files below `paths`, sorted."""
     return find_runs(paths).results
 
 
@@ -111,29 +100,6 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def _ignored(key: str) -> bool:
     return key == SEED_KEY or key in PATH_KEYS or key.split(".")[0] in NON_RESULT_KEYS
-
-
-def _is_method_key(key: str) -> bool:
-    return key.split(".")[0] in METHOD_GROUPS or key == MODE_KEY
-
-
-def _class(config: dict, group: str) -> str | None:
-    target = (config.get(group) or {}).get("_target_")
-    return None if target is None else str(target).rsplit(".", 1)[-1]
-
-
-def method_of(config: dict) -> str:
-    """The method's name: the initializer class, + the regularizer and merge when not the
-    defaults (e.g. "Vanilla", "Slice", "Vanilla+Replay", "LoraGA+TiesMerge"); a reference mode
-    replaces a Vanilla initializer ("Multitask", "Independent", "Multitask+LoraGA")."""
-    init = _class(config, "initializer") or "?"
-    mode = MODE_LABELS.get(str(config.get(MODE_KEY, "sequential")))
-    parts = [init] if mode is None else [mode] if init == "Vanilla" else [mode, init]
-    for group, default in DEFAULT_PLUGINS.items():
-        cls = _class(config, group)
-        if cls is not None and cls != default:
-            parts.append(cls)
-    return "+".join(parts)
 
 
 def run_state(results: dict) -> str:
@@ -276,7 +242,7 @@ def shown_keys(runs: pd.DataFrame, keys: list[str]) -> list[str]:
     keys of the sequence/method subtrees only when they vary within one (sequence, method)."""
     out = []
     for k in keys:
-        if k in ("sequence.name", MODE_KEY) or (k.endswith("._target_") and _is_method_key(k)):
+        if k in ("sequence.name", MODE_KEY) or (k.endswith("._target_") and is_method_key(k)):
             continue
         if k.startswith(CHOICE_SUBTREES):
             within = runs.groupby(["sequence", "method"], dropna=False)["config"].agg(lambda cs: len({_value(c, k) for c in cs}))
@@ -284,12 +250,6 @@ def shown_keys(runs: pd.DataFrame, keys: list[str]) -> list[str]:
                 continue
         out.append(k)
     return out
-
-
-def _short_names(keys: list[str]) -> dict[str, str]:
-    """initializer.c -> c, unless two shown keys end alike."""
-    tails = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: (t if tails.count(t) == 1 else k) for k, t in zip(keys, tails)}
 
 
 def _choice(overrides: list[str]) -> str:
@@ -308,26 +268,16 @@ def label_experiments(runs: pd.DataFrame) -> pd.DataFrame:
     with_config = runs[runs["config"].map(bool)]  # runs without results.json have no config to compare
     keys = experiment_keys(with_config) if len(with_config) else []
     shown = shown_keys(with_config, keys)
-    short = _short_names([k for k in shown if _is_method_key(k)])
+    short = short_names([k for k in shown if is_method_key(k)])
     runs["experiment"] = [tuple(_value(c, k) for k in keys) for c in runs["config"]]
     runs["exp_id"] = pd.factorize(runs["experiment"])[0]
     runs["setting"] = [",".join(f"{k}={_value(c, k)}" for k in shown if k in c) for c in runs["config"]]
     runs["knobs"] = [{k: _value(c, k) for k in shown if k in c} for c in runs["config"]]
-    runs["block_key"] = [tuple(_value(c, k) for k in keys if not _is_method_key(k)) for c in runs["config"]]
-    runs["block"] = [_block_label(seq, kn) if c else "" for seq, kn, c in zip(runs["sequence"], runs["knobs"], runs["config"])]
-    runs["label"] = [_method_label(m, kn, short) if c else "" for m, kn, c in zip(runs["method"], runs["knobs"], runs["config"])]
+    runs["block_key"] = [tuple(_value(c, k) for k in keys if not is_method_key(k)) for c in runs["config"]]
+    runs["block"] = [block_label(seq, kn) if c else "" for seq, kn, c in zip(runs["sequence"], runs["knobs"], runs["config"])]
+    runs["label"] = [method_label(m, kn, short) if c else "" for m, kn, c in zip(runs["method"], runs["knobs"], runs["config"])]
     runs["choice"] = [_choice(o) for o in runs["overrides"]]
     return runs
-
-
-def _block_label(sequence: Any, knobs: dict[str, str], without: str | None = None) -> str:
-    parts = [str(sequence)] + [f"{k}={v}" for k, v in knobs.items() if not _is_method_key(k) and k != without]
-    return ", ".join(parts)
-
-
-def _method_label(method: Any, knobs: dict[str, str], short: dict[str, str], without: str | None = None) -> str:
-    parts = [str(method)] + [f"{short.get(k, k)}={v}" for k, v in knobs.items() if _is_method_key(k) and k != without]
-    return " ".join(parts)
 
 
 def duplicates(runs: pd.DataFrame) -> list[str]:
@@ -355,7 +305,7 @@ def unexpected_differences(runs: pd.DataFrame) -> list[str]:
     for key, group in readable.groupby(pd.Series(ident, index=readable.index), sort=False):
         if len(group) < 2:
             continue
-        keys = sorted({k for c in group["config"] for k in c if not _ignored(k) and not _is_method_key(k)})
+        keys = sorted({k for c in group["config"] for k in c if not _ignored(k) and not is_method_key(k)})
         differing = []
         for k in keys:
             counts = pd.Series([_value(c, k) for c in group["config"]]).value_counts()
@@ -402,7 +352,6 @@ def scratch_fwt(runs: pd.DataFrame) -> pd.Series:
     return out
 
 
-
 def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (experiment, seed) of the complete runs; duplicates averaged."""
     done = runs[runs["complete"]]
@@ -431,12 +380,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
         out[m] = mean[m]
         out[f"{m}_std"] = std[m]
     out = out.reset_index()
-    return out.sort_values(["block", "label"], key=lambda s: s.map(_natural)).reset_index(drop=True)
-
-
-def _natural(s: Any) -> Any:
-    """Sort key: numbers inside labels compare as numbers (alpha=4 before alpha=16)."""
-    return tuple((0, float(t), "") if re.fullmatch(r"-?\d+(\.\d+)?", t) else (1, 0.0, t) for t in re.split(r"(-?\d+(?:\.\d+)?)", str(s)))
+    return out.sort_values(["block", "label"], key=lambda s: s.map(natural_key)).reset_index(drop=True)
 
 
 def _norm(s: Any) -> str:
@@ -474,7 +418,7 @@ def mark_baseline(experiments: pd.DataFrame, baseline: str | None) -> pd.DataFra
             ex.loc[idx, f"{m}_delta"] = ex.loc[idx, m] - ex.loc[b, m]
         ex.loc[b, [f"{m}_delta" for m in METRICS]] = np.nan
     order = ex["role"].map({"baseline": 0}).fillna(1)
-    ex = ex.assign(_o=order).sort_values(["block", "_o", "label"], key=lambda s: s.map(_natural) if s.name != "_o" else s)
+    ex = ex.assign(_o=order).sort_values(["block", "_o", "label"], key=lambda s: s.map(natural_key) if s.name != "_o" else s)
     return ex.drop(columns="_o").reset_index(drop=True)
 
 
@@ -533,6 +477,8 @@ def projection_records(runs: pd.DataFrame) -> pd.DataFrame:
 # ---- the whole report ---------------------------------------------------------------------------
 @dataclass
 class Report:
+    """Everything the report shows (collect): runs, experiments, paired tests, projection, notes."""
+
     runs: pd.DataFrame            # one row per run (every state)
     experiments: pd.DataFrame     # one row per experiment (complete runs), with role and deltas
     paired: pd.DataFrame          # paired tests vs the baseline
@@ -572,60 +518,3 @@ def collect(paths: list[str], baseline: str | None = None, table_metrics: list[s
     paired = paired_tests(runs, experiments, metrics)
     notes = duplicates(runs) + unexpected_differences(runs)
     return Report(runs, experiments, paired, projection_records(runs), notes, baseline, metrics, table_metrics)
-
-
-def build_report(paths: list[str], baseline: str | None = None, out: str | Path | None = None,
-                 formats: tuple[str, ...] = ("csv", "md", "tex"), markdown: str | Path | None = None,
-                 plots: str = "all", table_metrics: list[str] | None = None, title: str | None = None,
-                 notes_file: str | Path | None = None, command: str | None = None, progress: bool | None = None) -> Report:
-    """The report command as one call: collect, then (with `out`) write the tables in `formats`,
-    the figures under out/figures (`plots`: "all", "summary" = no per-run figures, "none"), and the
-    Markdown document (`markdown`, default out/report.md)."""
-    from . import files as report_files
-
-    report = collect(paths, baseline, table_metrics, progress)
-    if out is not None:
-        out = Path(out)
-        report.files += report_files.write_tables(report, out, formats)
-        if plots not in PLOTS:
-            raise ConfigError(f"--plots: unknown {plots!r}; valid: {', '.join(PLOTS)}")
-        figures = report_files.write_figures(report, out / "figures", progress, per_run=plots == "all") if plots != "none" else {}
-        report.files += [p for ps in figures.values() for p in ps]
-        doc = Path(markdown) if markdown else out / "report.md"
-        notes = Path(notes_file).read_text() if notes_file else None
-        report.files.append(report_files.write_document(report, doc, figures, title=title, notes=notes, command=command))
-    elif markdown:
-        raise ConfigError("--markdown needs --out (the folder for the tables and figures it links)")
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cl_bench.report", description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs or results.json files")
-    parser.add_argument("--baseline", help="method shown absolute; other rows as Δ vs it (e.g. vanilla, lora_ga, 'Slice c=1.0')")
-    parser.add_argument("--out", help="folder for the tables, figures/ and report.md (README: Reports)")
-    parser.add_argument("--format", default="csv,md,tex", help="table formats to write, comma-separated from csv, md, tex (default: all)")
-    parser.add_argument("--markdown", help="write the Markdown document here instead of OUT/report.md (e.g. docs/results.md)")
-    parser.add_argument("--metrics", help=f"metrics of the paper-layout table and tests shown (default {','.join(PAPER_METRICS)})")
-    parser.add_argument("--plots", default="all", choices=PLOTS,
-                        help="all (default): every figure; summary: no per-run heatmaps and loss curves (large sweeps); none")
-    parser.add_argument("--title", help="title of the Markdown document")
-    parser.add_argument("--notes", help="a Markdown file inserted under the document's title (e.g. the reading of the results)")
-    args = parser.parse_args(argv)
-    from . import files as report_files
-
-    try:
-        formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-        bad = [f for f in formats if f not in report_files.FORMATS]
-        if bad:
-            raise ConfigError(f"--format: unknown {', '.join(bad)}; valid: {', '.join(report_files.FORMATS)}")
-        metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
-        command = "python -m cl_bench.report " + " ".join(argv if argv is not None else sys.argv[1:])
-        report = build_report(args.paths, args.baseline, args.out, formats, args.markdown, args.plots, metrics,
-                              args.title, args.notes, command)
-    except ConfigError as exc:
-        print(f"cl_bench.report: error: {exc}", file=sys.stderr)
-        return 2
-    print(report_files.console_text(report))
-    return 0
-
