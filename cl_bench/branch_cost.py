@@ -17,69 +17,61 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import tempfile
 import time
 from pathlib import Path
 
-from .run.config import CONF_DIR
+from .infra.memory import peak_mb, reset_peak, rss_mb
 from .lora.gating import BANK
-from .run.runner import Runner
+from .run.config import CONF_DIR
+from .run.observers import Observer
 
 TASKS = "[sentiment,is_animal,parity,has_color,first_word]"  # five synthetic skills
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
+def _param_mb(model, part: str) -> float:
+    """MB of the model's parameters whose name holds `part` (bytes as stored)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if part in n) / 2**20
 
 
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-        return True
-    except OSError:
-        return False
+class StageCost(Observer):
+    """Per trained stage, what it cost (see the module doc): `measured[stage]` = {adapters,
+    stage_cpu_s, train_cpu_s, s_per_step, eval_cpu_s, peak_rss_mb, train_rise_mb, lora_mb, gate_mb}."""
 
-
-class MeasuredRunner(Runner):
-    """The runner, recording per stage what its training and evaluation cost (see the module doc)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self):
         self.measured: dict[int, dict] = {}
+        self._cpu0: dict[str, float] = {}
 
-    def train(self, peft_model, ctx, files):
-        reset = _reset_peak()
-        rss0, cpu0 = _status_kb("VmRSS"), time.process_time()
-        summary = super().train(peft_model, ctx, files)
-        cpu = time.process_time() - cpu0
-        peak = _status_kb("VmHWM") if reset else None
-        lora = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "lora_" in n)
-        gates = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if f"{BANK}." in n)
-        adapters = len(next(m for m in peft_model.modules() if hasattr(m, "lora_A")).lora_A)
-        self.measured[ctx.stage] = {
+    def before_stage(self, stage, task):
+        self._cpu0["stage"] = time.process_time()  # the whole stage: init, begin_stage, training, end_stage, merge
+
+    def before_training(self, stage, task, total_steps, start_step):
+        self._reset = reset_peak()
+        self._rss0 = rss_mb()
+        self._cpu0["train"] = time.process_time()
+
+    def after_training(self, stage, summary, model):
+        cpu = time.process_time() - self._cpu0["train"]
+        peak = peak_mb()["rss_peak_mb"] if self._reset else None
+        adapters = len(next(m for m in model.modules() if hasattr(m, "lora_A")).lora_A)
+        self.measured.setdefault(stage, {}).update({
             "adapters": adapters, "train_cpu_s": cpu, "s_per_step": cpu / max(1, summary["steps"]),
-            "peak_rss_mb": peak / 1024 if peak else None,
-            "train_rise_mb": (peak - rss0) / 1024 if peak and rss0 else None,
-            "lora_mb": lora / 2**20, "gate_mb": gates / 2**20,
-        }
-        return summary
+            "peak_rss_mb": peak, "train_rise_mb": peak - self._rss0 if peak and self._rss0 else None,
+            "lora_mb": _param_mb(model, "lora_"), "gate_mb": _param_mb(model, f"{BANK}."),
+        })
 
-    def train_stage(self, stage, files):
-        cpu0 = time.process_time()  # the whole stage: init, begin_stage, training, end_stage, merge
-        record = super().train_stage(stage, files)
-        self.measured.setdefault(stage, {})["stage_cpu_s"] = time.process_time() - cpu0
-        return record
+    def after_stage_trained(self, stage, record):
+        self.measured.setdefault(stage, {})["stage_cpu_s"] = time.process_time() - self._cpu0["stage"]
 
-    def evaluate_row(self, stage: int) -> None:
-        cpu0 = time.process_time()
-        super().evaluate_row(stage)
+    def before_eval_row(self, stage, n_tasks):
+        self._cpu0["eval"] = time.process_time()
+
+    def after_eval_row(self, stage):
         if stage:
-            self.measured.setdefault(stage, {})["eval_cpu_s"] = time.process_time() - cpu0
+            self.measured.setdefault(stage, {})["eval_cpu_s"] = time.process_time() - self._cpu0["eval"]
+
+    def after_general(self, stage, result):  # GP/IP, where measured, count as the row's evaluation
+        self.after_eval_row(stage)
 
 
 def compose(overrides: list[str]):
@@ -91,11 +83,14 @@ def compose(overrides: list[str]):
 
 
 def measure(merges: list[str], common: list[str], out: Path) -> list[dict]:
+    """One run per merge (run dir out/<merge>), with a StageCost subscribed; its rows per stage."""
+    from .run.runner import run
+
     rows = []
     for merge in merges:
-        runner = MeasuredRunner(compose([f"merge={merge}", *common]), out / merge)
-        runner.run()
-        for stage, m in sorted(runner.measured.items()):
+        cost = StageCost()
+        run(compose([f"merge={merge}", *common]), out / merge, observers=[cost])
+        for stage, m in sorted(cost.measured.items()):
             rows.append({"merge": merge, "stage": stage, **m})
     return rows
 

@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from .run.config import CONF_DIR, check_group_overrides
 from .infra.errors import CLBenchError, ConfigError
@@ -53,8 +54,6 @@ def parse_overrides(overrides: list[str]) -> tuple[str, list[str]]:
         raise ConfigError("remerge: give exactly one merge=<choice> (e.g. merge=ties), then any merge.<key>=<value>")
     check_group_overrides([f"merge={choices[0]}"])
     knobs = [o for o in overrides if not o.startswith("merge=")]
-    from omegaconf import OmegaConf
-
     valid = sorted(k for k in OmegaConf.load(CONF_DIR / "merge" / f"{choices[0]}.yaml") if k != "_target_")
     for knob in knobs:
         key = knob.split("=", 1)[0][len("merge."):]
@@ -71,7 +70,6 @@ def merge_config(choice: str, knobs: list[str], source_config: dict):
     """The merge group composed from conf/ with the overrides, resolved against the source run's
     config (so `seed: ${seed}` is the run's seed)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -99,129 +97,166 @@ def _equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is not None and b is not None and torch.equal(a, b)
 
 
+def _source_results(store) -> dict[str, Any]:
+    """The source run's results.json; ConfigError unless it is a sequential run with a finished stage."""
+    path = store.results_path
+    source = store.read_results()
+    if source is None:
+        raise ConfigError(f"remerge: {path} not found; give the run dir of a cl_bench run")
+    if source.get("mode", "sequential") != "sequential":
+        raise ConfigError(f"remerge: {path} is a mode={source['mode']} run; only sequential runs have task vectors to merge")
+    if not source.get("stages"):
+        raise ConfigError(f"remerge: {path} has no finished stage yet")
+    return source
+
+
+def _merges(choice: str, knobs: list[str], source: dict[str, Any]):
+    """(new merge config, new merge, source merge or None when it cannot be built here)."""
+    new_cfg = merge_config(choice, knobs, source["config"])
+    new = _build(new_cfg, "merge")
+    try:
+        old = _build(OmegaConf.create(source["config"]).merge, "source merge")
+    except (CLBenchError, ImportError):
+        old = None  # e.g. a test-only plug-in not on the path: every row is evaluated
+        print(f"remerge: the source merge {source['config']['merge'].get('_target_')!r} cannot be built here; evaluating every row")
+    return new_cfg, new, old
+
+
+def _load_run(cfg, source: dict[str, Any], modules: list[str], dev, path: Path) -> SimpleNamespace:
+    """The source run's tasks, model as loaded (W0 of `modules` kept exactly, in its dtype) and
+    evaluation settings (the runner's prompt format: the same prompts as the source run)."""
+    from .data.models import load_model
+    from .data.prompts import prompt_format
+    from .data.tasks import load_sequence
+    from .lora.layers import target_linears
+
+    tasks = load_sequence(cfg.sequence, cfg.data.get("root"), int(cfg.seed))
+    if [t.name for t in tasks] != source["tasks"]:
+        raise ConfigError(f"remerge: the sequence config of {path} no longer yields its tasks {source['tasks']}")
+    model, tokenizer = load_model(cfg.model, dev, str(cfg.cache.dir))
+    linears = target_linears(model, list(cfg.lora.target_modules))
+    ev = cfg.evaluation
+    max_pos = getattr(model.config, "max_position_embeddings", None) or 10**9
+    general_eval = None
+    if str(cfg.general_eval.get("when", "none")) != "none":
+        from .evaluation import general as general_eval
+    return SimpleNamespace(
+        cfg=cfg, tasks=tasks, model=model, tokenizer=tokenizer, linears=linears, dev=dev, general_eval=general_eval,
+        w0={n: linears[n].weight.detach().clone() for n in modules}, prompt=prompt_format(ev),
+        max_prompt_len=min(int(ev.max_prompt_len), max_pos - int(ev.max_new_tokens)))
+
+
+def _set_eval_model(run: SimpleNamespace, new, old, upto: list, same_training: bool | None, last: bool):
+    """Target weights ← W0 + new merge's eval delta of stages `upto`. Returns (whether that differs
+    from the source merge's eval model, same_training updated with the train models after
+    `upto` unless `last`: the model the next stage trained on, by both merges)."""
+    changed = old is None
+    for m, w0 in run.w0.items():
+        weight = run.linears[m].weight
+        e_new = new.eval_delta(upto, m, weight.device)
+        weight.copy_((w0.float() + e_new).to(weight.dtype))
+        changed = changed or not _equal(e_new, old.eval_delta(upto, m, weight.device))
+        if not last and same_training:
+            t_old = old.train_delta(upto, m, weight.device) if old is not None else None
+            t_new = new.train_delta(upto, m, weight.device)
+            same_training = None if t_old is None or t_new is None else torch.equal(t_new, t_old)
+    return changed, same_training
+
+
+def _evaluate_row(run: SimpleNamespace, t: int, out: dict[str, Any], store, source: dict[str, Any]) -> None:
+    """Row t of `out` on the current model: the tasks the source evaluated, GP/IP where it measured them."""
+    from .evaluation.seen import evaluate_task
+
+    cfg, ev = run.cfg, run.cfg.evaluation
+    for j, task in enumerate(run.tasks):
+        if not ev.full_matrix and j >= t:
+            continue
+        score, records = evaluate_task(
+            run.model, run.tokenizer, task, batch_size=int(ev.batch_size), max_new_tokens=int(ev.max_new_tokens),
+            max_prompt_len=run.max_prompt_len, device=run.dev, prompt=run.prompt,
+            limit=ev.limit, progress=False, protocol=str(ev.protocol),
+        )
+        out["matrix"][t][j] = score
+        store.save_predictions(t, task.name, records)
+    if run.general_eval is not None and str(t) in source.get("general", {}):
+        with store.general_work_dir() as work_dir:
+            out["general"][str(t)] = run.general_eval.evaluate_general(
+                run.model, run.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"), work_dir=work_dir,
+                device=run.dev, seed=int(cfg.seed), prompt=run.prompt)
+
+
+@torch.no_grad()
+def _remerge_rows(run: SimpleNamespace, history: list, new, old, out: dict[str, Any], source: dict[str, Any],
+                  store, out_store) -> dict[str, Any]:
+    """Every row of `out` after stage 1..k: copied from the source (predictions too) when the
+    eval models are bit-identical, evaluated otherwise. Returns the "remerge" block's figures."""
+    k = len(history)
+    evaluated, copied, seconds, same_training = [], [0], {}, True
+    out_store.copy_predictions(0, store)
+    for t in range(1, k + 1):
+        changed, same_training = _set_eval_model(run, new, old, history[:t], same_training, last=t == k)
+        if not changed:
+            copied.append(t)
+            out_store.copy_predictions(t, store)
+            continue
+        start = time.time()
+        _evaluate_row(run, t, out, out_store, source)
+        seconds[str(t)] = round(time.time() - start, 3)
+        evaluated.append(t)
+    return {"rows_evaluated": evaluated, "rows_copied": copied, "seconds": seconds, "same_training": same_training}
+
+
+def _finish(out: dict[str, Any], source: dict[str, Any], run: SimpleNamespace, rows: dict[str, Any], tag: str) -> None:
+    """Metrics, versions, status and the "remerge" block of the new results."""
+    from .evaluation.metrics import compute_cl_metrics
+    from .infra.files import package_versions
+
+    metrics = compute_cl_metrics(out["matrix"], out["eval_sizes"])
+    gp_ip = {"GP": None, "IP": None}
+    if run.general_eval is not None:
+        gp_ip = run.general_eval.aggregate_gp_ip(out["general"], run.cfg.general_eval, final_stage=len(run.tasks))
+    metrics.update(gp_ip)
+    complete = bool(source.get("complete"))
+    out.update(metrics=metrics, versions=package_versions(), complete=complete,
+               status="complete" if complete else f"remerged {len(source['stages'])} of {len(run.tasks)} stages (the source run is incomplete)")
+    out["remerge"] = {
+        "source": "results.json", "merge": tag, "post_hoc": True, **rows,
+        "note": ("eval model after stage t = W0 + X(τ_1..τ_t) over the task vectors the source run trained; "
+                 "equal to a run with this merge only when same_training is true"),
+    }
+
+
 def remerge(run_dir: str | Path, overrides: list[str], name: str | None = None, device: str | None = None,
             threads: int | None = None) -> dict[str, Any]:
-    """Recompute the merge given by `overrides` from the run in `run_dir`; returns the new results."""
-    from omegaconf import OmegaConf
-
-    from .data.prompts import prompt_format
-    from .evaluation.seen import evaluate_task
-    from .lora.layers import target_linears
-    from .evaluation.metrics import compute_cl_metrics
-    from .data.models import load_model, resolve_device
-    from .infra.files import atomic_write_json, package_versions, write_jsonl
-    from .run.store import RunLock, StageFiles, load_stage_record
+    """Recompute the merge given by `overrides` from the run in `run_dir`; returns the new results
+    (also written to results.remerge-<tag>.json). ConfigError on a bad run dir or override."""
+    from .data.models import resolve_device
+    from .run.store import RunStore
     from .run.summary import format_summary
-    from .data.tasks import load_sequence
 
-    run_dir = Path(run_dir)
     choice, knobs = parse_overrides(overrides)
     tag = name or tag_of(choice, knobs)
     if not re.fullmatch(r"[A-Za-z0-9._=-]+", tag):
         raise ConfigError(f"remerge: --name {tag!r} may hold only letters, digits and . _ = -")
-    path = run_dir / "results.json"
-    if not path.exists():
-        raise ConfigError(f"remerge: {path} not found; give the run dir of a cl_bench run")
-    source = json.loads(path.read_text())
-    k = len(source.get("stages", []))
-    if source.get("mode", "sequential") != "sequential":
-        raise ConfigError(f"remerge: {path} is a mode={source['mode']} run; only sequential runs have task vectors to merge")
-    if k == 0:
-        raise ConfigError(f"remerge: {path} has no finished stage yet")
+    store = RunStore(run_dir)
+    source = _source_results(store)
     cfg = OmegaConf.create(source["config"])
-    new_cfg = merge_config(choice, knobs, source["config"])
-    new = _build(new_cfg, "merge")
-    try:
-        old = _build(cfg.merge, "source merge")
-    except (CLBenchError, ImportError):
-        old = None  # e.g. a test-only plug-in not on the path: every row is evaluated
-        print(f"remerge: the source merge {source['config']['merge'].get('_target_')!r} cannot be built here; evaluating every row")
+    new_cfg, new, old = _merges(choice, knobs, source)
     if threads or cfg.get("threads"):
         torch.set_num_threads(int(threads or cfg.threads))
-    dev = resolve_device(str(device or cfg.device))
-
-    with RunLock(run_dir):  # not while the run itself writes its stage files
-        history = [load_stage_record(StageFiles(run_dir, s)) for s in range(1, k + 1)]
+    out_store = store.variant_of(f"remerge-{tag}")
+    with store.lock():  # not while the run itself writes its stage files
+        history = store.history(len(source["stages"]))
         if new.eval_delta(history[:1], history[0].modules[0]) is None:
             raise ConfigError(f"remerge: merge={choice} does not make its eval model from the task vectors; remerge cannot rebuild it")
-        tasks = load_sequence(cfg.sequence, cfg.data.get("root"), int(cfg.seed))
-        if [t.name for t in tasks] != source["tasks"]:
-            raise ConfigError(f"remerge: the sequence config of {path} no longer yields its tasks {source['tasks']}")
-        model, tokenizer = load_model(cfg.model, dev, str(cfg.cache.dir))
-        linears = target_linears(model, list(cfg.lora.target_modules))
-        w0 = {n: linears[n].weight.detach().clone() for n in history[0].modules}  # exact W0, in its dtype
-
-        ev = cfg.evaluation
-        prompt = prompt_format(ev)  # the runner's prompt format: the same prompts as the source run
-        max_pos = getattr(model.config, "max_position_embeddings", None) or 10**9
-        max_prompt_len = min(int(ev.max_prompt_len), max_pos - int(ev.max_new_tokens))
-        general_eval = None
-        if str(cfg.general_eval.get("when", "none")) != "none":
-            from .evaluation import general as general_eval
-
+        run = _load_run(cfg, source, history[0].modules, resolve_device(str(device or cfg.device)), store.results_path)
         out = json.loads(json.dumps(source))  # a deep copy; row 0 and unchanged rows stay as they are
         out["config"]["merge"] = OmegaConf.to_container(new_cfg, resolve=True)
-        preds = run_dir / f"predictions.remerge-{tag}"
-        src_preds = run_dir / "predictions"
-        evaluated, copied, seconds = [], [0], {}
-        same_training: bool | None = True
-        if (src_preds / "stage_00").is_dir():
-            shutil.copytree(src_preds / "stage_00", preds / "stage_00", dirs_exist_ok=True)
-        with torch.no_grad():
-            for t in range(1, k + 1):
-                upto, changed = history[:t], old is None
-                for m in history[0].modules:
-                    weight = linears[m].weight
-                    e_new = new.eval_delta(upto, m, weight.device)
-                    weight.copy_((w0[m].float() + e_new).to(weight.dtype))
-                    changed = changed or not _equal(e_new, old.eval_delta(upto, m, weight.device))
-                    if t < k and same_training:  # the model stage t+1 trained on, by both merges
-                        t_old = old.train_delta(upto, m, weight.device) if old is not None else None
-                        t_new = new.train_delta(upto, m, weight.device)
-                        same_training = None if t_old is None or t_new is None else torch.equal(t_new, t_old)
-                if not changed:
-                    copied.append(t)
-                    if (src_preds / f"stage_{t:02d}").is_dir():
-                        shutil.copytree(src_preds / f"stage_{t:02d}", preds / f"stage_{t:02d}", dirs_exist_ok=True)
-                    continue
-                start = time.time()
-                for j, task in enumerate(tasks):
-                    if not ev.full_matrix and j >= t:
-                        continue
-                    score, records = evaluate_task(
-                        model, tokenizer, task, batch_size=int(ev.batch_size), max_new_tokens=int(ev.max_new_tokens),
-                        max_prompt_len=max_prompt_len, device=dev, prompt=prompt,
-                        limit=ev.limit, progress=False, protocol=str(ev.protocol),
-                    )
-                    out["matrix"][t][j] = score
-                    write_jsonl(preds / f"stage_{t:02d}" / f"{task.name}.jsonl", records)
-                if general_eval is not None and str(t) in source.get("general", {}):
-                    out["general"][str(t)] = general_eval.evaluate_general(
-                        model, tokenizer, cfg.general_eval, data_root=cfg.data.get("root"),
-                        work_dir=str(run_dir / f"general_eval.remerge-{tag}"), device=dev, seed=int(cfg.seed),
-                        prompt=prompt,
-                    )
-                seconds[str(t)] = round(time.time() - start, 3)
-                evaluated.append(t)
-
-        metrics = compute_cl_metrics(out["matrix"], out["eval_sizes"])
-        gp_ip = {"GP": None, "IP": None}
-        if general_eval is not None:
-            gp_ip = general_eval.aggregate_gp_ip(out["general"], cfg.general_eval, final_stage=len(tasks))
-        metrics.update(gp_ip)
-        complete = bool(source.get("complete"))
-        out.update(metrics=metrics, versions=package_versions(), complete=complete,
-                   status="complete" if complete else f"remerged {k} of {len(tasks)} stages (the source run is incomplete)")
-        out["remerge"] = {
-            "source": "results.json", "merge": tag, "post_hoc": True,
-            "rows_evaluated": evaluated, "rows_copied": copied, "seconds": seconds,
-            "same_training": same_training,
-            "note": ("eval model after stage t = W0 + X(τ_1..τ_t) over the task vectors the source run trained; "
-                     "equal to a run with this merge only when same_training is true"),
-        }
-        atomic_write_json(run_dir / f"results.remerge-{tag}.json", out)
-    print(format_summary(out, run_dir))
-    print(f"remerge {tag}: rows evaluated {evaluated}, copied {copied}; same training as the source run: {out['remerge']['same_training']}")
+        _finish(out, source, run, _remerge_rows(run, history, new, old, out, source, store, out_store), tag)
+        out_store.save_results(out)
+    print(format_summary(out, store.dir))
+    print(f"remerge {tag}: rows evaluated {out['remerge']['rows_evaluated']}, copied {out['remerge']['rows_copied']}; "
+          f"same training as the source run: {out['remerge']['same_training']}")
     if out["remerge"]["same_training"] is False:
         print(f"note: merge={choice} changes the train model: a run with it would have trained every stage after the "
               "first on another model; this file is the post-hoc merge of the source run's task vectors only")

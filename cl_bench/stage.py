@@ -1,7 +1,8 @@
 """One stage as the plug-ins see it: the context, the history of earlier stages, the plug-in base.
 
 Initializers, regularizers and merges all derive from `Plugin` and receive the same
-`StageContext`. Only cl_bench/runner.py knows the order of a stage; it is, for stage t:
+`StageContext`. Only cl_bench/run/runner.py knows the order of a stage (Runner.train_stage reads
+as it); it is, for stage t:
 
   1. ctx = StageContext(stage=t, ...)                     ctx.history = stages 1..t-1
   2. start the adapter (Runner.start_adapter):
@@ -14,6 +15,8 @@ Initializers, regularizers and merges all derive from `Plugin` and receive the s
        every layer's s is set from `lora_scaling` (the one formula), then result.factors are
        copied into the adapter and, if result.absorb, W ← W − s·B0·A0 (lora.apply_init, the
        one fold, through the fp32 master of low-precision weights)
+     A stage resumed from an in-stage checkpoint puts back the absorbed init it first started
+     from (Runner.checkpointed_init), so that begin_stage rebuilds from it
   3. begin_stage(peft_model, ctx)   initializer, then regularizer, then merge; ctx.init_absorbed
      says whether W absorbed s·B0·A0. A plug-in may re-set the starting A here if it keeps the
      function (lora.replace_start_A_ re-folds an absorbed init); the runner reads the absorbed
@@ -33,20 +36,22 @@ Initializers, regularizers and merges all derive from `Plugin` and receive the s
      and every trainable parameter of the model (a merge's gates included)
   5. end_stage(peft_model, ctx)     initializer, then regularizer, then merge
   6. the runner appends stage t to ctx.history (trained factors, absorbed init factors, s) and
-     writes them to stages/stage_XX/{adapter,init}.safetensors
+     writes them to stages/stage_XX/{adapter,init}.safetensors (run/store.RunStore writes every file)
   7. models = merge.consolidate(peft_model, ctx) -> Models(train=..., eval=...)
   8. every plug-in's state_dict() -> stages/stage_XX/<group>.safetensors (one loop), then the
      train model's target weights (their fp32 master) -> model_state.safetensors
   9. evaluate models.eval on every task; results.json gains row t
+Observers (run/observers.py: progress display, W&B, the crash tests' kill points) are told of
+each of these moments; they never change the model or the results.
 Resume after stage k (even after kill -9): a fresh model gets stage k's model_state, every
 plug-in gets load_state_dict(stage k's <group> file), the history is read back from the stage
 files, and merge.restore(model, ctx) rebuilds Models. A stage killed mid-way is redone from
-step 3 on top of that (its in-stage checkpoint, if any, restores the adapter, optimizer, RNG and
-the plug-ins' mid-stage state after begin_stage).
+step 2 on top of that (its in-stage checkpoint, if any, gives back the init at step 2 and restores
+the adapter, optimizer, RNG and the plug-ins' mid-stage state after begin_stage).
 
 Plug-in state: `state_dict()` returns a flat dict whose values are tensors or small JSON values
 (int, float, str, bool, None, and lists/dicts of these). Tensors go into the safetensors body,
-everything else into its JSON metadata (run_dir.save_plugin_state), so one file per group per
+everything else into its JSON metadata (run/store.save_plugin_state), so one file per group per
 stage holds all of it and `load_state_dict` gets back exactly what was returned.
 """
 from __future__ import annotations

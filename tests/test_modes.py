@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import cl_bench.run.runner as runner_module
+import cl_bench.run.observers as observers_module
 from cl_bench.infra.errors import ConfigError
 from cl_bench.evaluation.metrics import compute_mode_metrics
 from cl_bench.infra.files import load_tensors
@@ -83,14 +83,14 @@ class Crash(Exception):
 
 def crash_at(monkeypatch, point: str) -> None:
     """A crash at a runner kill point, in process (the SIGKILL version is tests/test_reliability.py)."""
-    real = runner_module.kill_point
+    real = observers_module.kill_point
 
     def kill_point(p):
         if p == point:
             raise Crash(p)
         real(p)
 
-    monkeypatch.setattr(runner_module, "kill_point", kill_point)
+    monkeypatch.setattr(observers_module, "kill_point", kill_point)
 
 
 @pytest.fixture(scope="module")

@@ -134,7 +134,7 @@ def test_a_resumed_stage_continues_from_the_init_it_started_with(tmp_path):
     from cl_bench.lora.layers import WeightMaster, base_weight, lora_layers
     from cl_bench.lora.task_vectors import lora_delta
     from cl_bench.infra.files import atomic_save_tensors
-    from cl_bench.run.store import StageFiles, factors_to_tensors
+    from cl_bench.run.store import RunStore, factors_to_tensors
     from cl_bench.run.runner import Runner
     from test_perf import TARGETS, _llama
 
@@ -154,13 +154,15 @@ def test_a_resumed_stage_continues_from_the_init_it_started_with(tmp_path):
     for n, (A, B) in recomputed.items():
         layers[n].lora_A["stage_01"].weight.data.copy_(A)
         layers[n].lora_B["stage_01"].weight.data.copy_(B)
-    files = StageFiles(tmp_path, 1)
+    store = RunStore(tmp_path)
+    files = store.stage(1)
     files.checkpoint.mkdir(parents=True)
     atomic_save_tensors(files.checkpoint / "init.safetensors", factors_to_tensors(saved))
     (files.checkpoint / "state.json").write_text("{}")  # a complete checkpoint
     runner = Runner.__new__(Runner)
-    runner.master = master
-    out = runner.checkpointed_init(model, SimpleNamespace(adapter="stage_01", device=torch.device("cpu")), files, recomputed)
+    runner.master, runner.store = master, store
+    ctx = SimpleNamespace(stage=1, adapter="stage_01", device=torch.device("cpu"))
+    out = runner.checkpointed_init(model, ctx, recomputed)
     for n, layer in layers.items():
         assert torch.equal(out[n][0], saved[n][0]) and torch.equal(out[n][1], saved[n][1])
         # the adapter holds the saved init again, for begin_stage (InfLoRA's A, GainLoRA's companion)
@@ -169,7 +171,7 @@ def test_a_resumed_stage_continues_from_the_init_it_started_with(tmp_path):
         torch.testing.assert_close(base_weight(layer).detach(), expected, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(base_weight(layer).detach(), w_prev[n] - lora_delta(*recomputed[n], float(layer.scaling["stage_01"])), atol=1e-4)
     (files.checkpoint / "state.json").unlink()  # no complete checkpoint: the stage starts over from the recomputed init
-    assert runner.checkpointed_init(model, SimpleNamespace(adapter="stage_01", device=torch.device("cpu")), files, recomputed) is recomputed
+    assert runner.checkpointed_init(model, ctx, recomputed) is recomputed
     (files.checkpoint / "state.json").write_text("{}")
     (files.checkpoint / "init.safetensors").unlink()  # a checkpoint from before inits were saved: kept as recomputed
-    assert runner.checkpointed_init(model, SimpleNamespace(adapter="stage_01", device=torch.device("cpu")), files, recomputed) is recomputed
+    assert runner.checkpointed_init(model, ctx, recomputed) is recomputed

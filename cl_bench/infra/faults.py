@@ -3,7 +3,8 @@ itself when it reaches that point (no cleanup, no flush: exactly what a pre-empt
 
 Points: "train:<stage>:<step>" (after that optimizer step and any checkpoint),
 "eval:<stage>:<task index>" (after that task's predictions are written),
-"saved:<stage>" (right after results.json is written for that stage).
+"saved:<stage>" (right after results.json is written for that stage; saved:0 after row 0, the
+evaluation before training). run/observers.KillPoints calls them.
 CL_BENCH_KILL_SIGNAL=INT|TERM sends that signal instead (a Ctrl-C or a scheduler's SIGTERM).
 CL_BENCH_SIGNAL_AT=<point> instead sends the scheduler's preemption signal (submitit's SIGUSR2,
 or $SUBMITIT_PREEMPT_SIGNAL) once at that point: a job requeues itself as on a real preemption.

@@ -1,10 +1,12 @@
-"""The stage loop: the only place that knows the order of a stage (shared/DESIGN.md §1).
+"""The stage loop: the only place that knows the order of a stage.
 
-A stage is start_adapter → begin_stage hooks → train → end_stage hooks → consolidate →
-evaluate; cl_bench/stage.py lists every hook in that order and says who may do what.
-`mode` (cl_bench/modes.py) decides the stages: one per task on the last stage's model
-(sequential), one joint stage on all tasks (multitask), or one per task from the base weights
-(independent).
+A stage is start_adapter → restore a checkpointed init → begin_stage hooks → train → end_stage
+hooks → history and consolidate → save → evaluate (`Runner.train_stage`, then `run_stage`);
+cl_bench/stage.py lists every hook in that order and says who may do what. What watches the run
+(progress display, W&B, the crash tests' kill points, cost meters) are observers called at named
+moments (run/observers.py); every file of the run dir is read and written by run/store.RunStore.
+`mode` (run/modes.py) decides the stages: one per task on the last stage's model (sequential),
+one joint stage on all tasks (multitask), or one per task from the base weights (independent).
 """
 from __future__ import annotations
 
@@ -12,39 +14,34 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 from omegaconf import OmegaConf
 
 from . import config as config_checks
 from . import modes
-from ..evaluation.baselines import baselines
-from ..infra.console import Progress
-from ..data.prompts import TrainingEncoder, prompt_format
-from ..infra.distributed import Dist
-from ..evaluation.seen import evaluate_task
-from ..infra.errors import CLBenchError, ConfigError
-from ..infra.faults import kill_point
-from ..infra.jobs import Job, Requeued, cpu_threads, job_scope
-from ..lora.layers import (
-    validate_rank,
-    WeightMaster, adapter_factors, add_adapter, apply_init, base_weight, follow_peft_absorption_, lora_layers, set_scaling,
-    target_linears,
-)
-from ..evaluation.metrics import compute_mode_metrics
+from .observers import KillPoints, Observer, Observers, ProgressObserver, TrackerObserver
+from .store import RunStore
+from .summary import format_summary
+from .sync import share_init_factors, share_started_adapter
 from ..data.models import load_model, model_unavailable, resolve_device, resolve_model_path
+from ..data.prompts import TrainingEncoder, prompt_format
+from ..data.tasks import evaluation_record, load_sequence, split_stats
+from ..evaluation.baselines import baselines
+from ..evaluation.metrics import compute_mode_metrics
+from ..evaluation.seen import evaluate_task
+from ..infra.console import Progress
+from ..infra.distributed import Dist
+from ..infra.errors import CLBenchError, ConfigError
+from ..infra.files import SCHEMA, package_versions, provenance
 from ..infra.interrupt import InterruptGuard, Interrupted
-from ..infra.files import SCHEMA, atomic_write_json, package_versions, provenance, write_jsonl
-from .store import (
-    RunLock, StageFiles, load_checkpoint, load_checkpoint_init, load_model_state, load_plugin_states, load_previous_results,
-    load_stage_record, save_checkpoint, save_model_state, save_model_state_index, save_plugin_states, save_stage_record,
+from ..infra.jobs import Job, cpu_threads, job_scope
+from ..lora.layers import (
+    WeightMaster, adapter_factors, add_adapter, apply_init, follow_peft_absorption_, lora_layers, lora_scaling,
+    set_scaling, target_linears, validate_rank,
 )
 from ..stage import PLUGIN_GROUPS, History, Models, StageContext, StageRecord, adapter_name, stage_seed
-from ..lora.layers import lora_scaling
-from .summary import format_summary
-from ..data.tasks import evaluation_record, load_sequence, split_stats
-from .tracking import make_tracker
 from ..train.trainer import check_layout, layout_of, steps_per_stage, train_stage
 
 log = logging.getLogger("cl_bench")
@@ -67,20 +64,35 @@ def build_plugins(cfg) -> dict[str, Any]:
     return plugins
 
 
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    """seconds[key] = wall-clock seconds the block took (set when it ends without an exception)."""
+    start = time.time()
+    yield
+    seconds[key] = time.time() - start
+
+
 class Runner:
-    def __init__(self, cfg, run_dir: Path, job: Job | None = None):
+    """One run: `run()` prepares, loads the model, then runs the stages of `mode`, resuming from
+    whatever the run dir holds. `observers`: extra Observers, called after the progress display
+    and W&B, before the kill points."""
+
+    def __init__(self, cfg, run_dir: Path, job: Job | None = None, observers: Sequence[Observer] = ()):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.job = job or Job()  # preemption safe points and exit hooks (cl_bench/jobs.py)
+        self.job = job or Job()  # preemption safe points and exit hooks (infra/jobs.py)
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.dist = Dist()  # one process until prepare() reads the `distributed` group
+        self.store = RunStore(self.run_dir, self.dist)
+        self.extra_observers = list(observers)
 
     # ---- setup -----------------------------------------------------------------------------
     def prepare(self) -> None:
         """Everything that can fail on bad input, before the model is loaded."""
         cfg = self.cfg
         config_checks.validate(cfg)
-        self.dist = Dist.from_config(cfg.get("distributed"))  # rank logic: cl_bench/distributed.py
+        self.dist = Dist.from_config(cfg.get("distributed"))  # rank logic: infra/distributed.py
+        self.store = RunStore(self.run_dir, self.dist)
         self.device = self.dist.device(resolve_device(str(cfg.device)))
         self.dist.check_step_size(int(cfg.trainer.batch_size) * int(cfg.trainer.grad_accum))
         threads, why = cpu_threads(cfg.get("threads"))
@@ -124,62 +136,12 @@ class Runner:
             "baselines": baselines(self.tasks, self.cfg.evaluation.limit), "provenance": provenance(self.device),
         }
 
-    def save(self) -> None:
-        if self.dist.is_main:  # every rank holds the same results; rank 0 writes every file
-            atomic_write_json(self.run_dir / "results.json", self.results)
-
-    @contextlib.contextmanager
-    def lock(self):
-        """The run-dir lock, held by rank 0; the other ranks get its error if it is taken."""
-        lock = RunLock(self.run_dir)
-        self.dist.on_main(lambda: lock.__enter__() and None, "taking the run-dir lock")
-        try:
-            yield
-        finally:
-            lock.__exit__()
-
-    # ---- the run ---------------------------------------------------------------------------
-    def run(self, stream=None) -> dict[str, Any]:
-        """`stream`: where the progress bars go (default sys.stderr). Ctrl-C / SIGTERM raise
-        Interrupted at the next safe point (never inside an atomic write)."""
-        self.progress = Progress(0, stream=stream, bars=bool(self.cfg.progress))
-        with InterruptGuard(where=lambda: self.progress.where()):
-            return self._run()
-
-    def _run(self) -> dict[str, Any]:
-        self.prepare()
-        self.progress.T = len(self.stage_tasks)
-        with self.lock():
-            previous = load_previous_results(self.run_dir, self.config)
-            if previous and previous.get("complete"):
-                log.info("run in %s is already complete; not redoing it", self.run_dir)
-                self.results = previous
-                if self.dist.is_main:
-                    print(format_summary(previous, self.run_dir))
-                return previous
-            self.results = previous or self.new_results()
-            if previous:  # a resume may run other code or on another machine: record each one
-                self.results.setdefault("provenance", {}).setdefault("resumed", []).append(provenance(self.device))
-            try:
-                self._run_stages()
-            except BaseException as exc:
-                self.progress.close()
-                self.results["status"] = f"interrupted during {exc.where}" if isinstance(exc, Interrupted) else f"failed: {type(exc).__name__}: {exc}"
-                self.results["complete"] = False
-                self.save()
-                raise
-        if self.dist.is_main:
-            print(format_summary(self.results, self.run_dir))
-        return self.results
-
-    def _run_stages(self) -> None:
-        cfg = self.cfg
-        sharded = self.dist.sharded  # fsdp: rank 0 alone reads the weights, on the CPU; shard_model spreads them
+    def load_model(self) -> torch.nn.Module:
+        """The model (fsdp: sharded), tokenizer, encoder and fp32 master; the models of stage 0."""
+        cfg, sharded = self.cfg, self.dist.sharded  # fsdp: rank 0 alone reads the weights, on the CPU
         model, self.tokenizer = load_model(cfg.model, self.device, str(cfg.cache.dir), log=log.info, place=not sharded,
                                            weights=not sharded or self.dist.is_main)
         model = self.dist.shard_model(model, log=log.info)  # distributed=fsdp; before the master copies any weight
-        self.tracker = make_tracker(cfg.logger if self.dist.is_main else {}, self.results, self.run_dir)
-        self.job.on_exit(lambda exc: self.tracker.close(exit_code=1, preempted=isinstance(exc, Requeued)))
         tr, ev = cfg.trainer, cfg.evaluation
         # Never feed more positions than the model has (the tiny model has 512).
         max_pos = getattr(model.config, "max_position_embeddings", None) or 10**9
@@ -192,17 +154,59 @@ class Runner:
                              for name, linear in target_linears(model, self.targets).items()} if self.mode == "independent" else None
         self.history = History()
         self.models = Models(train=model, eval=model)
+        return model
+
+    # ---- the run ---------------------------------------------------------------------------
+    def run(self, stream=None) -> dict[str, Any]:
+        """`stream`: where the progress bars go (default sys.stderr). Ctrl-C / SIGTERM raise
+        Interrupted at the next safe point (never inside an atomic write)."""
+        self.progress = Progress(0, stream=stream, bars=bool(self.cfg.progress))
+        with InterruptGuard(where=lambda: self.progress.where()):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
+        self.prepare()
+        self.progress.T = len(self.stage_tasks)
+        self.observers = Observers([ProgressObserver(self.progress),
+                                    TrackerObserver(self.cfg.logger, self.run_dir, self.job, self.dist.is_main),
+                                    *self.extra_observers, KillPoints()])
+        with self.store.lock():
+            previous = self.store.load_results(self.config)
+            if previous and previous.get("complete"):
+                log.info("run in %s is already complete; not redoing it", self.run_dir)
+                self.results = previous
+                return self.summarize()
+            self.results = previous or self.new_results()
+            if previous:  # a resume may run other code or on another machine: record each one
+                self.results.setdefault("provenance", {}).setdefault("resumed", []).append(provenance(self.device))
+            try:
+                self._run_stages()
+            except BaseException as exc:
+                self.observers.on_failure(exc)
+                self.results["status"] = f"interrupted during {exc.where}" if isinstance(exc, Interrupted) else f"failed: {type(exc).__name__}: {exc}"
+                self.results["complete"] = False
+                self.store.save_results(self.results)
+                raise
+        return self.summarize()
+
+    def summarize(self) -> dict[str, Any]:
+        if self.dist.is_main:  # one summary on the console
+            print(format_summary(self.results, self.run_dir))
+        return self.results
+
+    def _run_stages(self) -> None:
+        model = self.load_model()
+        self.observers.before_run(self.results)
         done, n_stages = len(self.results["stages"]), len(self.stage_tasks)
-        # A stage whose model state exists was trained and merged before a crash in its evaluation.
-        self.trained = done + 1 if done < n_stages and StageFiles(self.run_dir, done + 1).model_state.exists() else done
+        self.trained = self.store.trained_through(done, n_stages)  # a crash may have hit the evaluation of stage done+1
         if self.trained:
             log.info("resuming after stage %d of %d (trained: %d)", done, n_stages, self.trained)
             self.restore(self.trained, model)
         self.dist.barrier("reading the run dir")  # every rank resumes from the same files
         if any(v is None for v in self.results["matrix"][0]):  # row 0 may be partial after an interrupt
             self.evaluate_row(0)
-            self.save()
-            self.tracker.log_stage(0, self.results)
+            self.store.save_results(self.results)
+            self.observers.after_stage_saved(0, self.results)
         for stage in range(done + 1, n_stages + 1):
             self.run_stage(stage)
         self.finish()
@@ -225,77 +229,62 @@ class Runner:
 
     def restore(self, stage: int, model: torch.nn.Module) -> None:
         """Rebuild the models as stage `stage` left them on a freshly loaded model (resume)."""
-        for s in range(1, stage + 1):
-            self.history.append(load_stage_record(StageFiles(self.run_dir, s)))
-        files = StageFiles(self.run_dir, stage)
-        load_model_state(files, model, self.targets, self.master)
-        load_plugin_states(files.dir, self.plugins)
+        for record in self.store.history(stage):
+            self.history.append(record)
+        self.store.restore_stage(stage, model, self.targets, self.master, self.plugins)
         self.models = self.merger.restore(model, self.context(stage))
 
     def run_stage(self, stage: int) -> None:
-        files = StageFiles(self.run_dir, stage)
-        if stage <= self.trained:  # restored by _run_stages: only its evaluation is missing
-            record = _read_json(files.dir / "stage.json")
-        else:
-            record = self.train_stage(stage, files)
-        t0 = time.time()
-        self.evaluate_row(stage)
-        record["seconds"]["eval"] = time.time() - t0
+        """Train stage `stage` (unless a resume restored it trained), evaluate its row, save."""
+        record = self.store.read_stage(stage) if stage <= self.trained else self.train_stage(stage)
+        with timed(record["seconds"], "eval"):
+            self.evaluate_row(stage)
         self.results["stages"].append(record)
-        self.save()
-        self.dist.barrier(f"saving stage {stage}")
-        self.tracker.log_stage(stage, self.results)
-        kill_point(f"saved:{stage}")
-        # Only the latest model and plug-in states are needed to resume; older ones cost a model each.
-        if stage > 1 and self.dist.is_main:
-            older = StageFiles(self.run_dir, stage - 1)
-            for path in (*older.model_state_files(), *(older.state(g) for g in PLUGIN_GROUPS)):
-                path.unlink(missing_ok=True)
+        self.store.save_results(self.results, barrier=f"saving stage {stage}")
+        self.observers.after_stage_saved(stage, self.results)
+        self.store.prune(stage)
         self.job.safe_point()  # stage saved: a pending preemption requeues here
 
-    def train_stage(self, stage: int, files: StageFiles) -> dict[str, Any]:
+    # ---- one stage, in the order of cl_bench/stage.py --------------------------------------
+    def train_stage(self, stage: int) -> dict[str, Any]:
+        """Train stage `stage` and save its files; returns its results.json "stages" entry."""
         ctx = self.context(stage)
-        torch.manual_seed(ctx.seed)
-        if self.base_weights is not None:  # independent: back to W0 (the last stage left W0 + τ_{t-1})
-            for name, linear in target_linears(self.models.train, self.targets).items():
-                self.master.restore_(name, linear.weight, self.base_weights[name])
+        self.begin(ctx)
         seconds: dict[str, float] = {}
-        self.progress.init_begin(stage, ctx.current.name)
-        t0 = time.time()
-        peft_model, init_stats, init_factors, scaling = self.start_adapter(ctx)
-        if init_factors is not None:  # a resumed stage: back to the init its checkpoint trained from
-            init_factors = self.checkpointed_init(peft_model, ctx, files, init_factors)
+        self.observers.before_stage(stage, ctx.current.name)
+        with timed(seconds, "init"):
+            peft_model, init_stats, init_factors, scaling = self.start_adapter(ctx)
+            if init_factors is not None:  # a resumed stage: back to the init its checkpoint trained from
+                init_factors = self.checkpointed_init(peft_model, ctx, init_factors)
+        self.observers.after_init(stage, init_stats, seconds["init"])
         start_init = init_factors  # what the in-stage checkpoints keep (begin_stage may change it below)
-        seconds["init"] = time.time() - t0
-        self.progress.init_end(init_stats, seconds["init"])
-        for plugin in self.plugins.values():
-            plugin.begin_stage(peft_model, ctx)
+        self.hooks("begin_stage", peft_model, ctx)
         if ctx.init_absorbed:  # as training starts: begin_stage may have re-set A and re-folded (InfLoRA, GPM)
             init_factors = adapter_factors(peft_model, ctx.adapter)
-        t0 = time.time()
-        train_summary = self.train(peft_model, ctx, files, start_init)
-        seconds["train"] = time.time() - t0
-        t0 = time.time()
-        for plugin in self.plugins.values():
-            plugin.end_stage(peft_model, ctx)
-        seconds["end_stage"] = time.time() - t0  # e.g. EWC's Fisher, GPM's/InfLoRA's input memory
-        t0 = time.time()
-        self.consolidate(peft_model, ctx, files, init_factors, scaling)
-        seconds["merge"] = time.time() - t0
-        record = {"stage": stage, "task": ctx.current.name, "init": init_stats, "train": train_summary, "seconds": seconds}
+        with timed(seconds, "train"):
+            summary = self.train(peft_model, ctx, start_init)
+        with timed(seconds, "end_stage"):  # e.g. EWC's Fisher, GPM's/InfLoRA's input memory
+            self.hooks("end_stage", peft_model, ctx)
+        with timed(seconds, "merge"):
+            self.consolidate(peft_model, ctx, init_factors, scaling)
+        record = {"stage": stage, "task": ctx.current.name, "init": init_stats, "train": summary, "seconds": seconds}
         if self.mode == "multitask":
             record["tasks"] = [t.name for t in self.tasks]
-        if self.dist.sharded:  # every rank its rows, then the index that marks the state saved
-            save_model_state(files, self.models.train, self.targets, self.master, shard=(self.dist.rank, self.dist.world))
-            self.dist.barrier(f"saving the model state of stage {stage}")
-        if self.dist.is_main:
-            atomic_write_json(files.dir / "stage.json", record)
-            if self.dist.sharded:
-                save_model_state_index(files, self.dist.world)
-            else:
-                save_model_state(files, self.models.train, self.targets, self.master)  # marks "trained": eval may be redone alone
-            _remove_tree(files.checkpoint)
+        self.store.save_stage(stage, record, self.models.train, self.targets, self.master)
+        self.observers.after_stage_trained(stage, record)
         return record
+
+    def begin(self, ctx: StageContext) -> None:
+        """Seed the stage; independent: back to W0 (the last stage left W0 + τ_{t-1})."""
+        torch.manual_seed(ctx.seed)
+        if self.base_weights is not None:
+            for name, linear in target_linears(self.models.train, self.targets).items():
+                self.master.restore_(name, linear.weight, self.base_weights[name])
+
+    def hooks(self, name: str, peft_model, ctx: StageContext) -> None:
+        """`name` (begin_stage | end_stage) of initializer, regularizer, merge, in that order."""
+        for plugin in self.plugins.values():
+            getattr(plugin, name)(peft_model, ctx)
 
     def start_adapter(self, ctx: StageContext):
         """Wrap the train model with this stage's adapter and initialise it (absorbing if asked).
@@ -304,69 +293,26 @@ class Runner:
         """
         from peft import LoraConfig
 
-        cfg = self.cfg
         lora_config = LoraConfig(
-            r=ctx.rank, lora_alpha=ctx.alpha, lora_dropout=float(cfg.lora.dropout), target_modules=self.targets,
+            r=ctx.rank, lora_alpha=ctx.alpha, lora_dropout=float(self.cfg.lora.dropout), target_modules=self.targets,
             use_rslora=ctx.scaling_convention == "rslora", task_type="CAUSAL_LM", **self.initializer.lora_config_kwargs(),
         )
         self.initializer.before_wrap(self.models.train, lora_config, ctx)
         peft_model = add_adapter(self.models.train, lora_config, ctx.adapter)
         result = self.initializer.init(peft_model, ctx)
         scaling = set_scaling(peft_model, ctx.adapter, ctx.scaling_convention)
-        if self.dist.sharded:  # every rank folds its own rows: all must fold rank 0's factors
-            self.dist.broadcast_([t for A, B in (result.factors or {}).values() for t in (A, B)]
-                                 + [t for layer in lora_layers(peft_model, ctx.adapter).values()
-                                    for t in (layer.lora_A[ctx.adapter].weight, layer.lora_B[ctx.adapter].weight)],
-                                 "broadcasting the stage's init")
+        share_init_factors(self.dist, result.factors, peft_model, ctx.adapter)
         if result.factors:
             result.stats["apply"] = apply_init(peft_model, result, ctx.adapter, self.master)
         elif result.absorb:  # PEFT absorbed in the model's dtype: the fp32 master follows
             follow_peft_absorption_(peft_model, ctx.adapter, self.master)
-        if self.dist.world > 1 and not self.dist.sharded:  # every rank computed the init; all continue from rank 0's, bit for bit
-            layers = lora_layers(peft_model, ctx.adapter).values()
-            self.dist.broadcast_([t for layer in layers for t in (base_weight(layer), layer.lora_A[ctx.adapter].weight,
-                                                                     layer.lora_B[ctx.adapter].weight)]
-                                 + list(self.master.tensors.values()), "broadcasting the stage's init")
+        share_started_adapter(self.dist, peft_model, ctx.adapter, self.master)
         ctx.init_absorbed = bool(result.absorb)
         init_factors = adapter_factors(peft_model, ctx.adapter) if result.absorb else None
         return peft_model, result.stats or {"method": self.initializer.name}, init_factors, scaling
 
-    def train(self, peft_model, ctx: StageContext, files: StageFiles, start_init) -> dict[str, Any]:
-        """The stage's optimizer steps, resumed from its in-stage checkpoint when there is one.
-        `start_init`: the absorbed init factors the stage started from (kept in its checkpoints)."""
-        cfg = self.cfg
-        tr = OmegaConf.to_container(cfg.trainer, resolve=True)
-        # multitask: the joint stage's step cap is the sequential run's total (max_steps per task x T)
-        tr["total_steps"] = steps_per_stage(len(ctx.current.train), cfg.trainer, len(self.tasks) if self.mode == "multitask" else 1)
-        resumed = load_checkpoint(files, peft_model)
-        every = int(tr.get("checkpoint_every_steps") or 0)
-        if self.job.preemptible:  # visit every step boundary: a preemption signal saves there
-            tr["checkpoint_every_steps"] = 1
-
-        def checkpoint(st, opt, sch):
-            save = lambda: self.dist.is_main and save_checkpoint(files, peft_model, st, opt, sch, self.plugins, start_init)  # noqa: E731
-            if every and st.step % every == 0:
-                save()
-                save = None
-            self.job.safe_point(save)
-
-        if resumed:
-            load_plugin_states(files.checkpoint, self.plugins)
-            log.info("stage %d: resuming training at step %d", ctx.stage, resumed[0].step)
-        self.progress.train_begin(ctx.stage, ctx.current.name, tr["total_steps"], resumed[0].step if resumed else 0)
-        summary = train_stage(
-            peft_model, ctx, self.encoder, OmegaConf.create(tr), self.regularizer,
-            state=resumed[0] if resumed else None, optimizer_state=resumed[1] if resumed else None,
-            checkpoint=checkpoint, plugins=list(self.plugins.values()),  # after_backward/after_step for all three
-            progress=False,  # the display is self.progress's, fed by on_step
-            on_step=lambda step, terms: (self.tracker.log_step(ctx.stage, step, terms), self.progress.train_step(step, terms),
-                                         kill_point(f"train:{ctx.stage}:{step}")),
-        )
-        self.progress.train_end(summary)
-        return summary
-
     @torch.no_grad()
-    def checkpointed_init(self, peft_model, ctx: StageContext, files: StageFiles, recomputed):
+    def checkpointed_init(self, peft_model, ctx: StageContext, recomputed):
         """Before begin_stage of a stage that resumes from an in-stage checkpoint: the init ran again
         and folded W ← W_prev − s·B0'·A0', but the checkpointed adapter trained from the first
         attempt's (A0, B0). Fold the difference (W ← W + s·B0'·A0' − s·B0·A0), put (A0, B0) back in
@@ -376,7 +322,7 @@ class Runner:
         gradient amplifies it). Without a complete checkpoint holding the init: `recomputed`."""
         from ..lora import task_vectors as merges
 
-        saved = load_checkpoint_init(files) if (files.checkpoint / "state.json").exists() else None
+        saved = self.store.checkpoint_init(ctx.stage)
         if saved is None or set(saved) != set(recomputed):  # no checkpoint, or one from before inits were saved
             return recomputed
         layers = lora_layers(peft_model, ctx.adapter)
@@ -389,66 +335,101 @@ class Runner:
             layer.lora_B[ctx.adapter].weight.copy_(B0)
         return saved
 
-    def consolidate(self, peft_model, ctx: StageContext, files: StageFiles, init_factors, scaling) -> None:
+    def train(self, peft_model, ctx: StageContext, start_init) -> dict[str, Any]:
+        """The stage's optimizer steps, resumed from its in-stage checkpoint when there is one.
+        `start_init`: the absorbed init factors the stage started from (kept in its checkpoints)."""
+        cfg = self.cfg
+        tr = OmegaConf.to_container(cfg.trainer, resolve=True)
+        # multitask: the joint stage's step cap is the sequential run's total (max_steps per task x T)
+        tr["total_steps"] = steps_per_stage(len(ctx.current.train), cfg.trainer, len(self.tasks) if self.mode == "multitask" else 1)
+        every = int(tr.get("checkpoint_every_steps") or 0)
+        if self.job.preemptible:  # visit every step boundary: a preemption signal saves there
+            tr["checkpoint_every_steps"] = 1
+        resumed = self.store.load_checkpoint(ctx.stage, peft_model, self.plugins)
+        if resumed:
+            log.info("stage %d: resuming training at step %d", ctx.stage, resumed[0].step)
+        self.observers.before_training(ctx.stage, ctx.current.name, tr["total_steps"], resumed[0].step if resumed else 0)
+        summary = train_stage(
+            peft_model, ctx, self.encoder, OmegaConf.create(tr), self.regularizer,
+            state=resumed[0] if resumed else None, optimizer_state=resumed[1] if resumed else None,
+            checkpoint=self.checkpointer(every, peft_model, ctx, start_init),
+            plugins=list(self.plugins.values()),  # after_backward/after_step for all three
+            progress=False,  # the display is an observer's, fed by on_step
+            on_step=lambda step, terms: self.observers.after_train_step(ctx.stage, step, terms),
+        )
+        self.observers.after_training(ctx.stage, summary, peft_model)
+        return summary
+
+    def checkpointer(self, every: int, peft_model, ctx: StageContext, start_init):
+        """The trainer's `checkpoint(state, opt, sched)`: the in-stage checkpoint every `every`
+        steps (0: never), and a preemption's safe point, which saves when no checkpoint was just
+        written (a preemptible job's trainer calls it at every step)."""
+        write = self.store.checkpoint_writer(ctx.stage, peft_model, self.plugins, start_init)
+
+        def checkpoint(st, opt, sch) -> None:
+            save = lambda: write(st, opt, sch)  # noqa: E731
+            if every and st.step % every == 0:
+                save()
+                save = None
+            self.job.safe_point(save)
+
+        return checkpoint
+
+    def consolidate(self, peft_model, ctx: StageContext, init_factors, scaling) -> None:
         """Record the stage in the history (and its files), let the merge decide the models,
         save every plug-in's state."""
         trained = adapter_factors(peft_model, ctx.adapter)
-        if self.dist.is_main:
-            save_stage_record(files, ctx.stage, ctx.current.name, ctx.adapter, trained, init_factors, scaling)
+        self.store.save_history(ctx.stage, ctx.current.name, ctx.adapter, trained, init_factors, scaling)
         self.history.append(StageRecord(ctx.stage, ctx.current.name, ctx.adapter, lambda: (trained, init_factors, scaling)))
         self.models = self.merger.consolidate(peft_model, ctx)
-        if self.dist.is_main:
-            save_plugin_states(files.dir, self.plugins)
+        self.store.save_plugin_states(ctx.stage, self.plugins)
 
+    # ---- evaluation ------------------------------------------------------------------------
     def evaluate_row(self, stage: int) -> None:
-        cfg = self.cfg
-        ev = cfg.evaluation
+        """Row `stage` of the matrix (the tasks `mode` evaluates there), then GP/IP where due."""
+        ev = self.cfg.evaluation
         row = self.results["matrix"][stage]
         shown = [j for j in range(len(self.tasks)) if modes.evaluated(self.mode, stage, j, bool(ev.full_matrix))]
-        self.progress.eval_begin(stage, len(shown))
-        for j, task in enumerate(self.tasks):
-            if j not in shown:
-                continue
-            self.progress.eval_task_begin(task.name)
+        self.observers.before_eval_row(stage, len(shown))
+        for j in shown:
+            task = self.tasks[j]
+            self.observers.before_eval_task(stage, j, task.name)
             score, records = evaluate_task(
                 self.models.eval, self.tokenizer, task, batch_size=int(ev.batch_size), max_new_tokens=int(ev.max_new_tokens),
                 max_prompt_len=self.max_prompt_len, device=self.device, prompt=self.encoder.prompt,
                 limit=ev.limit, progress=False, protocol=str(ev.protocol), reference_margin=ev.get("reference_margin"),
                 dist=self.dist,
             )
-            self.progress.eval_task_end(task.name, score)
             row[j] = score
-            if self.dist.is_main:
-                write_jsonl(self.run_dir / "predictions" / f"stage_{stage:02d}" / f"{task.name}.jsonl", records)
-            kill_point(f"eval:{stage}:{j}")
-        self.progress.eval_end()
-        if self.general_eval and self.general_eval.should_run(cfg.general_eval, stage, len(self.stage_tasks)) and not (
-                # independent: GP/IP are a mean over the T models, so one model alone is not worth measuring
-                self.mode == "independent" and stage and str(cfg.general_eval.get("when")) != "every_stage"):
-            self.progress.general_begin(stage)
+            self.store.save_predictions(stage, task.name, records)
+            self.observers.after_eval_task(stage, j, task.name, score)
+        self.observers.after_eval_row(stage)
+        if self.general_due(stage):
+            self.observers.before_general(stage)
             self.results["general"][str(stage)] = self.general(stage)
-            self.progress.general_end(self.results["general"][str(stage)])
+            self.observers.after_general(stage, self.results["general"][str(stage)])
+
+    def general_due(self, stage: int) -> bool:
+        """GP/IP are measured after `stage` (general_eval.when); independent: a mean over the T
+        models, so one model alone is not worth measuring unless when=every_stage."""
+        cfg = self.cfg
+        return bool(self.general_eval and self.general_eval.should_run(cfg.general_eval, stage, len(self.stage_tasks)) and not (
+            self.mode == "independent" and stage and str(cfg.general_eval.get("when")) != "every_stage"))
 
     def general(self, stage: int) -> dict[str, Any]:
         """GP/IP of the eval model: on rank 0 alone, or under distributed=fsdp (where every forward
         pass needs every rank) on every rank on the same requests, rank 0's files and result kept."""
         cfg = self.cfg
 
-        def evaluate(work_dir: str) -> dict[str, Any]:
-            return self.general_eval.evaluate_general(
-                self.models.eval, self.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"), work_dir=work_dir,
-                device=self.device, seed=int(cfg.seed), prompt=self.encoder.prompt, synced=self.dist.sharded)
+        def evaluate() -> dict[str, Any]:
+            with self.store.general_work_dir() as work_dir:
+                return self.general_eval.evaluate_general(
+                    self.models.eval, self.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"), work_dir=work_dir,
+                    device=self.device, seed=int(cfg.seed), prompt=self.encoder.prompt, synced=self.dist.sharded)
 
         if not self.dist.sharded:
-            return self.dist.on_main(lambda: evaluate(str(self.run_dir / "general_eval")), "general evaluation on rank 0")
-        import tempfile
-
-        if self.dist.is_main:
-            value = evaluate(str(self.run_dir / "general_eval"))
-        else:  # the same requests, written where rank 0's files are not
-            with tempfile.TemporaryDirectory(prefix=f"cl_bench_rank{self.dist.rank}_") as scratch:
-                value = evaluate(scratch)
-        return self.dist.broadcast_object(value, "sharing the general evaluation")
+            return self.dist.on_main(evaluate, "general evaluation on rank 0")
+        return self.dist.broadcast_object(evaluate(), "sharing the general evaluation")
 
     def finish(self) -> None:
         metrics = compute_mode_metrics(self.results["matrix"], self.results["eval_sizes"], self.mode)
@@ -464,23 +445,13 @@ class Runner:
         self.results["metrics"] = metrics
         self.results["complete"] = True
         self.results["status"] = "complete"
-        self.save()
-        self.tracker.finish(self.results)
+        self.store.save_results(self.results)
+        self.observers.after_run(self.results)
 
 
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(Path(path).read_text())
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def run(cfg, run_dir: str | Path, stream=None) -> dict[str, Any]:
-    """`stream`: where cl_bench's progress bars go (the console's stderr; default sys.stderr)."""
+def run(cfg, run_dir: str | Path, stream=None, observers: Sequence[Observer] = ()) -> dict[str, Any]:
+    """Run (or resume) the job `cfg` in `run_dir`; returns results.json's content.
+    `stream`: where cl_bench's progress bars go (the console's stderr; default sys.stderr).
+    `observers`: extra run/observers.Observer instances, told of every moment of the run."""
     with job_scope(int(cfg.seed)) as job:  # nothing leaks into the next job of this process
-        return Runner(cfg, Path(run_dir), job).run(stream)
+        return Runner(cfg, Path(run_dir), job, observers).run(stream)

@@ -1,7 +1,14 @@
 """The run directory as a resume point: lock, config check, stage files, in-stage checkpoints.
 
-Layout (shared/DESIGN.md §3):
+`RunStore` is the one owner of a run dir: the runner and remerge read and write every file
+below through it, and it alone applies the rank-0 rule (every rank holds the same values; rank 0
+writes) and the pruning of older stages' model and plug-in states. The functions after it are
+its file formats (tests use them on single files).
+
+Layout:
   results.json                         single source of truth, rewritten atomically
+  stages/stage_XX/stage.json           the stage's entry of results.json "stages" (before its "eval"
+                                       seconds); with model_state it marks the stage trained
   stages/stage_XX/adapter.safetensors  trained LoRA factors of stage XX: "<module>.A", "<module>.B"
                                        (module = unwrapped-model name); metadata: stage, task,
                                        adapter name, s per module
@@ -15,26 +22,30 @@ Layout (shared/DESIGN.md §3):
   stages/stage_XX/checkpoint/          in-stage checkpoint (adapter, optimizer, scheduler, RNG, step,
                                        every plug-in's state)
   predictions/stage_XX/<task>.jsonl    one scored example per line
+  general_eval/                        lm-eval's work files (GP/IP)
+A variant of the run (remerge: `RunStore.variant("remerge-<tag>")`) writes results.<variant>.json,
+predictions.<variant>/ and general_eval.<variant>/ beside these, and reads the same stages/.
 From adapter + init the task vector τ = s·B·A − s·B0·A0 of every stage is recomputed exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..infra.config_keys import NON_RESULT_KEYS
+from ..infra.distributed import Dist
 from ..infra.errors import ConfigError
-from ..lora.layers import WeightMaster, target_linears
-from ..infra.files import atomic_save_tensors, atomic_write_json, load_tensors
-from ..stage import Plugin, StageRecord
-from ..lora.layers import Factors
-
-# Keys that do not change results: a resumed run may differ in these.
+from ..infra.files import atomic_save_tensors, atomic_write_json, load_tensors, write_jsonl
+from ..lora.layers import Factors, WeightMaster, target_linears
+from ..stage import PLUGIN_GROUPS, Plugin, StageRecord
 
 
 class RunLock:
@@ -83,22 +94,6 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
-def load_previous_results(run_dir: Path, config: dict) -> dict | None:
-    """results.json of an earlier run in this dir, after checking it holds the same config."""
-    path = Path(run_dir) / "results.json"
-    if not path.exists():
-        return None
-    try:
-        previous = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc.msg}); move it away to start afresh") from None
-    diff = config_differences(previous.get("config", {}), config)
-    if diff:
-        shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
-        raise ConfigError(f"run dir {run_dir} holds a run with a different config (keys: {shown}); use another hydra.run.dir")
-    return previous
-
-
 class StageFiles:
     def __init__(self, run_dir: Path, stage: int):
         self.dir = Path(run_dir) / "stages" / f"stage_{stage:02d}"
@@ -118,6 +113,184 @@ class StageFiles:
     def state(self, group: str) -> Path:
         """A plug-in group's state after this stage."""
         return self.dir / f"{group}.safetensors"
+
+    @property
+    def record(self) -> Path:
+        """stage.json: the stage's entry of results.json "stages"."""
+        return self.dir / "stage.json"
+
+
+class RunStore:
+    """Every read and write of one run dir (module doc), for the runner and remerge.
+
+    `dist` (infra/distributed.Dist; one process by default): writes happen on rank 0 only, the
+    other ranks skip them; the fsdp model state is the exception (every rank writes its rows).
+    `variant` (e.g. "remerge-ties"): results, predictions and general-eval files of a variant
+    of the run, beside the run's own; stage files are always the run's."""
+
+    def __init__(self, run_dir: str | Path, dist: Dist | None = None, variant: str = ""):
+        self.dir = Path(run_dir)
+        self.dist = dist or Dist()
+        self.variant = variant
+
+    def variant_of(self, variant: str) -> "RunStore":
+        """The same run dir and ranks, writing the files of `variant`."""
+        return RunStore(self.dir, self.dist, variant)
+
+    def _named(self, stem: str, suffix: str = "") -> Path:
+        return self.dir / (f"{stem}.{self.variant}{suffix}" if self.variant else f"{stem}{suffix}")
+
+    @property
+    def results_path(self) -> Path:
+        return self._named("results", ".json")
+
+    def stage(self, stage: int) -> StageFiles:
+        return StageFiles(self.dir, stage)
+
+    # ---- the run ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """The run-dir lock (RunLock), held by rank 0; every rank gets its ConfigError if taken."""
+        lock = RunLock(self.dir)
+        self.dist.on_main(lambda: lock.__enter__() and None, "taking the run-dir lock")
+        try:
+            yield
+        finally:
+            lock.__exit__()
+
+    def read_results(self) -> dict | None:
+        """results.json as written (None when absent); ConfigError when it is not valid JSON."""
+        path = self.results_path
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc.msg}); move it away to start afresh") from None
+
+    def load_results(self, config: dict) -> dict | None:
+        """results.json of an earlier run in this dir, after checking it holds the same config
+        (ConfigError naming the differing keys otherwise)."""
+        previous = self.read_results()
+        diff = config_differences(previous.get("config", {}), config) if previous is not None else []
+        if diff:
+            shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+            raise ConfigError(f"run dir {self.dir} holds a run with a different config (keys: {shown}); use another hydra.run.dir")
+        return previous
+
+    def save_results(self, results: dict, barrier: str | None = None) -> None:
+        """results.json, atomically, by rank 0; with `barrier` (what for), every rank then waits
+        until it is written."""
+        if self.dist.is_main:
+            atomic_write_json(self.results_path, results)
+        if barrier:
+            self.dist.barrier(barrier)
+
+    # ---- finished stages -------------------------------------------------------------------
+    def trained_through(self, done: int, n_stages: int) -> int:
+        """The last stage whose model was trained and saved: `done` (stages in results.json), or
+        done + 1 when a crash came during that stage's evaluation (its model state exists)."""
+        return done + 1 if done < n_stages and self.stage(done + 1).model_state.exists() else done
+
+    def read_stage(self, stage: int) -> dict[str, Any]:
+        """stage.json of a trained stage (its results.json entry, before evaluation)."""
+        return json.loads(self.stage(stage).record.read_text())
+
+    def history(self, stages: int) -> list[StageRecord]:
+        """StageRecords of stages 1..`stages` (factors read on first use)."""
+        return [load_stage_record(self.stage(s)) for s in range(1, stages + 1)]
+
+    def save_history(self, stage: int, task: str, adapter: str, trained: Factors, init: Factors | None,
+                     scaling: dict[str, float]) -> None:
+        """The stage's trained and absorbed-init factors and s (what history and remerge need)."""
+        if self.dist.is_main:
+            save_stage_record(self.stage(stage), stage, task, adapter, trained, init, scaling)
+
+    def save_plugin_states(self, stage: int, plugins: dict[str, Plugin]) -> None:
+        if self.dist.is_main:
+            save_plugin_states(self.stage(stage).dir, plugins)
+
+    def save_stage(self, stage: int, record: dict, model, targets: list[str], master: WeightMaster) -> None:
+        """stage.json and the model state the next stage trains on (under fsdp every rank's rows,
+        then the index); the in-stage checkpoint is dropped. Called by every rank."""
+        files = self.stage(stage)
+        if self.dist.sharded:  # every rank its rows, then the index that marks the state saved
+            save_model_state(files, model, targets, master, shard=(self.dist.rank, self.dist.world))
+            self.dist.barrier(f"saving the model state of stage {stage}")
+        if not self.dist.is_main:
+            return
+        atomic_write_json(files.record, record)
+        if self.dist.sharded:
+            save_model_state_index(files, self.dist.world)
+        else:
+            save_model_state(files, model, targets, master)  # marks "trained": eval may be redone alone
+        shutil.rmtree(files.checkpoint, ignore_errors=True)
+
+    def restore_stage(self, stage: int, model, targets: list[str], master: WeightMaster,
+                      plugins: dict[str, Plugin]) -> None:
+        """The target weights and every plug-in's state as stage `stage` left them."""
+        files = self.stage(stage)
+        load_model_state(files, model, targets, master)
+        load_plugin_states(files.dir, plugins)
+
+    def prune(self, stage: int) -> None:
+        """Only the latest model and plug-in states are needed to resume; older ones cost a model each."""
+        if stage > 1 and self.dist.is_main:
+            older = self.stage(stage - 1)
+            for path in (*older.model_state_files(), *(older.state(g) for g in PLUGIN_GROUPS)):
+                path.unlink(missing_ok=True)
+
+    # ---- in-stage checkpoints --------------------------------------------------------------
+    def checkpoint_writer(self, stage: int, model, plugins: dict[str, Plugin],
+                          init: Factors | None) -> Callable[[Any, Any, Any], None]:
+        """`write(state, optimizer, scheduler)`: the stage's in-stage checkpoint (save_checkpoint),
+        with `init` as the absorbed init it started from; rank 0 writes, the others do nothing."""
+        files = self.stage(stage)
+
+        def write(state, optimizer, scheduler) -> None:
+            if self.dist.is_main:
+                save_checkpoint(files, model, state, optimizer, scheduler, plugins, init)
+
+        return write
+
+    def load_checkpoint(self, stage: int, model, plugins: dict[str, Plugin]) -> tuple[Any, dict] | None:
+        """(TrainState, optimizer/scheduler state) of the stage's in-stage checkpoint, with the
+        adapter, RNG and every plug-in's state put back; None without one."""
+        files = self.stage(stage)
+        resumed = load_checkpoint(files, model)
+        if resumed:
+            load_plugin_states(files.checkpoint, plugins)
+        return resumed
+
+    def checkpoint_init(self, stage: int) -> Factors | None:
+        """The absorbed init the checkpointed stage started from; None without a complete
+        checkpoint or when it holds none."""
+        files = self.stage(stage)
+        return load_checkpoint_init(files) if (files.checkpoint / "state.json").exists() else None
+
+    # ---- evaluation outputs ----------------------------------------------------------------
+    def predictions(self, stage: int) -> Path:
+        return self._named("predictions") / f"stage_{stage:02d}"
+
+    def save_predictions(self, stage: int, task: str, records: list[dict]) -> None:
+        """One scored example per line (rank 0)."""
+        if self.dist.is_main:
+            write_jsonl(self.predictions(stage) / f"{task}.jsonl", records)
+
+    def copy_predictions(self, stage: int, source: "RunStore") -> None:
+        """Row `stage`'s predictions of `source` (another variant of the run), where it has them."""
+        if self.dist.is_main and source.predictions(stage).is_dir():
+            shutil.copytree(source.predictions(stage), self.predictions(stage), dirs_exist_ok=True)
+
+    @contextlib.contextmanager
+    def general_work_dir(self) -> Iterator[str]:
+        """Where this rank's lm-eval writes: general_eval/ on rank 0, a scratch folder removed
+        afterwards on the others (under fsdp every rank runs the same requests)."""
+        if self.dist.is_main:
+            yield str(self._named("general_eval"))
+            return
+        with tempfile.TemporaryDirectory(prefix=f"cl_bench_rank{self.dist.rank}_") as scratch:
+            yield scratch
 
 
 def factors_to_tensors(factors: Factors) -> dict[str, torch.Tensor]:
