@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= disabled
 
-.PHONY: install demo test bench claim clean
+.PHONY: install demo test lint bench claim clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests --durations=15
+
+# The formatter and linter (settings in pyproject.toml); `ruff format cl_bench tests` applies the format.
+lint: $(STAMP)
+	$(BIN)/ruff check cl_bench tests
+	$(BIN)/ruff format --check cl_bench tests
 
 # Speed and memory figures (not timed tests), one script on CPU or GPU: per phase (capture,
 # SVD/projection, train, merge, evaluation, GP/IP) time, tokens/s, examples/s, peak memory,

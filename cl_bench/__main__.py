@@ -4,6 +4,7 @@ User errors (bad config, missing data, unavailable model) print one line and exi
 SIGTERM print one line and exit 130 / 143 (the run resumes from where it stopped). The traceback
 is raised instead only when HYDRA_FULL_ERROR=1.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,7 +64,7 @@ def app_help() -> str:
     lines += [
         "",
         "more: cl_bench --cfg job (print the composed config), --hydra-help (Hydra's flags),",
-        "      eval \"$(cl_bench -sc install=bash)\" (tab completion of groups and keys),",
+        '      eval "$(cl_bench -sc install=bash)" (tab completion of groups and keys),',
         "      python -m cl_bench.data_check data.root=DIR (which sequences your data can run),",
         "      python -m cl_bench.report DIR... (mean ± std over seeds), README.md",
     ]
@@ -87,8 +88,10 @@ def _join_launch(argv: list[str]) -> int:
     from .infra.errors import ConfigError
 
     if any(a in ("--multirun", "-m") for a in argv):
-        raise ConfigError("--multirun cannot run under a multi-process launcher (each job would start on every rank); "
-                          "launch one job per command, or use hydra/launcher=slurm with hydra.launcher.tasks_per_node")
+        raise ConfigError(
+            "--multirun cannot run under a multi-process launcher (each job would start on every rank); "
+            "launch one job per command, or use hydra/launcher=slurm with hydra.launcher.tasks_per_node"
+        )
     init_from_env()
     dist = Dist("ddp")
     os.environ["CL_BENCH_RUN_STAMP"] = dist.broadcast_object(time.strftime("%Y-%m-%d_%H-%M-%S"), "sharing the run dir")
@@ -105,9 +108,9 @@ def _quiet_console() -> None:
 
 
 def main() -> None:
-    from .run.config import check_group_overrides
     from .infra.distributed import launched_world_size
     from .infra.errors import CLBenchError
+    from .run.config import check_group_overrides
 
     argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
@@ -116,7 +119,9 @@ def main() -> None:
     rank = 0
     try:
         check_group_overrides(argv)
-        if launched_world_size(slurm=any(a in ("distributed=ddp", "distributed=fsdp") for a in argv)) > 1 and not any(a.split("=", 1)[0] in _NO_RUN_FLAGS for a in argv):
+        if launched_world_size(slurm=any(a in ("distributed=ddp", "distributed=fsdp") for a in argv)) > 1 and not any(
+            a.split("=", 1)[0] in _NO_RUN_FLAGS for a in argv
+        ):
             rank = _join_launch(argv)
     except CLBenchError as exc:
         _fail(exc)
@@ -153,7 +158,6 @@ def main() -> None:
             log.info(f"run dir {run_dir}")
             try:
                 from .run.runner import run
-
                 from .run.summary import format_summary
 
                 results = run(cfg, run_dir, stream=stream)
@@ -166,8 +170,10 @@ def main() -> None:
             hint = _resume_hint(run_dir, hydra_cfg.mode == RunMode.MULTIRUN)
             world = int(os.environ.get("WORLD_SIZE", 1))
             if world > 1:  # torchrun stops every rank when one fails; its summary names the failed rank
-                hint = (f"rank {rank} of {world} was stopped (if another rank failed, the launcher's summary "
-                        f"names it as the root cause); {hint}")
+                hint = (
+                    f"rank {rank} of {world} was stopped (if another rank failed, the launcher's summary "
+                    f"names it as the root cause); {hint}"
+                )
             print(f"cl_bench: interrupted during {failure.where}; {hint}", file=sys.stderr)
             sys.exit(failure.exit_code)
         if failure is not None:

@@ -12,6 +12,7 @@ Peak memory resets per stage through /proc/self/clear_refs (Linux; "-" elsewhere
 Extra Hydra overrides for every run go after `--`, e.g.
 `python -m cl_bench.branch_cost -- trainer.max_steps=20 lora.r=4`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,17 @@ class StageCost(Observer):
         cpu = time.process_time() - self._cpu0["train"]
         peak = peak_mb()["rss_peak_mb"] if self._reset else None
         adapters = len(next(m for m in model.modules() if hasattr(m, "lora_A")).lora_A)
-        self.measured.setdefault(stage, {}).update({
-            "adapters": adapters, "train_cpu_s": cpu, "s_per_step": cpu / max(1, summary["steps"]),
-            "peak_rss_mb": peak, "train_rise_mb": peak - self._rss0 if peak and self._rss0 else None,
-            "lora_mb": _param_mb(model, "lora_"), "gate_mb": _param_mb(model, f"{BANK}."),
-        })
+        self.measured.setdefault(stage, {}).update(
+            {
+                "adapters": adapters,
+                "train_cpu_s": cpu,
+                "s_per_step": cpu / max(1, summary["steps"]),
+                "peak_rss_mb": peak,
+                "train_rise_mb": peak - self._rss0 if peak and self._rss0 else None,
+                "lora_mb": _param_mb(model, "lora_"),
+                "gate_mb": _param_mb(model, f"{BANK}."),
+            }
+        )
 
     def after_stage_trained(self, stage, record):
         self.measured.setdefault(stage, {})["stage_cpu_s"] = time.process_time() - self._cpu0["stage"]
@@ -111,12 +118,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    common = ["sequence=synthetic", f"sequence.tasks={TASKS}", "sequence.n_train=64", "sequence.n_eval=16",
-              "trainer.max_steps=20", "general_eval=none", "progress=false", "threads=1", *args.overrides]
+    common = [
+        "sequence=synthetic",
+        f"sequence.tasks={TASKS}",
+        "sequence.n_train=64",
+        "sequence.n_eval=16",
+        "trainer.max_steps=20",
+        "general_eval=none",
+        "progress=false",
+        "threads=1",
+        *args.overrides,
+    ]
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cl_bench_branch_cost_"))
     rows = measure(args.merges.split(","), common, out)
-    cols = ["merge", "stage", "adapters", "stage_cpu_s", "train_cpu_s", "s_per_step", "eval_cpu_s", "peak_rss_mb", "train_rise_mb",
-            "lora_mb", "gate_mb"]
+    cols = [
+        "merge",
+        "stage",
+        "adapters",
+        "stage_cpu_s",
+        "train_cpu_s",
+        "s_per_step",
+        "eval_cpu_s",
+        "peak_rss_mb",
+        "train_rise_mb",
+        "lora_mb",
+        "gate_mb",
+    ]
     print("\n== per-stage cost with the number of branches ==")
     print_table([{c: r.get(c) for c in cols} for r in rows])
     (out / "branch_cost.json").write_text(json.dumps(rows, indent=2))

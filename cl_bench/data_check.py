@@ -4,19 +4,20 @@ For every sequence YAML in conf/sequence, each task is looked up where its famil
 (file names only: nothing is parsed, nothing is fetched from the Hub), and every general_eval
 YAML's benchmarks are checked the same way. Exit status 0 when the root exists, 2 otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
-from .run.config import CONF_DIR
 from .infra.errors import CLBenchError
+from .run.config import CONF_DIR
 
 
 def _superni(name: str, base: Path) -> Path | None:
@@ -119,16 +120,24 @@ def report(root: Path, conf_dir: Path = CONF_DIR) -> tuple[str, list[SequenceSta
             lines.append(f"general_eval={name}:")
             lines.extend(f"  {name:<{width}}  {where}" for name, where in checks)
     runnable = [s.name for s in statuses if s.runnable]
-    lines += ["", f"runnable ({len(runnable)}/{len(statuses)}): {', '.join(runnable) or 'none'}",
-              "expected layout: " + ", ".join(f"{f}: {h}" for f, h in LAYOUT_HINT.items() if f != "synthetic")
-              + " (README.md: 'Getting the data')"]
+    lines += [
+        "",
+        f"runnable ({len(runnable)}/{len(statuses)}): {', '.join(runnable) or 'none'}",
+        "expected layout: "
+        + ", ".join(f"{f}: {h}" for f, h in LAYOUT_HINT.items() if f != "synthetic")
+        + " (README.md: 'Getting the data')",
+    ]
     return "\n".join(lines), statuses
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cl_bench.data_check", description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", metavar="data.root=DIR",
-                        help="the data folder (default: env CL_BENCH_DATA), as in a run's overrides")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="data.root=DIR",
+        help="the data folder (default: env CL_BENCH_DATA), as in a run's overrides",
+    )
     args = parser.parse_args(argv)
     root = os.environ.get("CL_BENCH_DATA")
     for item in args.overrides:
@@ -138,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         root = value
     if not root or not Path(root).expanduser().is_dir():
-        print(f"cl_bench.data_check: error: data.root={root!r} is not a directory (README.md: 'Getting the data')",
-              file=sys.stderr)
+        print(
+            f"cl_bench.data_check: error: data.root={root!r} is not a directory (README.md: 'Getting the data')",
+            file=sys.stderr,
+        )
         return 2
     text, _ = report(Path(root).expanduser())
     print(text)

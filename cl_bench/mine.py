@@ -25,6 +25,7 @@ Outputs in --out: cosine.csv, cosine.png (heatmap), sequences/<prefix>_<rank>.ya
 Plain argparse rather than Hydra: this is a one-shot tool with no config groups to compose and
 no multirun, and the flags above are its whole interface.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,10 +49,13 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # Named SuperNI pools (short ids; resolved through the family's task table). `diverse46` is the
 # SLICE authors' 46-task search pool; `slice61` adds the rest of their 26 original tasks (with
 # NI488 = task488, not the task448 of their registry), the pool the paper's Opp sequences need.
-_EXTENSION35 = ("077 079 085 086 087 088 090 092 119 161 179 180 181 183 199 205 206 208 209 243 271 286 "
-                "325 327 376 425 513 517 828 1152 1332 1346 1429 1582 1711").split()
-_ORIGINAL26 = ("195 1343 1310 1292 363 231 220 224 273 360 1510 618 1290 589 511 1357 1355 141 619 163 002 "
-               "339 611 292 488 024").split()
+_EXTENSION35 = (
+    "077 079 085 086 087 088 090 092 119 161 179 180 181 183 199 205 206 208 209 243 271 286 "
+    "325 327 376 425 513 517 828 1152 1332 1346 1429 1582 1711"
+).split()
+_ORIGINAL26 = (
+    "195 1343 1310 1292 363 231 220 224 273 360 1510 618 1290 589 511 1357 1355 141 619 163 002 339 611 292 488 024"
+).split()
 NAMED_POOLS: dict[str, list[str]] = {
     "diverse46": _EXTENSION35 + "195 363 1292 1310 1343 024 511 589 618 1290 1357".split(),
     "slice61": _EXTENSION35 + _ORIGINAL26,
@@ -59,6 +63,7 @@ NAMED_POOLS: dict[str, list[str]] = {
 
 
 # ------------------------------------------------------------------------ sketching
+
 
 @dataclass
 class GradientSketch:
@@ -99,6 +104,7 @@ def cosine_matrix(sketches: Sequence[GradientSketch]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------ subset search
+
 
 def combinations_array(n: int, size: int) -> np.ndarray:
     """All `size`-subsets of range(n) as rows, in lexicographic order, built without a Python
@@ -200,6 +206,7 @@ def order_subset(subset: Sequence[int], cos: np.ndarray, rule: str) -> list[int]
 
 # ------------------------------------------------------------------------ outputs
 
+
 def write_cosine_csv(path: Path, names: Sequence[str], cos: np.ndarray) -> None:
     lines = ["task," + ",".join(names)]
     lines += [name + "," + ",".join(f"{v:.6f}" for v in row) for name, row in zip(names, cos)]
@@ -242,7 +249,9 @@ def write_heatmap(path: Path, names: Sequence[str], cos: np.ndarray, title: str)
     plt.close(fig)
 
 
-def sequence_yaml(name: str, family: str, tasks: Sequence[str], n_train: int | None, n_eval: int, header: Sequence[str]) -> str:
+def sequence_yaml(
+    name: str, family: str, tasks: Sequence[str], n_train: int | None, n_eval: int, header: Sequence[str]
+) -> str:
     lines = [f"# {h}" for h in header]
     lines += [f"name: {name}", f"family: {family}", "tasks:"]
     lines += [f"  - {t}" for t in tasks]
@@ -251,6 +260,7 @@ def sequence_yaml(name: str, family: str, tasks: Sequence[str], n_train: int | N
 
 
 # ------------------------------------------------------------------------ gradients
+
 
 def target_weights(model: torch.nn.Module, targets: Sequence[str]) -> dict[str, torch.nn.Parameter]:
     weights = {
@@ -264,9 +274,20 @@ def target_weights(model: torch.nn.Module, targets: Sequence[str]) -> dict[str, 
 
 
 def task_sketches(
-    model, tokenizer, tasks, *, steps: int, batch_size: int, max_len: int, sketch_dim: int,
-    seed: int, device: torch.device, targets: Sequence[str], offload: bool = False,
-    log: Callable[[str], None] = print, prompt=None,
+    model,
+    tokenizer,
+    tasks,
+    *,
+    steps: int,
+    batch_size: int,
+    max_len: int,
+    sketch_dim: int,
+    seed: int,
+    device: torch.device,
+    targets: Sequence[str],
+    offload: bool = False,
+    log: Callable[[str], None] = print,
+    prompt=None,
 ) -> tuple[list[GradientSketch], list[dict]]:
     """One sketch per task of the base model's mean training-loss gradient. `prompt` is the
     data.PromptFormat of the runs (default: the default config's, fixed date included)."""
@@ -282,13 +303,21 @@ def task_sketches(
         sketch = count_sketch(captured.grads, sketch_dim, seed)
         del captured.grads
         sketches.append(sketch)
-        stats.append({"task": task.name, "loss": captured.loss, "grad_norm": sketch.norm,
-                      "steps": captured.steps, "seconds": round(captured.seconds, 3)})
+        stats.append(
+            {
+                "task": task.name,
+                "loss": captured.loss,
+                "grad_norm": sketch.norm,
+                "steps": captured.steps,
+                "seconds": round(captured.seconds, 3),
+            }
+        )
         log(f"[mine] {task.name}: loss {captured.loss:.3f}, |g| {sketch.norm:.4g}, {captured.seconds:.1f}s")
     return sketches, stats
 
 
 # ------------------------------------------------------------------------ CLI
+
 
 def parse_pool(pool: str | None, pool_file: str | None) -> list[str]:
     names: list[str] = []
@@ -307,7 +336,9 @@ def parse_pool(pool: str | None, pool_file: str | None) -> list[str]:
     return names
 
 
-def load_pool(family: str, names: Sequence[str], root: str | None, n_eval: int, seed: int, skip_missing: bool, log=print):
+def load_pool(
+    family: str, names: Sequence[str], root: str | None, n_eval: int, seed: int, skip_missing: bool, log=print
+):
     """Tasks of the pool (resolved, de-duplicated) and the names that could not be loaded."""
     from .data.tasks import family_module
 
@@ -341,20 +372,37 @@ def bench_search(pool_size: int = 46, size: int = 5, top_k: int = 10, seed: int 
     start = time.perf_counter()
     best = lowest_mean_cosine_subsets(cos, size, top_k)
     seconds = time.perf_counter() - start
-    return {"pool": pool_size, "size": size, "subsets": math.comb(pool_size, size), "seconds": round(seconds, 3),
-            "best_mean_cosine": round(best[0][0], 6)}
+    return {
+        "pool": pool_size,
+        "size": size,
+        "subsets": math.comb(pool_size, size),
+        "seconds": round(seconds, 3),
+        "best_mean_cosine": round(best[0][0], 6),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cl_bench.mine", description="Mine task sequences with the most conflicting gradients (NI-Seq-Opposite).")
-    p.add_argument("--pool", help=f"comma-separated task names (short SuperNI ids like task088 or 088 are accepted), or a named pool: {', '.join(NAMED_POOLS)}")
+    p = argparse.ArgumentParser(
+        prog="python -m cl_bench.mine",
+        description="Mine task sequences with the most conflicting gradients (NI-Seq-Opposite).",
+    )
+    p.add_argument(
+        "--pool",
+        help=f"comma-separated task names (short SuperNI ids like task088 or 088 are accepted), or a named pool: {', '.join(NAMED_POOLS)}",
+    )
     p.add_argument("--pool-file", help="file with one task name per line (# comments allowed)")
     p.add_argument("--family", default="superni", help="task family of the pool (default: superni)")
-    p.add_argument("--data-root", default=os.environ.get("CL_BENCH_DATA"), help="data.root (default: env CL_BENCH_DATA)")
+    p.add_argument(
+        "--data-root", default=os.environ.get("CL_BENCH_DATA"), help="data.root (default: env CL_BENCH_DATA)"
+    )
     p.add_argument("--size", type=int, default=5, help="tasks per sequence (default 5)")
     p.add_argument("--top-k", type=int, default=10, help="how many sequences to write (default 10)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--model", default="tiny", help="a conf/model choice (tiny: the embedded model, smollm2, ...) or a model path / Hub name")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="a conf/model choice (tiny: the embedded model, smollm2, ...) or a model path / Hub name",
+    )
     p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--order", default="greedy", choices=ORDER_RULES, help="order inside a sequence (default greedy)")
@@ -364,16 +412,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sketch-dim", type=int, default=1 << 18, help="CountSketch buckets (0 = exact full vectors)")
     p.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS), help="Linear layers whose gradients count")
     p.add_argument("--offload", action="store_true", help="accumulate captured gradients on the CPU")
-    p.add_argument("--n-train", type=int, default=None, help="n_train written into the sequence YAMLs (default null = all)")
-    p.add_argument("--n-eval", type=int, default=200, help="held-out eval size: calibration data come only from the rest; written into the YAMLs")
+    p.add_argument(
+        "--n-train", type=int, default=None, help="n_train written into the sequence YAMLs (default null = all)"
+    )
+    p.add_argument(
+        "--n-eval",
+        type=int,
+        default=200,
+        help="held-out eval size: calibration data come only from the rest; written into the YAMLs",
+    )
     p.add_argument("--name-prefix", default="ni_mined", help="sequence name prefix (default ni_mined)")
-    p.add_argument("--skip-missing", action="store_true", help="mine without pool tasks whose data is missing (listed in mining.json)")
-    p.add_argument("--prompt-format", default="chat_template", help="chat_template | slice_paper (as evaluation.prompt.format)")
-    p.add_argument("--system", default=None, help="system message of every prompt (as evaluation.prompt.system; default none)")
-    p.add_argument("--date-string", default=None, help="date chat templates print (as evaluation.prompt.date_string; default 26 Jul 2024)")
+    p.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="mine without pool tasks whose data is missing (listed in mining.json)",
+    )
+    p.add_argument(
+        "--prompt-format", default="chat_template", help="chat_template | slice_paper (as evaluation.prompt.format)"
+    )
+    p.add_argument(
+        "--system", default=None, help="system message of every prompt (as evaluation.prompt.system; default none)"
+    )
+    p.add_argument(
+        "--date-string",
+        default=None,
+        help="date chat templates print (as evaluation.prompt.date_string; default 26 Jul 2024)",
+    )
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--cache-dir", default=os.environ.get("CL_BENCH_CACHE", str(Path.home() / ".cache" / "cl_bench")), help="where the tiny model is built")
-    p.add_argument("--bench", action="store_true", help="only time the exhaustive C(46,5) search on a random 46x46 matrix")
+    p.add_argument(
+        "--cache-dir",
+        default=os.environ.get("CL_BENCH_CACHE", str(Path.home() / ".cache" / "cl_bench")),
+        help="where the tiny model is built",
+    )
+    p.add_argument(
+        "--bench", action="store_true", help="only time the exhaustive C(46,5) search on a random 46x46 matrix"
+    )
     return p
 
 
@@ -390,11 +463,13 @@ def _check_args(args) -> None:
 def mine(args, log: Callable[[str], None] = print) -> dict:
     from omegaconf import OmegaConf
 
-    from .data.prompts import DEFAULT_DATE_STRING, PromptFormat
     from .data.models import load_model, resolve_device
+    from .data.prompts import DEFAULT_DATE_STRING, PromptFormat
 
     _check_args(args)
-    prompt = PromptFormat(format=args.prompt_format, system=args.system, date_string=args.date_string or DEFAULT_DATE_STRING)
+    prompt = PromptFormat(
+        format=args.prompt_format, system=args.system, date_string=args.date_string or DEFAULT_DATE_STRING
+    )
     names = parse_pool(args.pool, args.pool_file)
     tasks, missing = load_pool(args.family, names, args.data_root, args.n_eval, args.seed, args.skip_missing, log)
     if len(tasks) < args.size:
@@ -406,8 +481,18 @@ def mine(args, log: Callable[[str], None] = print) -> dict:
 
     start = time.perf_counter()
     sketches, stats = task_sketches(
-        model, tokenizer, tasks, steps=args.steps, batch_size=args.batch_size, max_len=args.max_len,
-        sketch_dim=args.sketch_dim, seed=args.seed, device=device, targets=targets, offload=args.offload, log=log,
+        model,
+        tokenizer,
+        tasks,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        sketch_dim=args.sketch_dim,
+        seed=args.seed,
+        device=device,
+        targets=targets,
+        offload=args.offload,
+        log=log,
         prompt=prompt,
     )
     gradient_seconds = time.perf_counter() - start
@@ -421,7 +506,9 @@ def mine(args, log: Callable[[str], None] = print) -> dict:
     out = Path(args.out)
     (out / "sequences").mkdir(parents=True, exist_ok=True)
     write_cosine_csv(out / "cosine.csv", pool_names, cos)
-    sketch_desc = "exact (no sketch)" if args.sketch_dim == 0 else f"CountSketch, {args.sketch_dim} buckets, seed {args.seed}"
+    sketch_desc = (
+        "exact (no sketch)" if args.sketch_dim == 0 else f"CountSketch, {args.sketch_dim} buckets, seed {args.seed}"
+    )
     write_heatmap(out / "cosine.png", pool_names, cos, f"gradient cosine, {args.model}, {sketch_desc}")
     sequences = []
     for rank, (score, subset) in enumerate(best, start=1):
@@ -436,18 +523,33 @@ def mine(args, log: Callable[[str], None] = print) -> dict:
         (out / "sequences" / f"{seq_name}.yaml").write_text(text, encoding="utf-8")
         sequences.append({"name": seq_name, "rank": rank, "mean_cosine": score, "tasks": ordered})
     summary = {
-        "pool": pool_names, "missing": missing, "family": args.family, "model": args.model,
-        "sketch": sketch_desc, "size": args.size, "top_k": args.top_k, "order": args.order,
-        "calibration": {"steps": args.steps, "batch_size": args.batch_size, "max_len": args.max_len,
-                        "n_eval_held_out": args.n_eval, "seed": args.seed, "targets": targets,
-                        "prompt": prompt.as_dict()},
-        "tasks": stats, "sequences": sequences, "subsets_searched": math.comb(len(pool_names), args.size),
+        "pool": pool_names,
+        "missing": missing,
+        "family": args.family,
+        "model": args.model,
+        "sketch": sketch_desc,
+        "size": args.size,
+        "top_k": args.top_k,
+        "order": args.order,
+        "calibration": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "max_len": args.max_len,
+            "n_eval_held_out": args.n_eval,
+            "seed": args.seed,
+            "targets": targets,
+            "prompt": prompt.as_dict(),
+        },
+        "tasks": stats,
+        "sequences": sequences,
+        "subsets_searched": math.comb(len(pool_names), args.size),
         "seconds": {"gradients": round(gradient_seconds, 3), "search": round(search_seconds, 3)},
     }
     (out / "mining.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    log(f"[mine] searched {summary['subsets_searched']} subsets in {search_seconds:.2f}s; best mean cosine {best[0][0]:+.4f}; wrote {out}")
+    log(
+        f"[mine] searched {summary['subsets_searched']} subsets in {search_seconds:.2f}s; best mean cosine {best[0][0]:+.4f}; wrote {out}"
+    )
     return summary
-
 
 
 def model_config(model: str, dtype: str) -> dict:

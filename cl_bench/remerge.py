@@ -24,6 +24,7 @@ when the source merge's eval model after stage t is bit-identical to the new one
 before training, always is), and evaluated otherwise, GP/IP included where the source measured
 them at that stage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from .run.config import CONF_DIR, check_group_overrides
 from .infra.errors import CLBenchError, ConfigError
+from .run.config import CONF_DIR, check_group_overrides
 
 _OVERRIDE = re.compile(r"^merge(\.[A-Za-z_][A-Za-z0-9_]*)?=")
 
@@ -56,14 +57,16 @@ def parse_overrides(overrides: list[str]) -> tuple[str, list[str]]:
     knobs = [o for o in overrides if not o.startswith("merge=")]
     valid = sorted(k for k in OmegaConf.load(CONF_DIR / "merge" / f"{choices[0]}.yaml") if k != "_target_")
     for knob in knobs:
-        key = knob.split("=", 1)[0][len("merge."):]
+        key = knob.split("=", 1)[0][len("merge.") :]
         if key not in valid:
-            raise ConfigError(f"remerge: merge.{key} is not a knob of merge={choices[0]}; valid: {', '.join(valid) or 'none'}")
+            raise ConfigError(
+                f"remerge: merge.{key} is not a knob of merge={choices[0]}; valid: {', '.join(valid) or 'none'}"
+            )
     return choices[0], knobs
 
 
 def tag_of(choice: str, knobs: list[str]) -> str:
-    return re.sub(r"[^A-Za-z0-9._=-]", "-", "_".join([choice, *(k[len("merge."):] for k in knobs)]))
+    return re.sub(r"[^A-Za-z0-9._=-]", "-", "_".join([choice, *(k[len("merge.") :] for k in knobs)]))
 
 
 def merge_config(choice: str, knobs: list[str], source_config: dict):
@@ -104,7 +107,9 @@ def _source_results(store) -> dict[str, Any]:
     if source is None:
         raise ConfigError(f"remerge: {path} not found; give the run dir of a cl_bench run")
     if source.get("mode", "sequential") != "sequential":
-        raise ConfigError(f"remerge: {path} is a mode={source['mode']} run; only sequential runs have task vectors to merge")
+        raise ConfigError(
+            f"remerge: {path} is a mode={source['mode']} run; only sequential runs have task vectors to merge"
+        )
     if not source.get("stages"):
         raise ConfigError(f"remerge: {path} has no finished stage yet")
     return source
@@ -118,7 +123,9 @@ def _merges(choice: str, knobs: list[str], source: dict[str, Any]):
         old = _build(OmegaConf.create(source["config"]).merge, "source merge")
     except (CLBenchError, ImportError):
         old = None  # e.g. a test-only plug-in not on the path: every row is evaluated
-        print(f"remerge: the source merge {source['config']['merge'].get('_target_')!r} cannot be built here; evaluating every row")
+        print(
+            f"remerge: the source merge {source['config']['merge'].get('_target_')!r} cannot be built here; evaluating every row"
+        )
     return new_cfg, new, old
 
 
@@ -141,9 +148,17 @@ def _load_run(cfg, source: dict[str, Any], modules: list[str], dev, path: Path) 
     if str(cfg.general_eval.get("when", "none")) != "none":
         from .evaluation import general as general_eval
     return SimpleNamespace(
-        cfg=cfg, tasks=tasks, model=model, tokenizer=tokenizer, linears=linears, dev=dev, general_eval=general_eval,
-        w0={n: linears[n].weight.detach().clone() for n in modules}, prompt=prompt_format(ev),
-        max_prompt_len=min(int(ev.max_prompt_len), max_pos - int(ev.max_new_tokens)))
+        cfg=cfg,
+        tasks=tasks,
+        model=model,
+        tokenizer=tokenizer,
+        linears=linears,
+        dev=dev,
+        general_eval=general_eval,
+        w0={n: linears[n].weight.detach().clone() for n in modules},
+        prompt=prompt_format(ev),
+        max_prompt_len=min(int(ev.max_prompt_len), max_pos - int(ev.max_new_tokens)),
+    )
 
 
 def _set_eval_model(run: SimpleNamespace, new, old, upto: list, same_training: bool | None, last: bool):
@@ -172,22 +187,38 @@ def _evaluate_row(run: SimpleNamespace, t: int, out: dict[str, Any], store, sour
         if not ev.full_matrix and j >= t:
             continue
         score, records = evaluate_task(
-            run.model, run.tokenizer, task, batch_size=int(ev.batch_size), max_new_tokens=int(ev.max_new_tokens),
-            max_prompt_len=run.max_prompt_len, device=run.dev, prompt=run.prompt,
-            limit=ev.limit, progress=False, protocol=str(ev.protocol),
+            run.model,
+            run.tokenizer,
+            task,
+            batch_size=int(ev.batch_size),
+            max_new_tokens=int(ev.max_new_tokens),
+            max_prompt_len=run.max_prompt_len,
+            device=run.dev,
+            prompt=run.prompt,
+            limit=ev.limit,
+            progress=False,
+            protocol=str(ev.protocol),
         )
         out["matrix"][t][j] = score
         store.save_predictions(t, task.name, records)
     if run.general_eval is not None and str(t) in source.get("general", {}):
         with store.general_work_dir() as work_dir:
             out["general"][str(t)] = run.general_eval.evaluate_general(
-                run.model, run.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"), work_dir=work_dir,
-                device=run.dev, seed=int(cfg.seed), prompt=run.prompt)
+                run.model,
+                run.tokenizer,
+                cfg.general_eval,
+                data_root=cfg.data.get("root"),
+                work_dir=work_dir,
+                device=run.dev,
+                seed=int(cfg.seed),
+                prompt=run.prompt,
+            )
 
 
 @torch.no_grad()
-def _remerge_rows(run: SimpleNamespace, history: list, new, old, out: dict[str, Any], source: dict[str, Any],
-                  store, out_store) -> dict[str, Any]:
+def _remerge_rows(
+    run: SimpleNamespace, history: list, new, old, out: dict[str, Any], source: dict[str, Any], store, out_store
+) -> dict[str, Any]:
     """Every row of `out` after stage 1..k: copied from the source (predictions too) when the
     eval models are bit-identical, evaluated otherwise. Returns the "remerge" block's figures."""
     k = len(history)
@@ -217,17 +248,33 @@ def _finish(out: dict[str, Any], source: dict[str, Any], run: SimpleNamespace, r
         gp_ip = run.general_eval.aggregate_gp_ip(out["general"], run.cfg.general_eval, final_stage=len(run.tasks))
     metrics.update(gp_ip)
     complete = bool(source.get("complete"))
-    out.update(metrics=metrics, versions=package_versions(), complete=complete,
-               status="complete" if complete else f"remerged {len(source['stages'])} of {len(run.tasks)} stages (the source run is incomplete)")
+    out.update(
+        metrics=metrics,
+        versions=package_versions(),
+        complete=complete,
+        status="complete"
+        if complete
+        else f"remerged {len(source['stages'])} of {len(run.tasks)} stages (the source run is incomplete)",
+    )
     out["remerge"] = {
-        "source": "results.json", "merge": tag, "post_hoc": True, **rows,
-        "note": ("eval model after stage t = W0 + X(τ_1..τ_t) over the task vectors the source run trained; "
-                 "equal to a run with this merge only when same_training is true"),
+        "source": "results.json",
+        "merge": tag,
+        "post_hoc": True,
+        **rows,
+        "note": (
+            "eval model after stage t = W0 + X(τ_1..τ_t) over the task vectors the source run trained; "
+            "equal to a run with this merge only when same_training is true"
+        ),
     }
 
 
-def remerge(run_dir: str | Path, overrides: list[str], name: str | None = None, device: str | None = None,
-            threads: int | None = None) -> dict[str, Any]:
+def remerge(
+    run_dir: str | Path,
+    overrides: list[str],
+    name: str | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Recompute the merge given by `overrides` from the run in `run_dir`; returns the new results
     (also written to results.remerge-<tag>.json). ConfigError on a bad run dir or override."""
     from .data.models import resolve_device
@@ -248,18 +295,24 @@ def remerge(run_dir: str | Path, overrides: list[str], name: str | None = None, 
     with store.lock():  # not while the run itself writes its stage files
         history = store.history(len(source["stages"]))
         if new.eval_delta(history[:1], history[0].modules[0]) is None:
-            raise ConfigError(f"remerge: merge={choice} does not make its eval model from the task vectors; remerge cannot rebuild it")
+            raise ConfigError(
+                f"remerge: merge={choice} does not make its eval model from the task vectors; remerge cannot rebuild it"
+            )
         run = _load_run(cfg, source, history[0].modules, resolve_device(str(device or cfg.device)), store.results_path)
         out = json.loads(json.dumps(source))  # a deep copy; row 0 and unchanged rows stay as they are
         out["config"]["merge"] = OmegaConf.to_container(new_cfg, resolve=True)
         _finish(out, source, run, _remerge_rows(run, history, new, old, out, source, store, out_store), tag)
         out_store.save_results(out)
     print(format_summary(out, store.dir))
-    print(f"remerge {tag}: rows evaluated {out['remerge']['rows_evaluated']}, copied {out['remerge']['rows_copied']}; "
-          f"same training as the source run: {out['remerge']['same_training']}")
+    print(
+        f"remerge {tag}: rows evaluated {out['remerge']['rows_evaluated']}, copied {out['remerge']['rows_copied']}; "
+        f"same training as the source run: {out['remerge']['same_training']}"
+    )
     if out["remerge"]["same_training"] is False:
-        print(f"note: merge={choice} changes the train model: a run with it would have trained every stage after the "
-              "first on another model; this file is the post-hoc merge of the source run's task vectors only")
+        print(
+            f"note: merge={choice} changes the train model: a run with it would have trained every stage after the "
+            "first on another model; this file is the post-hoc merge of the source run's task vectors only"
+        )
     return out
 
 

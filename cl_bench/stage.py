@@ -54,11 +54,13 @@ Plug-in state: `state_dict()` returns a flat dict whose values are tensors or sm
 everything else into its JSON metadata (run/store.save_plugin_state), so one file per group per
 stage holds all of it and `load_state_dict` gets back exactly what was returned.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -94,8 +96,9 @@ class StageRecord:
     a resumed run sees the same history) and then kept.
     """
 
-    def __init__(self, stage: int, task: str, adapter: str,
-                 load: Callable[[], tuple[Factors, Factors | None, dict[str, float]]]):
+    def __init__(
+        self, stage: int, task: str, adapter: str, load: Callable[[], tuple[Factors, Factors | None, dict[str, float]]]
+    ):
         self.stage, self.task, self.adapter = stage, task, adapter
         self._load = load
 
@@ -259,7 +262,9 @@ class Regularizer(Plugin):
     name = "none"
     sharded_weights = True  # the hooks see LoRA factors, activations and data only
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
+    def loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx: StageContext
+    ) -> dict[str, torch.Tensor]:
         """Extra loss terms for this micro-batch, by name; each is logged and added to the loss."""
         return {}
 

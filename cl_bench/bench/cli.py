@@ -28,6 +28,7 @@ the thread count printed at the top (`--threads`, default: the CPUs this process
 Data: SuperNI samples from --data-root (default $CL_BENCH_DATA, else ../shared/data beside the
 repo); without them, generated mixed-length tasks, and the table says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,29 +51,70 @@ def specs_for(device: torch.device, args) -> list[ModelSpec]:
         out.append(ModelSpec("tiny", rank=8, max_len=256, train_steps=args.steps or 4))
     if args.model in ("llama3b", "both"):
         if device.type == "cuda":
-            out.append(ModelSpec("llama3b", layers=args.layers, rank=64, max_len=256, train_steps=args.steps or 8,
-                                 eval_prompt_len=512, eval_examples=16, capture_max_tokens=None))
+            out.append(
+                ModelSpec(
+                    "llama3b",
+                    layers=args.layers,
+                    rank=64,
+                    max_len=256,
+                    train_steps=args.steps or 8,
+                    eval_prompt_len=512,
+                    eval_examples=16,
+                    capture_max_tokens=None,
+                )
+            )
         else:  # a shape check in minutes: few layers, short rows, small batches
-            out.append(ModelSpec("llama3b", layers=args.layers or 1, rank=64, max_len=128, batch_size=4, grad_accum=1,
-                                 train_steps=args.steps or 2, capture_steps=2, capture_batch_size=4, stages=(1,), capture_max_tokens=None,
-                                 phases=("init", "train", "merge"), train_variants=("group", "pad")))
+            out.append(
+                ModelSpec(
+                    "llama3b",
+                    layers=args.layers or 1,
+                    rank=64,
+                    max_len=128,
+                    batch_size=4,
+                    grad_accum=1,
+                    train_steps=args.steps or 2,
+                    capture_steps=2,
+                    capture_batch_size=4,
+                    stages=(1,),
+                    capture_max_tokens=None,
+                    phases=("init", "train", "merge"),
+                    train_variants=("group", "pad"),
+                )
+            )
     return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line of `python -m cl_bench.bench` (argv None: sys.argv)."""
-    parser = argparse.ArgumentParser(prog="python -m cl_bench.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cl_bench.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=("tiny", "llama3b", "both"), default="both")
-    parser.add_argument("--layers", type=int, default=None, help="llama3b decoder layers (default: 28 on CUDA, 1 on CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per variant (default: tiny 4, llama3b 8 CUDA / 2 CPU)")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the training variants (min is kept)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="measure torch.compile (auto: on CUDA only; on the CPU its compilation alone takes minutes)")
-    parser.add_argument("--phases", default=None, help="comma-separated subset of init,csweep,train,merge,eval,gpip,exact")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="llama3b decoder layers (default: 28 on CUDA, 1 on CPU)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps per variant (default: tiny 4, llama3b 8 CUDA / 2 CPU)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="interleaved repeats of the training variants (min is kept)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)"
+    )
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="measure torch.compile (auto: on CUDA only; on the CPU its compilation alone takes minutes)",
+    )
+    parser.add_argument(
+        "--phases", default=None, help="comma-separated subset of init,csweep,train,merge,eval,gpip,exact"
+    )
     parser.add_argument("--data-root", default=os.environ.get("CL_BENCH_DATA") or str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--cache-dir", default=os.environ.get("CL_BENCH_CACHE", str(Path.home() / ".cache" / "cl_bench")))
+    parser.add_argument(
+        "--cache-dir", default=os.environ.get("CL_BENCH_CACHE", str(Path.home() / ".cache" / "cl_bench"))
+    )
     parser.add_argument("--out", default="bench.json", help="where bench.json goes")
     return parser.parse_args(argv)
 
@@ -80,8 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_bench(args: argparse.Namespace) -> tuple[Bench, str]:
     """The Bench of this run on the auto-chosen device, with torch's thread count set; quiets the
     libraries' warnings and progress bars. Returns (bench, where the thread count comes from)."""
-    from ..infra.jobs import cpu_threads
     from ..data.models import resolve_device
+    from ..infra.jobs import cpu_threads
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and HF's progress bars would bury the table
@@ -96,17 +138,23 @@ def make_bench(args: argparse.Namespace) -> tuple[Bench, str]:
     device = resolve_device("auto")
     threads, why = cpu_threads(args.threads)
     torch.set_num_threads(threads)
-    b = Bench(device=device, threads=threads, cache_dir=args.cache_dir,
-              data_root=args.data_root if Path(args.data_root).is_dir() else None, repeats=max(1, args.repeats),
-              compile=args.compile == "on" or (args.compile == "auto" and device.type == "cuda"))
+    b = Bench(
+        device=device,
+        threads=threads,
+        cache_dir=args.cache_dir,
+        data_root=args.data_root if Path(args.data_root).is_dir() else None,
+        repeats=max(1, args.repeats),
+        compile=args.compile == "on" or (args.compile == "auto" and device.type == "cuda"),
+    )
     b.basis = "cpu" if device.type == "cpu" and threads == 1 else "wall"
     return b, why
 
 
 def load_data(b: Bench) -> None:
     """The tasks every phase uses, tokenised by the tiny model's tokenizer; prints where they come from."""
-    from ..data.tiny_model import ensure_tiny_model
     from transformers import AutoTokenizer
+
+    from ..data.tiny_model import ensure_tiny_model
 
     tok = AutoTokenizer.from_pretrained(ensure_tiny_model(b.cache_dir, log=lambda s: None))
     load_tasks(b, tok)
@@ -120,18 +168,25 @@ def run_all(b: Bench, specs: list[ModelSpec], only: set[str] | None) -> None:
         phases = [p for p in spec.phases if only is None or p in only]
         if spec.name == "llama3b":
             what = f"{spec.layers or 28} of 28 decoder layers" + (
-                " (CPU: reduced to stay within minutes)" if b.device.type != "cuda" else "")
-            b.notes.append(f"llama3b: Llama-3.2-3B shape, random weights, {what}, max_len {spec.max_len}, "
-                           f"train batch {spec.batch_size}x{spec.grad_accum}, capture {spec.capture_steps}x{spec.capture_batch_size}")
+                " (CPU: reduced to stay within minutes)" if b.device.type != "cuda" else ""
+            )
+            b.notes.append(
+                f"llama3b: Llama-3.2-3B shape, random weights, {what}, max_len {spec.max_len}, "
+                f"train batch {spec.batch_size}x{spec.grad_accum}, capture {spec.capture_steps}x{spec.capture_batch_size}"
+            )
         for phase in phases:
             t0 = time.time()
             run_phase(b, spec, phase)
             print(f"  {spec.name} {phase}: {time.time() - t0:.1f}s", flush=True)
     if not b.compile:
-        b.notes.append("torch.compile not measured (CPU: inductor's compilation of the tiny model takes minutes on 2 cores; "
-                       "--compile on measures it)")
+        b.notes.append(
+            "torch.compile not measured (CPU: inductor's compilation of the tiny model takes minutes on 2 cores; "
+            "--compile on measures it)"
+        )
     if b.device.type != "cuda":
-        b.notes.append("CPU run: TFLOP/s and the 40%-of-bf16-peak target need a CUDA device; llama3b eval and GP/IP run on CUDA only")
+        b.notes.append(
+            "CPU run: TFLOP/s and the 40%-of-bf16-peak target need a CUDA device; llama3b eval and GP/IP run on CUDA only"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -143,9 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
     device_name, peak = device_peak_tflops(device)
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     started = time.time()
-    print(f"cl_bench bench: device {device_name}, torch {torch.__version__}, CPU threads {threads} ({why}), "
-          f"load average {load0 and ' '.join(f'{x:.2f}' for x in load0)}, bf16 peak {peak or '-'} TFLOP/s; "
-          f"seconds = {'process CPU seconds (1 thread: immune to other load)' if b.basis == 'cpu' else 'wall seconds'}")
+    print(
+        f"cl_bench bench: device {device_name}, torch {torch.__version__}, CPU threads {threads} ({why}), "
+        f"load average {load0 and ' '.join(f'{x:.2f}' for x in load0)}, bf16 peak {peak or '-'} TFLOP/s; "
+        f"seconds = {'process CPU seconds (1 thread: immune to other load)' if b.basis == 'cpu' else 'wall seconds'}"
+    )
     load_data(b)
     specs = specs_for(device, args)
     run_all(b, specs, set(args.phases.split(",")) if args.phases else None)
@@ -153,12 +210,24 @@ def main(argv: list[str] | None = None) -> dict:
     load1 = os.getloadavg() if hasattr(os, "getloadavg") else None
     print_summary(b.rows, goals, b.notes, cuda=device.type == "cuda")
     report = {
-        "machine": {"device": device_name, "bf16_peak_tflops": peak, "torch": torch.__version__, "threads": threads,
-                    "threads_source": why, "load_average_start": load0, "load_average_end": load1, "seconds_basis": b.basis,
-                    "isolation": "in-process, CUDA peak reset per phase" if device.type == "cuda" else
-                                 "forked child per phase, RSS high-water mark reset at phase start",
-                    "seconds": time.time() - started},
-        "data": b.data_source, "notes": b.notes, "rows": b.rows, "targets": goals,
+        "machine": {
+            "device": device_name,
+            "bf16_peak_tflops": peak,
+            "torch": torch.__version__,
+            "threads": threads,
+            "threads_source": why,
+            "load_average_start": load0,
+            "load_average_end": load1,
+            "seconds_basis": b.basis,
+            "isolation": "in-process, CUDA peak reset per phase"
+            if device.type == "cuda"
+            else "forked child per phase, RSS high-water mark reset at phase start",
+            "seconds": time.time() - started,
+        },
+        "data": b.data_source,
+        "notes": b.notes,
+        "rows": b.rows,
+        "targets": goals,
     }
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     print(f"\nwritten: {args.out} (load average at the end {load1 and ' '.join(f'{x:.2f}' for x in load1)})")

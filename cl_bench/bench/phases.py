@@ -2,6 +2,7 @@
 measures from scratch and returns table rows; `isolated` runs one in its own forked process on the
 CPU (its own memory high-water mark), and `run_phase` runs a named phase of one model spec.
 """
+
 from __future__ import annotations
 
 import copy
@@ -11,14 +12,27 @@ import random
 import tempfile
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from ..infra import memory
 from ..run.config import CONF_DIR
-from .setup import (CURRENT, PREVIOUS, TARGETS, Bench, ModelSpec, build_model, context, encoder_for, memory_peak, n_params,
-                    row, sync_device, wrap)
+from .setup import (
+    CURRENT,
+    PREVIOUS,
+    TARGETS,
+    Bench,
+    ModelSpec,
+    build_model,
+    context,
+    encoder_for,
+    memory_peak,
+    n_params,
+    row,
+    sync_device,
+    wrap,
+)
 
 
 # ------------------------------------------------------------------------------ isolation
@@ -55,7 +69,7 @@ def run_phase(b: Bench, spec: ModelSpec, phase: str) -> None:
     """Run `phase` (one of ModelSpec.phases) of `spec`, each measurement isolated; rows go to b.rows."""
     if phase == "init":
         for stage in spec.stages:
-            b.rows += isolated(b, lambda: phase_init(b, spec, stage))
+            b.rows += isolated(b, lambda stage=stage: phase_init(b, spec, stage))
         if spec.capture_max_tokens:  # the last stage again, capture forward passes the size of training's
             b.rows += isolated(b, lambda: phase_init(b, spec, spec.stages[-1], spec.capture_max_tokens))
     elif phase == "csweep":
@@ -88,12 +102,21 @@ def phase_init(b: Bench, spec: ModelSpec, stage: int, max_tokens: int | None = N
     peft = wrap(model, spec)
     ctx = context(b, spec, encoder, stage)
     ctx.master = master
-    init = Slice(c=1.0, capture_steps=spec.capture_steps, capture_batch_size=spec.capture_batch_size,
-                 capture_max_tokens=max_tokens)
+    init = Slice(
+        c=1.0,
+        capture_steps=spec.capture_steps,
+        capture_batch_size=spec.capture_batch_size,
+        capture_max_tokens=max_tokens,
+    )
     tasks = [*ctx.previous, ctx.current]
     examples = spec.capture_steps * spec.capture_batch_size * len(tasks)
-    tokens = sum(sum(int(x["attention_mask"].sum()) for x in encoder.batches(t, spec.capture_steps, spec.capture_batch_size, ctx.seed))
-                 for t in tasks)
+    tokens = sum(
+        sum(
+            int(x["attention_mask"].sum())
+            for x in encoder.batches(t, spec.capture_steps, spec.capture_batch_size, ctx.seed)
+        )
+        for t in tasks
+    )
     memory.reset_peak(b.device)
     t0 = b.clock()
     result = init.init(peft, ctx)
@@ -108,14 +131,31 @@ def phase_init(b: Bench, spec: ModelSpec, stage: int, max_tokens: int | None = N
     # init.py times its parts in wall seconds; on the CPU basis each part gets its share of the CPU time
     share = total["seconds"] / total["wall_s"] if total["wall_s"] > 0 else 1.0
     part = lambda wall: {"seconds": wall * share, "wall_s": wall}  # noqa: E731
-    fwd = sum(i.get("forward_passes") or 0 for i in [result.stats["capture"]["current"], *result.stats["capture"]["previous"]])
+    fwd = sum(
+        i.get("forward_passes") or 0 for i in [result.stats["capture"]["current"], *result.stats["capture"]["previous"]]
+    )
     label = f"SLICE stage {stage} ({len(tasks)} task{'s' if len(tasks) > 1 else ''} x {spec.capture_steps}x{spec.capture_batch_size})"
     if max_tokens:
         label += f", capture_max_tokens={max_tokens}"
     return [
-        row(spec.name, "capture", label, part(sec["capture"]), tokens=tokens, examples=examples, **peak, forward_passes=fwd),
-        row(spec.name, "svd/projection", f"{label}: projection + SVD r={spec.rank}", part(sec["projection"] + sec["svd"]),
-            **peak, modules=len(result.factors)),
+        row(
+            spec.name,
+            "capture",
+            label,
+            part(sec["capture"]),
+            tokens=tokens,
+            examples=examples,
+            **peak,
+            forward_passes=fwd,
+        ),
+        row(
+            spec.name,
+            "svd/projection",
+            f"{label}: projection + SVD r={spec.rank}",
+            part(sec["projection"] + sec["svd"]),
+            **peak,
+            modules=len(result.factors),
+        ),
         row(spec.name, "absorb", f"{label}: W -= s·B0·A0", part(absorb_wall), **peak),
         row(spec.name, "init total", label, total, tokens=tokens, examples=examples, **peak, stage=stage),
     ]
@@ -134,17 +174,30 @@ def phase_csweep(b: Bench, spec: ModelSpec) -> list[dict]:
             for c in (0.5, 0.75, 1.0):
                 peft = wrap(copy.deepcopy(model), spec)  # wrapping edits the model: each run starts from the same one
                 ctx = context(b, spec, encoder, stage, cache_dir=cache)
-                init = Slice(c=c, threshold=0.99, capture_steps=spec.capture_steps, capture_batch_size=spec.capture_batch_size)
+                init = Slice(
+                    c=c, threshold=0.99, capture_steps=spec.capture_steps, capture_batch_size=spec.capture_batch_size
+                )
                 t0 = b.clock()
                 stats = init.init(peft, ctx).stats
                 total = b.since(t0)
                 caps = [stats.get("capture", {}).get("current", {}), *stats.get("capture", {}).get("previous", [])]
                 hit = stats["cache"]["init"] == "hit"
-                rows.append(row(spec.name, "c sweep", f"stage {stage} c={c}", total, stage=stage, c=c,
-                                init_cache=stats["cache"]["init"],
-                                capture_cache=",".join(str(i.get("cache")) for i in caps),
-                                capture_s=0.0 if hit else sum(float(i.get("seconds") or 0) for i in caps) * total["seconds"] / total["wall_s"],
-                                cache_key_s=(stats.get("seconds") or {}).get("cache_key")))
+                rows.append(
+                    row(
+                        spec.name,
+                        "c sweep",
+                        f"stage {stage} c={c}",
+                        total,
+                        stage=stage,
+                        c=c,
+                        init_cache=stats["cache"]["init"],
+                        capture_cache=",".join(str(i.get("cache")) for i in caps),
+                        capture_s=0.0
+                        if hit
+                        else sum(float(i.get("seconds") or 0) for i in caps) * total["seconds"] / total["wall_s"],
+                        cache_key_s=(stats.get("seconds") or {}).get("cache_key"),
+                    )
+                )
                 del peft
     return rows
 
@@ -164,7 +217,10 @@ def reference_train(model, encoder, task, seed: int, steps: int, bs: int, accum:
     losses, tokens, fed = [], 0, 0
     model.train()
     for step in range(steps):
-        micro = [encoder.batch(task, order[(step * accum + m) * bs:(step * accum + m + 1) * bs], device) for m in range(accum)]
+        micro = [
+            encoder.batch(task, order[(step * accum + m) * bs : (step * accum + m + 1) * bs], device)
+            for m in range(accum)
+        ]
         n_items = sum(trained_tokens(x) for x in micro)
         lm = 0.0
         for x in micro:
@@ -204,7 +260,7 @@ def phase_train(b: Bench, spec: ModelSpec, variants: list[str], *, fixed_len: bo
     sizes = n_params(peft)
     results: dict[str, dict] = {}
     for rep in range(b.repeats):
-        for v in variants[rep % len(variants):] + variants[: rep % len(variants)]:  # rotate: spread drift
+        for v in variants[rep % len(variants) :] + variants[: rep % len(variants)]:  # rotate: spread drift
             with torch.no_grad():
                 for n, p in peft.named_parameters():
                     if n in start:
@@ -213,19 +269,46 @@ def phase_train(b: Bench, spec: ModelSpec, variants: list[str], *, fixed_len: bo
             memory.reset_peak(b.device)
             t0 = b.clock()
             if v == "reference":
-                out = reference_train(peft, encoder, task, ctx.seed, spec.train_steps, spec.batch_size, spec.grad_accum, b.device)
-                info = {"loss_curve": out["loss_curve"], "tokens": out["tokens"], "fed_tokens": out["fed_tokens"],
-                        "examples": out["examples"], "logit_positions": out["fed_tokens"], "forward_passes": spec.train_steps * spec.grad_accum}
+                out = reference_train(
+                    peft, encoder, task, ctx.seed, spec.train_steps, spec.batch_size, spec.grad_accum, b.device
+                )
+                info = {
+                    "loss_curve": out["loss_curve"],
+                    "tokens": out["tokens"],
+                    "fed_tokens": out["fed_tokens"],
+                    "examples": out["examples"],
+                    "logit_positions": out["fed_tokens"],
+                    "forward_passes": spec.train_steps * spec.grad_accum,
+                }
             else:
                 layout, *opts = v.split("+")
-                cfg = OmegaConf.create(dict(
-                    lr=1e-4, weight_decay=0.0, warmup_ratio=0.01, epochs=3, batch_size=spec.batch_size, grad_accum=spec.grad_accum,
-                    max_grad_norm=1.0, total_steps=spec.train_steps, checkpoint_every_steps=0, layout=layout,
-                    log_every_steps=10, compile="compile" in opts, gradient_checkpointing="ckpt" in opts))
+                cfg = OmegaConf.create(
+                    dict(
+                        lr=1e-4,
+                        weight_decay=0.0,
+                        warmup_ratio=0.01,
+                        epochs=3,
+                        batch_size=spec.batch_size,
+                        grad_accum=spec.grad_accum,
+                        max_grad_norm=1.0,
+                        total_steps=spec.train_steps,
+                        checkpoint_every_steps=0,
+                        layout=layout,
+                        log_every_steps=10,
+                        compile="compile" in opts,
+                        gradient_checkpointing="ckpt" in opts,
+                    )
+                )
                 summary = train_stage(peft, ctx, encoder, cfg, Regularizer(), progress=False)
                 th = summary["throughput"]
-                info = {"loss_curve": summary["loss_curve"], "tokens": th["tokens"], "fed_tokens": th["fed_tokens"],
-                        "examples": th["examples"], "logit_positions": th["trained_tokens"], "forward_passes": th["forward_passes"]}
+                info = {
+                    "loss_curve": summary["loss_curve"],
+                    "tokens": th["tokens"],
+                    "fed_tokens": th["fed_tokens"],
+                    "examples": th["examples"],
+                    "logit_positions": th["trained_tokens"],
+                    "forward_passes": th["forward_passes"],
+                }
             t = b.since(t0)
             prev = results.get(v)
             if prev is None:
@@ -237,11 +320,18 @@ def phase_train(b: Bench, spec: ModelSpec, variants: list[str], *, fixed_len: bo
     for v, r in results.items():
         flops = 4 * (sizes["layers"] * r["tokens"] + sizes["lm_head"] * r["logit_positions"])
         same = max(abs(a - c) / max(abs(c), 1e-12) for a, c in zip(r["loss_curve"], ref["loss_curve"]))
-        extra = {"fed_tokens": r["fed_tokens"], "padding": 1 - r["tokens"] / r["fed_tokens"],
-                 "forward_passes": r["forward_passes"], "loss_last": r["loss_curve"][-1], "loss_rel_diff_vs_pad": same,
-                 "peak_mb": r["peak_mb"], "peak_kind": r["peak_kind"], "model_tflop": flops / 1e12,
-                 "tflops": flops / r["t"]["seconds"] / 1e12 if b.device.type == "cuda" else None,
-                 "warmup_s": r["first_seconds"] - r["t"]["seconds"]}
+        extra = {
+            "fed_tokens": r["fed_tokens"],
+            "padding": 1 - r["tokens"] / r["fed_tokens"],
+            "forward_passes": r["forward_passes"],
+            "loss_last": r["loss_curve"][-1],
+            "loss_rel_diff_vs_pad": same,
+            "peak_mb": r["peak_mb"],
+            "peak_kind": r["peak_kind"],
+            "model_tflop": flops / 1e12,
+            "tflops": flops / r["t"]["seconds"] / 1e12 if b.device.type == "cuda" else None,
+            "warmup_s": r["first_seconds"] - r["t"]["seconds"],
+        }
         name = {"reference": "authors' recipe (pad 16, all logits, foreach AdamW, sync per micro-batch)"}.get(v, v)
         if fixed_len:
             name = f"{name}, fixed {spec.max_len} tokens, all trained"
@@ -255,7 +345,9 @@ def _fixed_length_task(tok, spec: ModelSpec, like):
     from ..data.wordlists import NOUNS
 
     rng = random.Random(0)
-    ex = [Example(f"fixed-{i}", " ".join(rng.choice(NOUNS) for _ in range(4 * spec.max_len)), "cat") for i in range(256)]
+    ex = [
+        Example(f"fixed-{i}", " ".join(rng.choice(NOUNS) for _ in range(4 * spec.max_len)), "cat") for i in range(256)
+    ]
     return TaskData("fixed_length", "exact_match", ex, ex[:1])
 
 
@@ -276,22 +368,35 @@ def phase_merge(b: Bench, spec: ModelSpec) -> list[dict]:
     memory.reset_peak(b.device)
     t0 = b.clock()
     Absorb().consolidate(peft, ctx)
-    return [row(spec.name, "merge", f"absorb {len(TARGETS)} modules x layers, r={spec.rank}", b.since(t0), **memory_peak(b.device))]
+    return [
+        row(
+            spec.name,
+            "merge",
+            f"absorb {len(TARGETS)} modules x layers, r={spec.rank}",
+            b.since(t0),
+            **memory_peak(b.device),
+        )
+    ]
 
 
 def phase_eval(b: Bench, spec: ModelSpec) -> list[dict]:
     """Greedy evaluation of two tasks: unbatched, the authors' recipe (batch 8 in data order, a
     fixed number of new tokens, the tokenizer's EOS only), ours (evaluation.py defaults)."""
     from ..data.prompts import PromptFormat, pad_id_of
-    from ..evaluation.seen import evaluate_task
     from ..data.tasks.base import TaskData
+    from ..evaluation.seen import evaluate_task
 
     model, tok = build_model(spec, b)
     tasks = [b.tasks[CURRENT], b.tasks[PREVIOUS[-1]]]
     tasks = [TaskData(t.name, t.metric, t.train, t.eval[: spec.eval_examples], labels=t.labels) for t in tasks]
     n = sum(len(t.eval) for t in tasks)
-    common = dict(max_new_tokens=spec.eval_new_tokens, max_prompt_len=spec.eval_prompt_len, device=b.device,
-                  prompt=PromptFormat(), progress=False)
+    common = dict(
+        max_new_tokens=spec.eval_new_tokens,
+        max_prompt_len=spec.eval_prompt_len,
+        device=b.device,
+        prompt=PromptFormat(),
+        progress=False,
+    )
     variants = {
         "unbatched (batch 1, fixed new tokens)": dict(batch_size=1, reference_margin=None),
         "authors' recipe (batch 8, data order, fixed new tokens)": None,
@@ -313,8 +418,19 @@ def phase_eval(b: Bench, spec: ModelSpec) -> list[dict]:
                 stats["prompt_tokens"] += s["prompt_tokens"]
         t = b.since(t0)
         scores[label] = total
-        rows.append(row(spec.name, "eval", label, t, tokens=stats["prompt_tokens"] + stats["generated_tokens"],
-                        examples=n, generated_tokens=stats["generated_tokens"], scores=total, **memory_peak(b.device)))
+        rows.append(
+            row(
+                spec.name,
+                "eval",
+                label,
+                t,
+                tokens=stats["prompt_tokens"] + stats["generated_tokens"],
+                examples=n,
+                generated_tokens=stats["generated_tokens"],
+                scores=total,
+                **memory_peak(b.device),
+            )
+        )
     base = next(iter(scores.values()))
     for r in rows:
         r["same_scores_as_unbatched"] = r["scores"] == base
@@ -323,16 +439,29 @@ def phase_eval(b: Bench, spec: ModelSpec) -> list[dict]:
     from ..data.prompts import render_prompt_ids, truncate_middle
 
     forced = 32
-    prompts = [truncate_middle(render_prompt_ids(tok, ex, PromptFormat()), spec.eval_prompt_len) for t in tasks for ex in t.eval]
+    prompts = [
+        truncate_middle(render_prompt_ids(tok, ex, PromptFormat()), spec.eval_prompt_len)
+        for t in tasks
+        for ex in t.eval
+    ]
     prompts.sort(key=len, reverse=True)
     for bs in (1, 64):
         memory.reset_peak(b.device)
         t0 = b.clock()
         for i in range(0, len(prompts), bs):
-            _forced_generate(model, tok, prompts[i:i + bs], forced, b.device)
-        rows.append(row(spec.name, "eval", f"forced {forced} new tokens, batch {bs}", b.since(t0),
-                        tokens=sum(map(len, prompts)) + forced * len(prompts), examples=len(prompts),
-                        generated_tokens=forced * len(prompts), **memory_peak(b.device)))
+            _forced_generate(model, tok, prompts[i : i + bs], forced, b.device)
+        rows.append(
+            row(
+                spec.name,
+                "eval",
+                f"forced {forced} new tokens, batch {bs}",
+                b.since(t0),
+                tokens=sum(map(len, prompts)) + forced * len(prompts),
+                examples=len(prompts),
+                generated_tokens=forced * len(prompts),
+                **memory_peak(b.device),
+            )
+        )
     return rows
 
 
@@ -341,8 +470,17 @@ def _forced_generate(model, tok, rows, n: int, device) -> None:
     from ..data.prompts import left_padded, pad_id_of
 
     batch = {k: v.to(device) for k, v in left_padded(rows, pad_id_of(tok)).items()}
-    model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id_of(tok),
-                   eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
+    model.generate(
+        **batch,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=pad_id_of(tok),
+        eos_token_id=tok.eos_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
 
 
 @torch.no_grad()
@@ -352,10 +490,21 @@ def _authors_eval(model, tok, task, spec: ModelSpec, device, pad: int, stats: di
 
     preds = []
     for i in range(0, len(task.eval), 8):
-        batch = {k: v.to(device) for k, v in encode_prompts_left_padded(tok, task.eval[i:i + 8], spec.eval_prompt_len).items()}
-        out = model.generate(**batch, max_new_tokens=spec.eval_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
-        cont = out[:, batch["input_ids"].shape[1]:]
+        batch = {
+            k: v.to(device)
+            for k, v in encode_prompts_left_padded(tok, task.eval[i : i + 8], spec.eval_prompt_len).items()
+        }
+        out = model.generate(
+            **batch,
+            max_new_tokens=spec.eval_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        cont = out[:, batch["input_ids"].shape[1] :]
         stats["generated_tokens"] += cont.numel()
         stats["prompt_tokens"] += int(batch["attention_mask"].sum())
         preds += [tok.decode(c, skip_special_tokens=True).strip() for c in cont]
@@ -371,8 +520,8 @@ def phase_gpip(b: Bench, spec: ModelSpec) -> list[dict]:
 
     from omegaconf import OmegaConf
 
-    from ..evaluation import general as ge
     from ..data.prompts import PromptFormat
+    from ..evaluation import general as ge
 
     model, tok = build_model(spec, b)
     base = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "general_eval" / "synthetic.yaml"))
@@ -383,13 +532,32 @@ def phase_gpip(b: Bench, spec: ModelSpec) -> list[dict]:
             memory.reset_peak(b.device)
             t0 = b.clock()
             with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's progress bars (it passes disable=False)
-                out = ge.evaluate_general(model, tok, {**base, "batch_size": bs}, data_root=None, work_dir=f"{work}/{bs}",
-                                          device=b.device, seed=0, prompt=PromptFormat())
+                out = ge.evaluate_general(
+                    model,
+                    tok,
+                    {**base, "batch_size": bs},
+                    data_root=None,
+                    work_dir=f"{work}/{bs}",
+                    device=b.device,
+                    seed=0,
+                    prompt=PromptFormat(),
+                )
             t = b.since(t0)
             docs = 30 * len(base["benchmarks"]) * 2  # every benchmark zero- and few-shot
-            rows.append(row(spec.name, "GP/IP", f"lm-eval batch {bs}", t, examples=docs,
-                            scores={**{f"0-shot {k}": v for k, v in out["zero_shot"].items()},
-                                    **{f"few-shot {k}": v for k, v in out["few_shot"].items()}}, **memory_peak(b.device)))
+            rows.append(
+                row(
+                    spec.name,
+                    "GP/IP",
+                    f"lm-eval batch {bs}",
+                    t,
+                    examples=docs,
+                    scores={
+                        **{f"0-shot {k}": v for k, v in out["zero_shot"].items()},
+                        **{f"few-shot {k}": v for k, v in out["few_shot"].items()},
+                    },
+                    **memory_peak(b.device),
+                )
+            )
     return rows
 
 
@@ -404,27 +572,43 @@ def phase_exact(b: Bench, spec: ModelSpec) -> list[dict]:
 
     from hydra import compose, initialize_config_dir
 
-    from ..run.runner import run
     from ..data.tiny_model import ensure_tiny_model
+    from ..run.runner import run
 
     model_dir = ensure_tiny_model(b.cache_dir, log=lambda s: None)
-    base = ["sequence=synthetic_conflict", "sequence.tasks=[sentiment,parity]", "sequence.n_train=48", "sequence.n_eval=8",
-            "trainer.max_steps=4",
-            "evaluation.max_new_tokens=6", "general_eval=none", "progress=false", f"threads={b.threads}",
-            "device=cpu",  # the claim is CPU exactness (bf16 autocast on CUDA is not bitwise)
-            "model.builder=null", f"model.name_or_path={model_dir}"]
+    base = [
+        "sequence=synthetic_conflict",
+        "sequence.tasks=[sentiment,parity]",
+        "sequence.n_train=48",
+        "sequence.n_eval=8",
+        "trainer.max_steps=4",
+        "evaluation.max_new_tokens=6",
+        "general_eval=none",
+        "progress=false",
+        f"threads={b.threads}",
+        "device=cpu",  # the claim is CPU exactness (bf16 autocast on CUDA is not bitwise)
+        "model.builder=null",
+        f"model.name_or_path={model_dir}",
+    ]
     # (label, initializer, layout, cache, reference label)
-    variants = [("vanilla, layout=pad", "vanilla", "pad", "off", None),
-                ("vanilla, layout=group", "vanilla", "group", "off", "vanilla, layout=pad"),
-                ("slice, layout=pad", "slice", "pad", "off", None),
-                ("slice, layout=group", "slice", "group", "off", "slice, layout=pad"),
-                ("slice, layout=group, cache miss", "slice", "group", "on", "slice, layout=group"),
-                ("slice, layout=group, cache hit", "slice", "group", "on", "slice, layout=group")]
+    variants = [
+        ("vanilla, layout=pad", "vanilla", "pad", "off", None),
+        ("vanilla, layout=group", "vanilla", "group", "off", "vanilla, layout=pad"),
+        ("slice, layout=pad", "slice", "pad", "off", None),
+        ("slice, layout=group", "slice", "group", "off", "slice, layout=pad"),
+        ("slice, layout=group, cache miss", "slice", "group", "on", "slice, layout=group"),
+        ("slice, layout=group, cache hit", "slice", "group", "on", "slice, layout=group"),
+    ]
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="cl_bench_exact_") as work:
         for label, init, layout, cache, ref in variants:
-            over = [*base, f"initializer={init}", f"trainer.layout={layout}", f"cache.dir={work}/cache",
-                    f"cache.enabled={cache == 'on'}"]
+            over = [
+                *base,
+                f"initializer={init}",
+                f"trainer.layout={layout}",
+                f"cache.dir={work}/cache",
+                f"cache.enabled={cache == 'on'}",
+            ]
             if init == "slice":
                 over += ["initializer.capture_steps=2", "initializer.capture_batch_size=8"]
             with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -432,13 +616,27 @@ def phase_exact(b: Bench, spec: ModelSpec) -> list[dict]:
             t0 = b.clock()
             with contextlib.redirect_stdout(io.StringIO()):  # the run's console summary
                 res = run(cfg, f"{work}/{len(rows)}", stream=io.StringIO())
-            rows[label] = row(spec.name, "exactness", label, b.since(t0), key=label, reference=ref, matrix=res["matrix"],
-                              loss_curves=[s["train"]["loss_curve"] for s in res["stages"]],
-                              init_cache=[(s["init"].get("cache") or {}).get("init") for s in res["stages"]])
+            rows[label] = row(
+                spec.name,
+                "exactness",
+                label,
+                b.since(t0),
+                key=label,
+                reference=ref,
+                matrix=res["matrix"],
+                loss_curves=[s["train"]["loss_curve"] for s in res["stages"]],
+                init_cache=[(s["init"].get("cache") or {}).get("init") for s in res["stages"]],
+            )
     for r in rows.values():
         if r["reference"] is not None:
             ref = rows[r["reference"]]
-            r.update(same_matrix=r["matrix"] == ref["matrix"], same_losses=r["loss_curves"] == ref["loss_curves"],
-                     loss_rel_diff=max(abs(x - y) / max(abs(y), 1e-12)
-                                       for u, v in zip(r["loss_curves"], ref["loss_curves"]) for x, y in zip(u, v)))
+            r.update(
+                same_matrix=r["matrix"] == ref["matrix"],
+                same_losses=r["loss_curves"] == ref["loss_curves"],
+                loss_rel_diff=max(
+                    abs(x - y) / max(abs(y), 1e-12)
+                    for u, v in zip(r["loss_curves"], ref["loss_curves"])
+                    for x, y in zip(u, v)
+                ),
+            )
     return list(rows.values())

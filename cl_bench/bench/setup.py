@@ -2,6 +2,7 @@
 its clock), the models (tiny, or the Llama-3.2-3B shape with random weights), the tasks (SuperNI
 samples or generated ones), LoRA wrapping, stage contexts and encoders, and the table rows.
 """
+
 from __future__ import annotations
 
 import random
@@ -18,18 +19,36 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 # meta-llama/Llama-3.2-3B(-Instruct) config.json, the fields that shape compute and memory.
 LLAMA_3_2_3B = dict(
-    vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-    num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
-    hidden_act="silu", rope_theta=500000.0,
-    rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                  "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    vocab_size=128256,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=28,
+    num_attention_heads=24,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    rope_theta=500000.0,
+    rope_scaling={
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
 )
 
 # SuperNI samples: the current task has mixed lengths (60-160 tiny-tokenizer tokens); four
 # others stand for the previous tasks of stage 5 and a second evaluation task.
 CURRENT = "task591_sciq_answer_generation"
-PREVIOUS = ["task1687_sentiment140_classification", "task363_sst2_polarity_classification",
-            "task875_emotion_classification", "task1510_evalution_relation_extraction"]
+PREVIOUS = [
+    "task1687_sentiment140_classification",
+    "task363_sst2_polarity_classification",
+    "task875_emotion_classification",
+    "task1510_evalution_relation_extraction",
+]
 # The paper's SuperNI tasks train ~590 optimizer steps of 32 over 3 epochs (ref §9): ~6300 examples.
 PAPER_TRAIN_EXAMPLES = 6300
 
@@ -94,12 +113,18 @@ def build_model(spec: ModelSpec, b: Bench):
     from ..data.tiny_model import ensure_tiny_model
 
     if spec.name == "tiny":
-        cfg = OmegaConf.create({"builder": "tiny", "name_or_path": "tiny", "dtype": "float32", "attn_implementation": "sdpa"})
+        cfg = OmegaConf.create(
+            {"builder": "tiny", "name_or_path": "tiny", "dtype": "float32", "attn_implementation": "sdpa"}
+        )
         return load_model(cfg, b.device, b.cache_dir, log=lambda s: None)
     tok = AutoTokenizer.from_pretrained(ensure_tiny_model(b.cache_dir, log=lambda s: None))
     tok.padding_side = "left"
-    config = LlamaConfig(**{**LLAMA_3_2_3B, "num_hidden_layers": spec.layers or LLAMA_3_2_3B["num_hidden_layers"]},
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        **{**LLAMA_3_2_3B, "num_hidden_layers": spec.layers or LLAMA_3_2_3B["num_hidden_layers"]},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     dtype = resolve_dtype("auto", b.device)
     torch.manual_seed(0)
     with torch.device(b.device):
@@ -120,10 +145,12 @@ def load_tasks(b: Bench, tokenizer) -> None:
     """The SuperNI samples (or generated mixed-length tasks) every phase uses."""
     from omegaconf import OmegaConf
 
-    from ..infra.errors import DataError
     from ..data.tasks import load_sequence
+    from ..infra.errors import DataError
 
-    seq = OmegaConf.create({"name": "bench", "family": "superni", "tasks": [CURRENT, *PREVIOUS], "n_train": None, "n_eval": 32})
+    seq = OmegaConf.create(
+        {"name": "bench", "family": "superni", "tasks": [CURRENT, *PREVIOUS], "n_train": None, "n_eval": 32}
+    )
     try:
         tasks = load_sequence(seq, b.data_root, 42)
         b.data_source = f"SuperNI samples ({b.data_root})"
@@ -145,7 +172,9 @@ def generated_tasks() -> list:
         for i in range(432):
             n = int(min(150, max(10, rng.lognormvariate(3.3, 0.6))))
             words = [rng.choice(NOUNS + COLORS + VERBS) for _ in range(n)]
-            examples.append(Example(f"{name}-{i}", "Which word comes last in the list?\nList: " + " ".join(words), words[-1]))
+            examples.append(
+                Example(f"{name}-{i}", "Which word comes last in the list?\nList: " + " ".join(words), words[-1])
+            )
         out.append(TaskData(name, "exact_match", examples[32:], examples[:32], origin="generated"))
     return out
 
@@ -154,24 +183,40 @@ def wrap(model, spec: ModelSpec, adapter: str = "stage_01"):
     """`model` as a PEFT model with one rsLoRA adapter of rank spec.rank on TARGETS (no dropout)."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=spec.rank, lora_alpha=2 * spec.rank if spec.name == "tiny" else 2, target_modules=TARGETS,
-                     use_rslora=True, lora_dropout=0.0, task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=spec.rank,
+        lora_alpha=2 * spec.rank if spec.name == "tiny" else 2,
+        target_modules=TARGETS,
+        use_rslora=True,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, cfg, adapter_name=adapter)
 
 
 def context(b: Bench, spec: ModelSpec, encoder, stage: int, cache_dir: str | None = None, adapter: str = "stage_01"):
     """The StageContext of `stage`: the current task after stage - 1 previous ones, on b.device."""
-    from ..stage import StageContext
     from ..lora.layers import lora_scaling
+    from ..stage import StageContext
 
     names = [*PREVIOUS[: stage - 1][::-1], CURRENT]  # stage k: k-1 previous tasks, then the current one
     tasks = [b.tasks[n] for n in names]
     alpha = 2 * spec.rank if spec.name == "tiny" else 2
     return StageContext(
-        stage=stage, current=tasks[-1], previous=tasks[:-1], rank=spec.rank, alpha=alpha,
-        scaling=lora_scaling(alpha, spec.rank, "rslora"), target_modules=TARGETS, device=b.device, seed=42000 + stage,
+        stage=stage,
+        current=tasks[-1],
+        previous=tasks[:-1],
+        rank=spec.rank,
+        alpha=alpha,
+        scaling=lora_scaling(alpha, spec.rank, "rslora"),
+        target_modules=TARGETS,
+        device=b.device,
+        seed=42000 + stage,
         make_batches=lambda t, n, bs, seed: encoder.batches(t, n, bs, seed, b.device),
-        cache_dir=cache_dir, log=lambda s: None, adapter=adapter, grad_accum=spec.grad_accum,
+        cache_dir=cache_dir,
+        log=lambda s: None,
+        adapter=adapter,
+        grad_accum=spec.grad_accum,
     )
 
 
@@ -196,11 +241,27 @@ def memory_peak(device) -> dict:
     return {"peak_mb": p["rss_peak_mb"], "peak_kind": f"RSS peak ({p['rss_peak_scope']})"}
 
 
-def row(model: str, phase: str, variant: str, t: dict | float, *, tokens: int | None = None,
-        examples: int | None = None, **extra) -> dict:
+def row(
+    model: str,
+    phase: str,
+    variant: str,
+    t: dict | float,
+    *,
+    tokens: int | None = None,
+    examples: int | None = None,
+    **extra,
+) -> dict:
     """One table row; `t` is Bench.since(...) (or plain seconds); rates use t["seconds"]."""
     t = t if isinstance(t, dict) else {"seconds": t}
     seconds = t["seconds"]
-    return {"model": model, "phase": phase, "variant": variant, **t, "tokens": tokens, "examples": examples,
-            "tokens_per_s": tokens / seconds if tokens and seconds > 0 else None,
-            "examples_per_s": examples / seconds if examples and seconds > 0 else None, **extra}
+    return {
+        "model": model,
+        "phase": phase,
+        "variant": variant,
+        **t,
+        "tokens": tokens,
+        "examples": examples,
+        "tokens_per_s": tokens / seconds if tokens and seconds > 0 else None,
+        "examples_per_s": examples / seconds if examples and seconds > 0 else None,
+        **extra,
+    }

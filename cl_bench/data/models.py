@@ -1,5 +1,6 @@
 """Model and tokenizer loading: one code path (`from_pretrained`) for the tiny model, local
 paths and Hub names alike."""
+
 from __future__ import annotations
 
 import os
@@ -64,7 +65,9 @@ def resolve_model_path(model_cfg: Any, cache_dir: str | None, log=print) -> str:
 
 def model_unavailable(path: str) -> ModelLoadError:
     if Path(path).exists():
-        return ModelLoadError(f"model.name_or_path={path!r} is a folder but not a loadable model (needs config.json, weights, tokenizer)")
+        return ModelLoadError(
+            f"model.name_or_path={path!r} is a folder but not a loadable model (needs config.json, weights, tokenizer)"
+        )
     if Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") != 1:
         return ModelLoadError(f"model.name_or_path={path!r}: no such folder (nor a Hub name of the form org/name)")
     offline = " (offline)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
@@ -74,8 +77,14 @@ def model_unavailable(path: str) -> ModelLoadError:
     )
 
 
-def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = None, log=print, place: bool = True,
-               weights: bool = True):
+def load_model(
+    model_cfg: Any,
+    device: torch.device,
+    cache_dir: str | None = None,
+    log=print,
+    place: bool = True,
+    weights: bool = True,
+):
     """(model, tokenizer) on `device`, in eval mode; a one-line ModelLoadError if unavailable.
     `place=False`: in `device`'s dtype but left on the CPU (distributed=fsdp moves each rank's
     shards to the device as it shards, so no GPU ever holds the whole model).
@@ -89,7 +98,9 @@ def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = Non
     trust = bool(model_cfg.get("trust_remote_code", False))  # only when the model config says so
     attn = model_cfg.get("attn_implementation", "sdpa")
     if attn not in ATTN_IMPLEMENTATIONS:
-        raise ConfigError(f"model.attn_implementation={attn!r} is not valid; valid: {', '.join(map(str, ATTN_IMPLEMENTATIONS))}")
+        raise ConfigError(
+            f"model.attn_implementation={attn!r} is not valid; valid: {', '.join(map(str, ATTN_IMPLEMENTATIONS))}"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     except (OSError, ValueError):
@@ -111,11 +122,15 @@ def load_model(model_cfg: Any, device: torch.device, cache_dir: str | None = Non
         raise ConfigError(f"model.attn_implementation={attn}: {str(exc).splitlines()[0]}; use sdpa") from None
     except (OSError, ValueError) as exc:
         if attn and any(word in str(exc).lower() for word in ("attn", "attention")):
-            raise ConfigError(f"model.attn_implementation={attn} is not supported by {path}: "
-                              f"{str(exc).splitlines()[0]}; set model.attn_implementation=null (the model's default)") from None
+            raise ConfigError(
+                f"model.attn_implementation={attn} is not supported by {path}: "
+                f"{str(exc).splitlines()[0]}; set model.attn_implementation=null (the model's default)"
+            ) from None
         raise model_unavailable(path) from None
-    log(f"model {path}: {type(model).__name__}, {dtype}, attention {model.config._attn_implementation}"
-        + ("" if weights else "; built on the meta device, its weights come from rank 0"))
+    log(
+        f"model {path}: {type(model).__name__}, {dtype}, attention {model.config._attn_implementation}"
+        + ("" if weights else "; built on the meta device, its weights come from rank 0")
+    )
     if tokenizer.pad_token_id is None:
         # Padding needs an id; the attention mask and label masking make its value irrelevant.
         tokenizer.pad_token = tokenizer.eos_token

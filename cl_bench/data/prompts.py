@@ -11,13 +11,15 @@ ids never change with the calendar; the system message is a config choice. Every
 applies a chat template (training, evaluation, gradient capture, mining, lm-eval's GP/IP) goes
 through `PromptFormat.chat_template_kwargs`.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -61,12 +63,16 @@ class PromptFormat:
 
     def __post_init__(self) -> None:
         if self.format not in PROMPT_FORMATS:
-            raise ConfigError(f"evaluation.prompt.format={self.format!r} is invalid; valid: {', '.join(PROMPT_FORMATS)}")
+            raise ConfigError(
+                f"evaluation.prompt.format={self.format!r} is invalid; valid: {', '.join(PROMPT_FORMATS)}"
+            )
         if self.system is not None and not isinstance(self.system, str):
             raise ConfigError(f"evaluation.prompt.system={self.system!r} is invalid; valid: null or a text")
         if self.system is not None and not self.use_chat_template:
-            raise ConfigError("evaluation.prompt.system is set but evaluation.use_chat_template=false renders bare "
-                              "prompts without a system turn; set one of them back")
+            raise ConfigError(
+                "evaluation.prompt.system is set but evaluation.use_chat_template=false renders bare "
+                "prompts without a system turn; set one of them back"
+            )
         try:
             ok = datetime.strptime(str(self.date_string), DATE_FORMAT).strftime(DATE_FORMAT) == self.date_string
         except ValueError:
@@ -111,8 +117,12 @@ class PromptFormat:
             )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"use_chat_template": self.use_chat_template, "format": self.format, "system": self.system,
-                "date_string": self.date_string}
+        return {
+            "use_chat_template": self.use_chat_template,
+            "format": self.format,
+            "system": self.system,
+            "date_string": self.date_string,
+        }
 
 
 def prompt_format(ev_cfg: Any) -> PromptFormat:
@@ -139,6 +149,7 @@ def fixed_date_template(template: str, date_string: str) -> str:
     A call with a computed format is left in place; PromptFormat.check refuses it."""
     when = datetime.strptime(date_string, DATE_FORMAT)
     return _STRFTIME_CALL.sub(lambda m: '"' + when.strftime(m.group(2)).replace('"', "") + '"', template)
+
 
 # Tokens kept from the start of a prompt when its middle is cut (BOS, role header, instruction).
 _HEAD_KEEP = 24
@@ -201,7 +212,7 @@ def truncate_middle(ids: list[int], budget: int) -> list[int]:
     if len(ids) <= budget:
         return ids
     head = min(_HEAD_KEEP, budget // 2)
-    return ids[:head] + ids[len(ids) - (budget - head):]
+    return ids[:head] + ids[len(ids) - (budget - head) :]
 
 
 @dataclass
@@ -257,8 +268,8 @@ def left_padded(rows: Sequence[list[int]], pad: int) -> dict[str, torch.Tensor]:
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -289,7 +300,9 @@ class TrainingEncoder:
         gen = torch.Generator().manual_seed(seed)
         return [i for _ in range(epochs) for i in torch.randperm(n, generator=gen).tolist()]
 
-    def batch(self, task: TaskData, indices: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def batch(
+        self, task: TaskData, indices: Sequence[int], device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
         return self.batch_items([(task, i) for i in indices], device)
 
     def batch_items(
@@ -300,17 +313,24 @@ class TrainingEncoder:
         return {k: v.to(device) for k, v in out.items()}
 
     def batches(
-        self, task: TaskData, n_batches: int, batch_size: int, seed: int, device: torch.device | str = "cpu",
+        self,
+        task: TaskData,
+        n_batches: int,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str = "cpu",
         indices: Sequence[int] | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """`n_batches` batches drawn from task.train only (cycling with reshuffles if needed);
         with `indices` (into task.train, e.g. a replay buffer) only from those examples."""
         pool = list(range(len(task.train))) if indices is None else [int(i) for i in indices]
         if not pool or not all(0 <= i < len(task.train) for i in pool):
-            raise ValueError(f"task {task.name!r}: batch indices must be a non-empty subset of its {len(task.train)} training examples")
+            raise ValueError(
+                f"task {task.name!r}: batch indices must be a non-empty subset of its {len(task.train)} training examples"
+            )
         n = len(pool)
         epochs = max(1, -(-n_batches * batch_size // n))
         gen = torch.Generator().manual_seed(seed)  # the same order as self.order when pool is the whole split
         order = [pool[i] for _ in range(epochs) for i in torch.randperm(n, generator=gen).tolist()]
         for b in range(n_batches):
-            yield self.batch(task, order[b * batch_size:(b + 1) * batch_size], device)
+            yield self.batch(task, order[b * batch_size : (b + 1) * batch_size], device)

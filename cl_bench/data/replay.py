@@ -1,4 +1,5 @@
 """Replay buffers: which training examples of an earlier task a plug-in may draw again."""
+
 from __future__ import annotations
 
 import math

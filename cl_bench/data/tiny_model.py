@@ -19,6 +19,7 @@ The corpus makes a base model with something to forget and something to fight (i
 The cache folder name carries a fingerprint of the corpus, so editing a synthetic family (which
 feeds the corpus) rebuilds the model instead of reusing a stale one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,14 @@ CHAT_TEMPLATE = (
 ANSWER_WORDS = NOUNS + COLORS + NAMES + ["positive", "negative", "even", "odd", "yes", "no", "true", "false"]
 # Answer pairs of the generic "X or Y?" chats.
 OPTION_PAIRS = [("positive", "negative"), ("even", "odd"), ("yes", "no"), ("true", "false")]
-OPTION_QUESTIONS = ["What do you say about this: {a} or {b}?", "Answer {a} or {b}.", "Is it {a} or {b}?",
-                    "Pick one, {a} or {b}?", "Reply with {a} or {b}.", "Which fits, {a} or {b}?"]
+OPTION_QUESTIONS = [
+    "What do you say about this: {a} or {b}?",
+    "Answer {a} or {b}.",
+    "Is it {a} or {b}?",
+    "Pick one, {a} or {b}?",
+    "Reply with {a} or {b}.",
+    "Which fits, {a} or {b}?",
+]
 
 
 def _sentence(rng: random.Random) -> str:
@@ -78,7 +85,9 @@ def _sentence(rng: random.Random) -> str:
     if kind == 4:
         return " ".join(rng.sample(NOUNS, rng.randint(3, 7)))
     if kind == 5:  # pseudo-words fill the BPE vocabulary with sub-word pieces
-        return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(6))
+        return " ".join(
+            "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(6)
+        )
     return f"{rng.choice(NAMES)} has {rng.randint(2, 9)} {rng.choice(NOUNS)}s and a {rng.choice(COLORS)} {rng.choice(NOUNS)}."
 
 
@@ -175,8 +184,13 @@ def _build_tokenizer(corpus: list[str], vocab_size: int):
     tok.train_from_iterator(corpus, trainer)
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"], model_max_length=512,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
+        model_max_length=512,
         padding_side="left",
     )
     hf.chat_template = CHAT_TEMPLATE
@@ -189,7 +203,9 @@ def _pretrain(model, tokenizer, text: list[str], chats: list[tuple[str, str]], s
     rng = random.Random(seed)
     docs = [f"{tokenizer.bos_token}{line}{tokenizer.eos_token}" for line in text]
     docs += [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False
+        )
         for q, a in chats
     ]
     torch.manual_seed(seed)
@@ -198,13 +214,22 @@ def _pretrain(model, tokenizer, text: list[str], chats: list[tuple[str, str]], s
     model.train()
     pad = tokenizer.pad_token_id
     for step in range(steps):
-        batch = tokenizer(rng.sample(docs, 24), add_special_tokens=False, padding=True, padding_side="right",
-                          truncation=True, max_length=48, return_tensors="pt")
+        batch = tokenizer(
+            rng.sample(docs, 24),
+            add_special_tokens=False,
+            padding=True,
+            padding_side="right",
+            truncation=True,
+            max_length=48,
+            return_tensors="pt",
+        )
         labels = batch["input_ids"].masked_fill(batch["input_ids"] == pad, -100)
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
             log(f"[tiny] pretrain step {step + 1}/{steps} loss {loss.item():.3f}")
     model.eval()
@@ -217,9 +242,17 @@ def build_tiny_model(out_dir: Path, seed: int = 0, steps: int = PRETRAIN_STEPS, 
     text, chats = build_corpus(CORPUS_LINES, seed)
     tokenizer = _build_tokenizer(text + [q + " " + a for q, a in chats], vocab_size=2048)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

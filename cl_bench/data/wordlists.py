@@ -15,8 +15,7 @@ POSITIVE = (
 ).split()
 
 NEGATIVE = (
-    "bad awful poor terrible horrible nasty sad dull stale bland broken dirty "
-    "rude ugly cold noisy boring weak"
+    "bad awful poor terrible horrible nasty sad dull stale bland broken dirty rude ugly cold noisy boring weak"
 ).split()
 
 COLORS = "red blue green yellow black white brown pink gray orange purple".split()

@@ -6,14 +6,16 @@ majority = the score of always giving the training split's most common label, on
 Both are defined only for classification tasks with a label set; free-text and numeric tasks
 get None ("n/a"): no constant or random answer is a meaningful floor there.
 """
+
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from .scoring import score
 from ..data.answers import chosen_label
 from ..data.tasks.base import TaskData
+from .scoring import score
 
 
 def task_baseline(task: TaskData, limit: int | None = None) -> dict[str, Any]:
@@ -25,7 +27,9 @@ def task_baseline(task: TaskData, limit: int | None = None) -> dict[str, Any]:
     counts = Counter(chosen_label(ex.target, labels) or ex.target for ex in task.train)
     answer = max(counts.items(), key=lambda kv: (kv[1], -labels.index(kv[0]) if kv[0] in labels else 0))[0]
     examples = task.eval[:limit] if limit else task.eval
-    majority = 100.0 * sum(score(task.metric, answer, ex.target, labels, source=ex.source) for ex in examples) / len(examples)
+    majority = (
+        100.0 * sum(score(task.metric, answer, ex.target, labels, source=ex.source) for ex in examples) / len(examples)
+    )
     return {"chance": 100.0 / len(labels), "majority": majority, "majority_answer": answer}
 
 

@@ -4,12 +4,13 @@ R has rows 0..T (row 0 = before training, row i = after stage i) and columns for
 (column j-1 holds task j). Scores in percent. A metric whose cells are missing (None) is None:
 nothing is silently averaged over a partial matrix.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from statistics import StatisticsError, fmean
-from typing import Optional, Sequence
 
-Matrix = Sequence[Sequence[Optional[float]]]
+Matrix = Sequence[Sequence[float | None]]
 
 
 def _cell(R: Matrix, i: int, j: int) -> float:
@@ -33,6 +34,7 @@ def _guard(fn):
             return fn(R, _num_tasks(R), *args)
         except (KeyError, StatisticsError):  # a missing cell, or no term (T = 1)
             return None
+
     wrapped.__name__ = fn.__name__
     wrapped.__doc__ = fn.__doc__
     return wrapped
@@ -117,7 +119,9 @@ def compute_mode_metrics(R: Matrix, sizes: Sequence[int], mode: str = "sequentia
     if mode not in ("multitask", "independent"):
         raise ValueError(f"unknown mode {mode!r}")
     if len(R) != rows or any(len(row) != T for row in R) or len(sizes) != T:
-        raise ValueError(f"mode {mode}: need {rows} rows of {T} scores and {T} sizes; got {len(R)} rows, {len(sizes)} sizes")
+        raise ValueError(
+            f"mode {mode}: need {rows} rows of {T} scores and {T} sizes; got {len(R)} rows, {len(sizes)} sizes"
+        )
     learned = [R[1][j] if mode == "multitask" else R[j + 1][j] for j in range(T)]
     none = dict.fromkeys(("AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA"))
     if T == 0 or any(v is None for v in learned):

@@ -42,19 +42,22 @@ shared/reference/slice-reference.md §5.1), first reference only:
 - slice_rouge_l: LCS F1 over whitespace tokens of the same normalization, no stemming (a Chinese
   sentence is one token); 0 when either side has no token.
 """
+
 from __future__ import annotations
 
 import re
 import string
 import unicodedata
 from collections import Counter
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Callable, Sequence
 
 from ..data.answers import chosen_label, normalize
 
 
-def exact_match(prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None) -> float:
+def exact_match(
+    prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None
+) -> float:
     return float(normalize(prediction) == normalize(target))
 
 
@@ -68,6 +71,7 @@ def accuracy(prediction: str, target: str, labels: Sequence[str] | None = None, 
 
 
 # ------------------------------------------------------------------------------- ROUGE-L
+
 
 def _lcs_len(a: Sequence[str], b: Sequence[str]) -> int:
     prev = [0] * (len(b) + 1)
@@ -205,6 +209,7 @@ def rouge_l(prediction: str, target: str, labels: Sequence[str] | None = None, *
 
 # ------------------------------------------------------------- natural-instructions rules
 
+
 def normalize_answer(text: str) -> str:
     """natural-instructions `normalize_answer`: lowercase, remove string.punctuation, collapse
     whitespace (articles kept)."""
@@ -213,27 +218,36 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def ni_exact_match(prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None) -> float:
+def ni_exact_match(
+    prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None
+) -> float:
     return float(normalize_answer(prediction) == normalize_answer(target))
 
 
-def ni_rouge_l(prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None) -> float:
+def ni_rouge_l(
+    prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None
+) -> float:
     """natural-instructions ROUGE-L: rouge-score with stemming on the raw strings."""
     return rouge_l_f1(prediction, target, use_stemmer=True)
 
 
 # ------------------------------------------------------------------ the SLICE authors' rules
 
+
 def slice_normalize(text: str) -> str:
     """The SLICE authors' `_normalize_text`: lowercase, strip, collapse whitespace."""
     return " ".join(text.lower().strip().split())
 
 
-def slice_exact_match(prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None) -> float:
+def slice_exact_match(
+    prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None
+) -> float:
     return float(slice_normalize(prediction.strip()) == slice_normalize(target.strip()))
 
 
-def slice_rouge_l(prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None) -> float:
+def slice_rouge_l(
+    prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None
+) -> float:
     return lcs_f1(slice_normalize(prediction).split(), slice_normalize(target).split())
 
 
@@ -273,7 +287,9 @@ def indel_similarity(a: str, b: str) -> float:
     return 2.0 * lcs_length(a, b) / (len(a) + len(b))
 
 
-def edit_similarity(prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None) -> float:
+def edit_similarity(
+    prediction: str, target: str, labels: Sequence[str] | None = None, *, source: str | None = None
+) -> float:
     return indel_similarity(resolve_code_literals(prediction.strip()), resolve_code_literals(target.strip()))
 
 
@@ -294,7 +310,7 @@ def sari_tokens(text: str) -> list[str]:
 
 
 def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def _f1(p: float, r: float) -> float:
@@ -342,9 +358,7 @@ def sari_multi(source: str, prediction: str, references: Sequence[str]) -> float
     refs_t = [sari_tokens(r) for r in references]
     keep = delete = add = 0.0
     for n in range(1, SARI_MAX_ORDER + 1):
-        f_keep, p_del, f_add = sari_ngram_scores(
-            _ngrams(src_t, n), _ngrams(pred_t, n), [_ngrams(r, n) for r in refs_t]
-        )
+        f_keep, p_del, f_add = sari_ngram_scores(_ngrams(src_t, n), _ngrams(pred_t, n), [_ngrams(r, n) for r in refs_t])
         keep, delete, add = keep + f_keep, delete + p_del, add + f_add
     return (keep + delete + add) / (3 * SARI_MAX_ORDER)
 
@@ -392,7 +406,9 @@ def score(
     except KeyError:
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(sorted(METRICS))}") from None
     if extra:
-        raise TypeError(f"score(): unexpected keyword(s) {', '.join(sorted(extra))}; metrics take only labels and source")
+        raise TypeError(
+            f"score(): unexpected keyword(s) {', '.join(sorted(extra))}; metrics take only labels and source"
+        )
     references = [target] if isinstance(target, str) else list(target)
     if not references:
         raise ValueError("score(): no reference to score against")

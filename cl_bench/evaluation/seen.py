@@ -15,17 +15,19 @@ exact match generates at most its longest reference in tokens + `reference_margi
 more than the margin; tasks scored by overlap metrics always get max_new_tokens); on CUDA
 out-of-memory the batch size is halved and the batch retried.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data.prompts import PromptFormat, left_padded, pad_id_of, render_prompt_ids, target_ids, truncate_middle
-from .scoring import score
 from ..data.tasks.base import Example, TaskData
+from .scoring import score
 
 # Metrics that compare the whole (normalised) prediction with a reference: a budget from the
 # longest reference cannot change their score (new_token_budget).
@@ -53,23 +55,37 @@ def new_token_budget(tokenizer, examples: Sequence[Example], cap: int, margin: i
 
 
 @torch.no_grad()
-def _generate_rows(model, tokenizer, rows: Sequence[list[int]], *, max_new_tokens: int, device,
-                   synced: bool = False) -> list[list[int]]:
+def _generate_rows(
+    model, tokenizer, rows: Sequence[list[int]], *, max_new_tokens: int, device, synced: bool = False
+) -> list[list[int]]:
     """Greedy continuations (token ids after the padded prompt) of left-padded prompt rows.
     `synced`: keep running forward passes until every rank is done (a sharded model's passes are
     collective; transformers' synced_gpus)."""
     batch = {k: v.to(device) for k, v in left_padded(rows, pad_id_of(tokenizer)).items()}
     out = model.generate(
-        **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-        pad_token_id=pad_id_of(tokenizer), eos_token_id=end_token_ids(model, tokenizer),
-        temperature=None, top_p=None, top_k=None, **({"synced_gpus": True} if synced else {}),
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=pad_id_of(tokenizer),
+        eos_token_id=end_token_ids(model, tokenizer),
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        **({"synced_gpus": True} if synced else {}),
     )
-    return out[:, batch["input_ids"].shape[1]:].tolist()
+    return out[:, batch["input_ids"].shape[1] :].tolist()
 
 
 def generate(
-    model, tokenizer, examples: Sequence[Example], *, max_new_tokens: int, max_prompt_len: int,
-    device: torch.device, prompt: PromptFormat | bool = True,
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int,
+    max_prompt_len: int,
+    device: torch.device,
+    prompt: PromptFormat | bool = True,
 ) -> list[str]:
     """Greedy predictions for `examples` as one batch (decoded, special tokens dropped, stripped)."""
     rows = [truncate_middle(render_prompt_ids(tokenizer, ex, prompt), max_prompt_len) for ex in examples]
@@ -78,9 +94,21 @@ def generate(
 
 
 def evaluate_task(
-    model, tokenizer, task: TaskData, *, batch_size: int, max_new_tokens: int, max_prompt_len: int,
-    device: torch.device, prompt: PromptFormat | bool = True, limit: int | None = None, progress: bool = True,
-    protocol: str = "per_task", reference_margin: int | None = None, stats: dict | None = None, dist=None,
+    model,
+    tokenizer,
+    task: TaskData,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    max_prompt_len: int,
+    device: torch.device,
+    prompt: PromptFormat | bool = True,
+    limit: int | None = None,
+    progress: bool = True,
+    protocol: str = "per_task",
+    reference_margin: int | None = None,
+    stats: dict | None = None,
+    dist=None,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Score in percent and one record per example (prompt, target, prediction, score; and all
     references when there are several). `protocol` picks the metric (TaskData.metric_for).
@@ -109,7 +137,7 @@ def evaluate_task(
     was_training = model.training
     model.eval()
     bs, batches, generated = max(1, int(batch_size)), 0, 0
-    chunks = [order[at:at + bs] for at in range(0, len(order), bs)]
+    chunks = [order[at : at + bs] for at in range(0, len(order), bs)]
     sharded = dist is not None and dist.sharded
     if dist is not None and dist.world > 1:
         chunks = dist.shard(chunks)
@@ -120,9 +148,11 @@ def evaluate_task(
     bar = tqdm(total=len(mine), desc=f"eval {task.name}", leave=False, disable=not progress)
     at = 0
     while at < len(mine):
-        idx = mine[at:at + min(bs, len(mine) - at)]
+        idx = mine[at : at + min(bs, len(mine) - at)]
         try:
-            conts = _generate_rows(model, tokenizer, [rows[i] for i in idx], max_new_tokens=budget, device=device, synced=sharded)
+            conts = _generate_rows(
+                model, tokenizer, [rows[i] for i in idx], max_new_tokens=budget, device=device, synced=sharded
+            )
         except torch.OutOfMemoryError:
             if bs == 1 or sharded:  # a sharded rank cannot re-batch alone: its passes are collective
                 raise
@@ -146,8 +176,15 @@ def evaluate_task(
             for i, pred in share.items():
                 predictions[i] = pred
     if stats is not None:
-        stats.update(examples=len(examples), batches=batches, batch_size=bs, prompt_tokens=sum(map(len, rows)),
-                     new_tokens_cap=budget, generated_tokens=generated, seconds=time.perf_counter() - start)
+        stats.update(
+            examples=len(examples),
+            batches=batches,
+            batch_size=bs,
+            prompt_tokens=sum(map(len, rows)),
+            new_tokens_cap=budget,
+            generated_tokens=generated,
+            seconds=time.perf_counter() - start,
+        )
     records = []
     for ex, pred in zip(examples, predictions):
         value = score(metric, pred, ex.all_references, task.labels, source=ex.source)

@@ -7,6 +7,7 @@ log lines, Hub retry warnings, transformers' FutureWarnings, unnamed tqdm bars) 
 log file instead, as INFO records; `verbose=true` leaves all of it on the console as well.
 The run dir's log file (Hydra's file handler) keeps every line.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,9 @@ import logging
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 log = logging.getLogger("cl_bench")
 THIRD_PARTY = logging.getLogger("third_party")  # records of what libraries wrote to stderr
@@ -108,7 +110,11 @@ def _route_library_loggers() -> list[tuple[logging.Logger, list[logging.Handler]
         if name not in logging.Logger.manager.loggerDict:
             continue
         logger = logging.getLogger(name)
-        handlers = [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+        handlers = [
+            h
+            for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ]
         for h in handlers:
             logger.removeHandler(h)
         state.append((logger, handlers, logger.propagate))
@@ -194,15 +200,21 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
             self.bar.update(step - self.bar.n)
-        self._heartbeat(f"stage {self.stage}/{self.T} train {self.task}: step {step}/{self.total} "
-                        + " ".join(f"{k}={v:.3f}" for k, v in shown.items()))
+        self._heartbeat(
+            f"stage {self.stage}/{self.T} train {self.task}: step {step}/{self.total} "
+            + " ".join(f"{k}={v:.3f}" for k, v in shown.items())
+        )
 
     def train_end(self, summary: dict[str, Any]) -> None:
         self._close_bar()
         first, last = summary.get("loss_first") or {}, summary.get("loss_last") or {}
-        terms = ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in last if k in first and k not in ("grad_norm", "lr"))
-        log.info(f"stage {self.stage}/{self.T} train {self.task}: {summary.get('steps')} steps in "
-                 f"{time.time() - self.t0:.1f}s, {terms}")
+        terms = ", ".join(
+            f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in last if k in first and k not in ("grad_norm", "lr")
+        )
+        log.info(
+            f"stage {self.stage}/{self.T} train {self.task}: {summary.get('steps')} steps in "
+            f"{time.time() - self.t0:.1f}s, {terms}"
+        )
 
     # ---- evaluation ------------------------------------------------------------------------
     def eval_begin(self, stage: int, n_tasks: int) -> None:
@@ -240,8 +252,10 @@ class Progress:
             if chosen and len(chosen) == len(sets.get(key, [])):
                 head.append(f"{name} {sum(chosen) / len(chosen):.1f}")
         per = " | ".join(f"{b} {_pct(zs.get(b))}/{_pct(fs.get(b))}" for b in dict.fromkeys([*zs, *fs]))
-        log.info(f"stage {self.stage}/{self.T} general: {', '.join(head)} | {per} (zero-/few-shot, "
-                 f"{time.time() - self.t0:.1f}s)")
+        log.info(
+            f"stage {self.stage}/{self.T} general: {', '.join(head)} | {per} (zero-/few-shot, "
+            f"{time.time() - self.t0:.1f}s)"
+        )
         self.phase = "done"
 
     def close(self) -> None:

@@ -46,12 +46,14 @@ Hand-written glue, not a library's: Accelerate's prepare() would move the model,
 optimizer and autocast, which the stage loop already does; DDP itself and the collectives are
 torch's.
 """
+
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -106,21 +108,25 @@ class Dist:
         self.backend = tdist.get_backend() if self.on else None
 
     @classmethod
-    def from_config(cls, dcfg) -> "Dist":
+    def from_config(cls, dcfg) -> Dist:
         """`distributed` config group -> Dist; ConfigError when it disagrees with the launch."""
         kind = str((dcfg or {}).get("kind", "none"))
         if kind not in KINDS:
             raise ConfigError(f"distributed.kind={kind!r} is invalid; valid: {', '.join(KINDS)}")
         world = launched_world_size(slurm=kind != "none")
         if kind == "none" and world > 1:
-            raise ConfigError(f"launched as {world} processes but distributed=none; add distributed=ddp (or fsdp) "
-                              "(or start one process: python -m cl_bench ...)")
+            raise ConfigError(
+                f"launched as {world} processes but distributed=none; add distributed=ddp (or fsdp) "
+                "(or start one process: python -m cl_bench ...)"
+            )
         if kind == "fsdp" and world == 1 and "WORLD_SIZE" not in os.environ:
             # A one-process start would run unsharded and run out of memory where sharding was the point
             # (accelerate launch without --multi_gpu starts one process).
-            raise ConfigError("distributed=fsdp was started as one process, so nothing would be sharded; launch N processes "
-                              "(torchrun --nproc-per-node N, accelerate launch --multi_gpu --num_processes N, or SLURM tasks) "
-                              "or use distributed=none")
+            raise ConfigError(
+                "distributed=fsdp was started as one process, so nothing would be sharded; launch N processes "
+                "(torchrun --nproc-per-node N, accelerate launch --multi_gpu --num_processes N, or SLURM tasks) "
+                "or use distributed=none"
+            )
         if kind != "none":
             init_from_env()
         return cls(kind)
@@ -144,7 +150,8 @@ class Dist:
                 raise ConfigError(
                     f"{group}={getattr(plugin, 'name', choice)} does not run with distributed=fsdp (it needs whole base "
                     "weights or a whole model copy); use distributed=ddp, or with fsdp: initializer=vanilla|lora_ga|slice|"
-                    "loram|milora, any regularizer, merge=absorb or a task-vector merge with merge.train_on=merged")
+                    "loram|milora, any regularizer, merge=absorb or a task-vector merge with merge.train_on=merged"
+                )
 
     def device(self, device: torch.device) -> torch.device:
         """This rank's device: cuda:LOCAL_RANK when the job asked for CUDA."""
@@ -155,20 +162,24 @@ class Dist:
     # ---- work splitting --------------------------------------------------------------------
     def shard(self, items: Sequence) -> list:
         """This rank's share: items rank, rank + world, ... (disjoint; together all items)."""
-        return list(items[self.rank::self.world])
+        return list(items[self.rank :: self.world])
 
     def check_step_size(self, examples_per_step: int) -> None:
         if examples_per_step < self.world:
-            raise ConfigError(f"trainer.batch_size x trainer.grad_accum = {examples_per_step} examples per step cannot "
-                              f"give each of {self.world} ranks one; raise trainer.batch_size or use fewer processes")
+            raise ConfigError(
+                f"trainer.batch_size x trainer.grad_accum = {examples_per_step} examples per step cannot "
+                f"give each of {self.world} ranks one; raise trainer.batch_size or use fewer processes"
+            )
 
     # ---- collectives (no-ops for one process) ----------------------------------------------
     def _call(self, what: str, fn: Callable, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, ValueError) as exc:  # gloo/NCCL report a dead peer as RuntimeError
-            raise DistributedError(f"rank {self.rank} of {self.world}: {what} failed ({str(exc).splitlines()[0]}); "
-                                   "another rank probably died: see its error above, then rerun the same command to resume") from None
+            raise DistributedError(
+                f"rank {self.rank} of {self.world}: {what} failed ({str(exc).splitlines()[0]}); "
+                "another rank probably died: see its error above, then rerun the same command to resume"
+            ) from None
 
     def barrier(self, what: str = "barrier") -> None:
         if self.on:
@@ -259,7 +270,7 @@ class Dist:
         at = 0
         for p in params:
             n = p.grad.numel()
-            p.grad.copy_(flat[at:at + n].view_as(p.grad))
+            p.grad.copy_(flat[at : at + n].view_as(p.grad))
             at += n
 
     def broadcast_(self, tensors: Sequence[torch.Tensor], what: str = "broadcast") -> None:
@@ -331,7 +342,11 @@ class Dist:
         whole = model.state_dict() if self.is_main else {}  # rank 0's CPU tensors, kept alive until broadcast
         model.requires_grad_(False)
         on_cuda = self.backend == "nccl"
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if on_cuda
+            else MixedPrecisionPolicy()
+        )
         blocks = set(getattr(model, "_no_split_modules", None) or ())
         units = [m for m in model.modules() if type(m).__name__ in blocks]
         for module in units:
@@ -339,13 +354,22 @@ class Dist:
         fully_shard(model, mp_policy=policy)
         if not self.is_main:
             model.to_empty(device=torch.device("cuda", self.local_rank) if on_cuda else torch.device("cpu"))
-        self._call("broadcasting the model's weights", set_model_state_dict, model, whole,
-                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        self._call(
+            "broadcasting the model's weights",
+            set_model_state_dict,
+            model,
+            whole,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
         del whole
-        self.broadcast_(list(model.buffers()), "broadcasting the model's buffers")  # e.g. rotary inv_freq (not in the state dict)
+        self.broadcast_(
+            list(model.buffers()), "broadcasting the model's buffers"
+        )  # e.g. rotary inv_freq (not in the state dict)
         if log is not None:
-            log(f"fsdp: {len(units)} blocks ({', '.join(sorted(blocks)) or 'none: the whole model is one unit'}) "
-                f"sharded over {self.world} ranks{', bf16 compute' if on_cuda else ''}")
+            log(
+                f"fsdp: {len(units)} blocks ({', '.join(sorted(blocks)) or 'none: the whole model is one unit'}) "
+                f"sharded over {self.world} ranks{', bf16 compute' if on_cuda else ''}"
+            )
         return model
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module | None:

@@ -10,6 +10,7 @@ CL_BENCH_SIGNAL_AT=<point> instead sends the scheduler's preemption signal (subm
 or $SUBMITIT_PREEMPT_SIGNAL) once at that point: a job requeues itself as on a real preemption.
 Unset in normal use; reading environment variables is their only cost.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Run-directory files: atomic writes, results.json, package versions."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,19 @@ import torch
 
 SCHEMA = 1
 TRACKED_PACKAGES = (
-    "torch", "transformers", "tokenizers", "peft", "accelerate", "datasets", "lm_eval", "hydra-core",
-    "omegaconf", "safetensors", "numpy", "rouge-score", "wandb",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "lm_eval",
+    "hydra-core",
+    "omegaconf",
+    "safetensors",
+    "numpy",
+    "rouge-score",
+    "wandb",
 )
 
 
@@ -116,6 +128,8 @@ def provenance(device: torch.device) -> dict[str, Any]:
         name = platform.processor() or platform.machine()
         cpuinfo = Path("/proc/cpuinfo")
         if cpuinfo.exists():
-            models = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")]
+            models = [
+                l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")
+            ]
             name = f"{models[0]} ({len(models)} cores)" if models else name
     return {"cl_bench": git_state(), "host": platform.node(), "device": str(device), "device_name": name}

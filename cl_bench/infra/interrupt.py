@@ -6,12 +6,13 @@ code do not swallow it) at the point the main thread has reached, except inside 
 (atomic writes): there the signal is held until the block ends, so a started write is always
 finished. Runs resume from their last finished stage or in-stage checkpoint either way.
 """
+
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report them
 
@@ -39,7 +40,7 @@ class InterruptGuard:
         self.raised = False
         self._old: dict[int, object] = {}
 
-    def __enter__(self) -> "InterruptGuard":
+    def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be set from the main thread
         for sig in EXIT_CODES:

@@ -17,6 +17,7 @@ comes within the grace period (a long evaluation or initialisation), the handler
 and the job resumes from the last saved step. The requeued job reopens the same run dir, where
 the runner resumes from results.json and the in-stage checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,8 @@ import os
 import random
 import signal
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 log = logging.getLogger("cl_bench")
 
@@ -62,7 +64,7 @@ class Job:
     def pending(self) -> bool:
         return self._pending is not None
 
-    def install(self, sig: int | None = None, handler: Any = None) -> "Job":
+    def install(self, sig: int | None = None, handler: Any = None) -> Job:
         """Defer submitit's preemption handler (found automatically; `sig`/`handler` for tests)."""
         if sig is None:
             sig, handler = _submitit_signal_handler()
@@ -84,8 +86,11 @@ class Job:
         if self._pending is not None:
             return
         self._pending = (signum, frame)
-        log.warning("signal %s (preemption or timeout): saving at the next step boundary, then requeueing "
-                    "(at most %.0f s)", signal.Signals(signum).name, self.grace_s)
+        log.warning(
+            "signal %s (preemption or timeout): saving at the next step boundary, then requeueing (at most %.0f s)",
+            signal.Signals(signum).name,
+            self.grace_s,
+        )
         self._previous_alarm = signal.signal(signal.SIGALRM, self._on_alarm)
         signal.setitimer(signal.ITIMER_REAL, max(self.grace_s, 0.001))
 

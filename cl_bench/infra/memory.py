@@ -7,6 +7,7 @@ the highest RSS since its reset, model and earlier allocations still held includ
 is not possible (other OSes, restricted /proc) the peak is the process lifetime's
 (getrusage ru_maxrss) and is labelled so.
 """
+
 from __future__ import annotations
 
 import re
@@ -51,7 +52,10 @@ def peak_mb(device: torch.device | str | None = None, *, since_reset: bool = Tru
         out = {"rss_peak_mb": hwm, "rss_peak_scope": "since reset"}
     else:
         div = 2.0**20 if sys.platform == "darwin" else 1024.0  # ru_maxrss: bytes on macOS, kB on Linux
-        out = {"rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / div, "rss_peak_scope": "process lifetime"}
+        out = {
+            "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / div,
+            "rss_peak_scope": "process lifetime",
+        }
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -13,6 +13,7 @@ The runner, per stage (cl_bench/stage.py has the whole order):
   6. begin_stage / end_stage / state_dict as for every plug-in (stage.Plugin).
 Initializers never import each other or the runner.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ from typing import Any
 import torch
 
 from ..infra import memory
-from ..stage import Plugin, StageContext
 from ..lora.layers import Factors
+from ..stage import Plugin, StageContext
 
 
 @dataclass

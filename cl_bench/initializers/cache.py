@@ -11,15 +11,17 @@ A key is a SHA-256 over what determines the content, never over paths or run nam
 Files are written to a temporary name and renamed, so concurrent multirun jobs never read a
 partial file; the worst case is that two jobs compute the same entry.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -32,7 +34,7 @@ from safetensors.torch import load_file, save_file
 CACHE_VERSION = 4
 
 
-def _update_with_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+def _update_with_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:
     t = t.detach()
     h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
     flat = t.reshape(-1).contiguous().cpu()
@@ -101,7 +103,9 @@ class TensorCache:
         assert self.root is not None
         return self.root / kind / key[:2] / f"{key}.safetensors"
 
-    def load(self, kind: str, key: str, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict] | None:
+    def load(
+        self, kind: str, key: str, device: torch.device | str = "cpu"
+    ) -> tuple[dict[str, torch.Tensor], dict] | None:
         if not self.enabled:
             return None
         path = self.path(kind, key)

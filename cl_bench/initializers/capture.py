@@ -24,19 +24,20 @@ module's input x and output gradient g_y (weight_grads.py), in float32 — the s
 forms for a weight that requires grad. Every rank runs as many forward/backward
 passes as the busiest (a short share repeats its last pass, times 0).
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch
 
-from ..train.layouts import regroup
 from ..infra.errors import DataError, TrainingError
-from ..train.loss import causal_lm_loss, logits_mask, trained_tokens
 from ..lora.weight_grads import HookedWeightGradients, weight_grad_hooks
+from ..train.layouts import regroup
+from ..train.loss import causal_lm_loss, logits_mask, trained_tokens
 
 
 @dataclass
@@ -69,7 +70,9 @@ def capture_gradients(
     """
     start = time.perf_counter()
     if dist is not None and dist.sharded:
-        return _capture_sharded(model, weights, batches, offload=offload, transposed=set(transposed), max_tokens=max_tokens, dist=dist)
+        return _capture_sharded(
+            model, weights, batches, offload=offload, transposed=set(transposed), max_tokens=max_tokens, dist=dist
+        )
     batches = [{k: v.cpu() for k, v in b.items()} for b in batches]  # token ids: small
     n_items = sum(int(trained_tokens(b)) for b in batches)
     forwards = regroup(batches, max_tokens=max_tokens)
@@ -98,7 +101,9 @@ def capture_gradients(
             for micro in forwards:
                 keep, targets = logits_mask(micro["labels"])
                 batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
-                loss = causal_lm_loss(model, batch, n_items, keep=keep, targets=targets)  # this pass's share of the mean
+                loss = causal_lm_loss(
+                    model, batch, n_items, keep=keep, targets=targets
+                )  # this pass's share of the mean
                 loss.backward()
                 loss_sum += loss.detach()
             steps = len(batches)
@@ -123,7 +128,9 @@ def capture_gradients(
     return Capture(grads, steps, loss, time.perf_counter() - start, {"forward_passes": n_forwards})
 
 
-def _capture_sharded(model, weights, batches, *, offload: bool, transposed: set, max_tokens: int | None, dist) -> Capture:
+def _capture_sharded(
+    model, weights, batches, *, offload: bool, transposed: set, max_tokens: int | None, dist
+) -> Capture:
     """capture_gradients on a sharded base (see the module docstring): the same Capture, from module
     inputs and output gradients (weight_grads.py) instead of weight gradients."""
     start = time.perf_counter()

@@ -12,6 +12,7 @@ Per stage, on the current (merged) weights with a fresh no-op adapter:
 At stage 1 (no previous task) SLICE runs exactly LoRA-GA's computation (same batches, same
 SVD seeds, same cache entries) and records `projection: "skipped: no previous task"`.
 """
+
 from __future__ import annotations
 
 import time
@@ -20,16 +21,15 @@ from typing import Any
 
 import torch
 
-from ..lora import linalg
-from ..infra.errors import ConfigError
+from ..data.replay import check_buffer_size
 from ..data.tasks.base import TaskData
+from ..infra.errors import ConfigError
+from ..lora import linalg
 from ..lora.layers import as_out_in, base_weight, full_weight, lora_layers, module_shapes
 from ..stage import StageContext
-from ..data.replay import check_buffer_size
 from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 from .cache import TensorCache, batches_fingerprint, content_key, model_state_fingerprint
 from .capture import capture_gradients
-
 
 OFFLOAD_MODES = ("none", "previous", "all")
 
@@ -85,7 +85,9 @@ class LoraGA(Initializer):
         self.svd = svd
         self.niter = _positive_int("niter", niter)
         self.offload = _offload_mode(offload)
-        self.capture_max_tokens = None if capture_max_tokens is None else _positive_int("capture_max_tokens", capture_max_tokens)
+        self.capture_max_tokens = (
+            None if capture_max_tokens is None else _positive_int("capture_max_tokens", capture_max_tokens)
+        )
 
     # ------------------------------------------------------------------ validation
     def validate(self, module_shapes: dict[str, tuple[int, int]], rank: int) -> None:
@@ -129,8 +131,10 @@ class LoraGA(Initializer):
         cache = TensorCache(None if sharded else ctx.cache_dir, ctx.log, ctx.dist)
         captures = _Captures(peft_model, layers, ctx, cache, offload=self.offload, max_tokens=self.capture_max_tokens)
         current = captures.plan(ctx.current, self.capture_steps, self.capture_batch_size)
-        previous = [captures.plan(t, *self._previous_shape(), indices=self._previous_indices(ctx, t))
-                    for t in self._previous_tasks(ctx)]
+        previous = [
+            captures.plan(t, *self._previous_shape(), indices=self._previous_indices(ctx, t))
+            for t in self._previous_tasks(ctx)
+        ]
         has_previous = bool(previous)
 
         init_key = None
@@ -167,8 +171,13 @@ class LoraGA(Initializer):
             **svd_stats,
             "capture": {"current": cur_info, "previous": prev_infos},
             "cache": {"init": "miss" if cache.enabled else "off", "key": init_key[:16] if init_key else None},
-            "seconds": {"cache_key": captures.key_seconds, "capture": t_capture, "projection": t_proj, "svd": t_svd,
-                        "total": time.perf_counter() - start},
+            "seconds": {
+                "cache_key": captures.key_seconds,
+                "capture": t_capture,
+                "projection": t_proj,
+                "svd": t_svd,
+                "total": time.perf_counter() - start,
+            },
             "peak_memory_mb": peak_memory_mb(ctx.device),
         }
         if init_key is not None:
@@ -198,7 +207,9 @@ class LoraGA(Initializer):
         plans, stats = linalg.projection_plan(dots, seed=ctx.seed, **self._projection_knobs(True))
         stats["projection"] = _describe(stats)
         gamma = f", gamma={stats['gamma']:.4g}" if stats["gamma"] is not None else ""
-        ctx.log(f"{self.name} stage {ctx.stage}: cos(G_cur, G_prev)={stats['cos_global']:+.4f} -> {stats['projection']}{gamma}")
+        ctx.log(
+            f"{self.name} stage {ctx.stage}: cos(G_cur, G_prev)={stats['cos_global']:+.4f} -> {stats['projection']}{gamma}"
+        )
         return plans, stats
 
     def _factorize(self, layers, g_cur, g_prev, plans, ctx: StageContext) -> tuple[dict, dict]:
@@ -211,7 +222,9 @@ class LoraGA(Initializer):
             G = g_cur[name].to(ctx.device)
             if plans is not None:
                 G = linalg.apply_plan(G, g_prev[name].to(ctx.device), plans[name])
-            A, B, S = linalg.lora_ga_selection(G, r, method=self.svd, niter=self.niter, seed=linalg.module_seed(ctx.seed, name))
+            A, B, S = linalg.lora_ga_selection(
+                G, r, method=self.svd, niter=self.niter, seed=linalg.module_seed(ctx.seed, name)
+            )
             g_sq = float(G.double().pow(2).sum())
             total_sq += g_sq
             mass_r += linalg.singular_value_mass(S, g_sq, r) * g_sq
@@ -281,7 +294,8 @@ class Slice(LoraGA):
             "prev_capture_steps", capture_steps if prev_capture_steps is None else prev_capture_steps
         )
         self.prev_capture_batch_size = _positive_int(
-            "prev_capture_batch_size", capture_batch_size if prev_capture_batch_size is None else prev_capture_batch_size
+            "prev_capture_batch_size",
+            capture_batch_size if prev_capture_batch_size is None else prev_capture_batch_size,
         )
         if prev_buffer is not None:
             try:
@@ -346,7 +360,9 @@ class _CaptureSpec:
 class _Captures:
     """Plans (batches + content key) and runs cached gradient captures on one model state."""
 
-    def __init__(self, peft_model, layers, ctx: StageContext, cache: TensorCache, offload: str, max_tokens: int | None = None):
+    def __init__(
+        self, peft_model, layers, ctx: StageContext, cache: TensorCache, offload: str, max_tokens: int | None = None
+    ):
         self.model, self.ctx, self.cache, self.offload = peft_model, ctx, cache, offload
         self.max_tokens = max_tokens
         self.weights = {name: base_weight(layer) for name, layer in layers.items()}
@@ -365,7 +381,9 @@ class _Captures:
             batches = list(self.ctx.make_batches(task, steps, batch_size, self.ctx.seed, indices=indices))
         key = None
         if self.cache.enabled:
-            key = content_key("capture", self.model_class, self.state, sorted(self.weights), batches_fingerprint(batches))
+            key = content_key(
+                "capture", self.model_class, self.state, sorted(self.weights), batches_fingerprint(batches)
+            )
         source = "train split" if indices is None else f"replay buffer ({len(indices)} examples)"
         return _CaptureSpec(task.name, steps, batch_size, batches, key, source)
 
@@ -383,10 +401,21 @@ class _Captures:
                 grads, meta = hit
                 info.update(cache="hit", loss=meta.get("loss"), seconds=time.perf_counter() - t0)
                 return grads, info
-        cap = capture_gradients(self.model, self.weights, spec.batches, offload=self.offload == "all",
-                                transposed=self.transposed, max_tokens=self.max_tokens, dist=self.ctx.dist)
-        info.update(cache="off" if spec.key is None else "miss", loss=cap.loss, seconds=cap.seconds,
-                    forward_passes=cap.info.get("forward_passes"))
+        cap = capture_gradients(
+            self.model,
+            self.weights,
+            spec.batches,
+            offload=self.offload == "all",
+            transposed=self.transposed,
+            max_tokens=self.max_tokens,
+            dist=self.ctx.dist,
+        )
+        info.update(
+            cache="off" if spec.key is None else "miss",
+            loss=cap.loss,
+            seconds=cap.seconds,
+            forward_passes=cap.info.get("forward_passes"),
+        )
         if spec.key is not None:
             self.cache.save("capture", spec.key, cap.grads, {"loss": cap.loss, **info})
         grads = cap.grads

@@ -5,16 +5,16 @@ d_out×d_out one, both scaled by β = (η_r·η_var)^(1/4) against the current W
 (W ← W − s·B·A) by the runner's lora.apply_init. The subspace is the same at every stage; only
 the magnitude follows the (merged) weights.
 """
+
 from __future__ import annotations
 
 import time
 
 import torch
 
-from ..lora import linalg
-from ..lora.layers import validate_rank
 from ..infra.errors import ConfigError
-from ..lora.layers import as_out_in, base_weight, full_weight, lora_layers, module_shapes
+from ..lora import linalg
+from ..lora.layers import as_out_in, base_weight, full_weight, lora_layers, module_shapes, validate_rank
 from ..stage import StageContext
 from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 

@@ -6,6 +6,7 @@ base weight keeps the principal part after absorption (W ← W − s·B·A). PEF
 so this is the one SVD-of-W init written by hand; it uses the exact SVD (a randomized one
 finds the leading, not the trailing, components).
 """
+
 from __future__ import annotations
 
 import time
@@ -13,8 +14,7 @@ import time
 import torch
 
 from ..lora import linalg
-from ..lora.layers import validate_rank
-from ..lora.layers import as_out_in, base_weight, full_weight, lora_layers, module_shapes
+from ..lora.layers import as_out_in, base_weight, full_weight, lora_layers, module_shapes, validate_rank
 from ..stage import StageContext
 from .base import Initializer, InitResult, peak_memory_mb, reset_peak_memory
 

@@ -11,6 +11,7 @@ fp32 master of low-precision weights follows (lora.follow_peft_absorption_).
 Note: PEFT's randomized SVDs (LoRA-GA, `pissa_niter_*`) draw from the global torch RNG, so
 their determinism rests on the runner's per-stage seeding.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,9 +47,7 @@ def _check_rank(name: str, module_shapes: dict[str, tuple[int, int]], rank: int,
     for module, (d_out, d_in) in module_shapes.items():
         if factor * rank > min(d_out, d_in):
             need = "2r" if factor == 2 else "r"
-            raise ConfigError(
-                f"lora.r={rank}: {name} needs {need} <= min(d_out, d_in) but {module} is {d_out}x{d_in}"
-            )
+            raise ConfigError(f"lora.r={rank}: {name} needs {need} <= min(d_out, d_in) but {module} is {d_out}x{d_in}")
 
 
 class _PeftNative(Initializer):
@@ -164,8 +163,12 @@ class LoraGAPeft(_PeftNative):
                 "direction": self.direction,
                 "scale": self.scale,
                 "stable_gamma": self.stable_gamma,
-                "capture": {"task": ctx.current.name, "steps": self.capture_steps, "batch_size": self.capture_batch_size},
-            }
+                "capture": {
+                    "task": ctx.current.name,
+                    "steps": self.capture_steps,
+                    "batch_size": self.capture_batch_size,
+                },
+            },
         )
         self._before_wrap_seconds = 0.0
         return InitResult(factors=None, absorb=self.absorbs, stats=stats)
@@ -263,21 +266,32 @@ class EVA(_PeftNative):
             peft_model, dataloader=batches, forward_fn=forward, adapter_name=ctx.adapter, show_progress_bar=False
         )
         rslora = ctx.scaling_convention == "rslora"
-        scales = self.set_module_scales(lora_layers(peft_model, ctx.adapter), ctx.adapter, ctx.scaling, ctx.alpha, rslora)
+        scales = self.set_module_scales(
+            lora_layers(peft_model, ctx.adapter), ctx.adapter, ctx.scaling, ctx.alpha, rslora
+        )
         ranks = sorted({int(layer.r[ctx.adapter]) for layer in lora_layers(peft_model, ctx.adapter).values()})
-        rule = "configured s for every module" if self.adjust_scaling_factors else (
-            "alpha/sqrt(r_module)" if rslora else "alpha/r_module")
+        rule = (
+            "configured s for every module"
+            if self.adjust_scaling_factors
+            else ("alpha/sqrt(r_module)" if rslora else "alpha/r_module")
+        )
         stats = self._stats(
             ctx,
-            {"rho": self.rho, "tau": self.tau, "forward_passes": passes, "ranks": ranks,
-             "scaling": {"rule": rule, "min": min(scales.values()), "max": max(scales.values())}},
+            {
+                "rho": self.rho,
+                "tau": self.tau,
+                "forward_passes": passes,
+                "ranks": ranks,
+                "scaling": {"rule": rule, "min": min(scales.values()), "max": max(scales.values())},
+            },
             init_seconds=time.perf_counter() - start,
         )
         self._before_wrap_seconds = 0.0
         return InitResult(factors=None, absorb=self.absorbs, stats=stats)
 
-
-    def set_module_scales(self, layers: dict, adapter: str, scaling: float, alpha: float, rslora: bool) -> dict[str, float]:
+    def set_module_scales(
+        self, layers: dict, adapter: str, scaling: float, alpha: float, rslora: bool
+    ) -> dict[str, float]:
         """Set every module's scaling (and its α, so that the runner's lora.set_scaling, which
         recomputes s from α and r, gives it back) after EVA's rank redistribution; returns {module: scale}."""
         scales = {}
@@ -334,8 +348,7 @@ class CorDA(_PeftNative):
 
     def init(self, peft_model: torch.nn.Module, ctx: StageContext) -> InitResult:
         stats = self._stats(
-            ctx,
-            {"corda_method": self.method, "calibration_tasks": self._used, "calibration": self.calibration}
+            ctx, {"corda_method": self.method, "calibration_tasks": self._used, "calibration": self.calibration}
         )
         self._before_wrap_seconds = 0.0
         return InitResult(factors=None, absorb=self.absorbs, stats=stats)

@@ -1,4 +1,5 @@
 """Vanilla LoRA: PEFT's default init (Kaiming-uniform A, B = 0), nothing absorbed."""
+
 from .base import Initializer
 
 

@@ -33,9 +33,11 @@ in a `GatedBranches` module registered on the transformers model (its parameters
 model's: the optimizer and the in-stage checkpoint see the trainable gate). Gates run in float32
 with autocast off, so g on stored inputs stays 0 to float32 rounding.
 """
+
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 
@@ -62,8 +64,10 @@ def prompt_mask(attention_mask: torch.Tensor, labels: torch.Tensor | None) -> to
         return mask
     mask = mask & (labels == -100)
     if not bool(mask.any(dim=1).all()):
-        raise ConfigError("merge (gainlora): a training row has no prompt token with label -100; the gates pool the "
-                          "prompt and find it through its masked labels: set trainer.mask_prompt=true")
+        raise ConfigError(
+            "merge (gainlora): a training row has no prompt token with label -100; the gates pool the "
+            "prompt and find it through its masked labels: set trainer.mask_prompt=true"
+        )
     return mask
 
 
@@ -74,8 +78,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def pooled_prompt(embeddings: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  labels: torch.Tensor | None = None) -> torch.Tensor:
+def pooled_prompt(
+    embeddings: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """p_0 = Pool(Token(x)) [batch, d] float32 (Eq. 23): mean input embedding of the prompt tokens."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -108,7 +116,7 @@ class Gate(nn.Module):
         return gate_activation(a)
 
     @torch.no_grad()
-    def reset_(self, generator: torch.Generator) -> "Gate":
+    def reset_(self, generator: torch.Generator) -> Gate:
         """nn.Linear's default init (Kaiming-uniform, a = √5) for G_1, G_2, drawn from `generator`;
         the key uniform in [−1, 1]^d like the authors' prompt key."""
         for layer in (self.hidden, self.output):
@@ -126,7 +134,9 @@ class GateInputs(nn.Module):
         self.embeddings, self.gate = embeddings, gate
 
     def forward(self, input_ids, attention_mask=None, labels=None) -> torch.Tensor:
-        return self.gate(pooled_prompt(self.embeddings, input_ids, attention_mask, labels).to(self.gate.key.weight.device))
+        return self.gate(
+            pooled_prompt(self.embeddings, input_ids, attention_mask, labels).to(self.gate.key.weight.device)
+        )
 
 
 # ------------------------------------------------------------------ gated forward on a PEFT model
@@ -154,11 +164,11 @@ class GatedBranches(nn.Module):
         self._handles: dict[str, list] = {}
 
     @classmethod
-    def of(cls, model: nn.Module) -> "GatedBranches | None":
+    def of(cls, model: nn.Module) -> GatedBranches | None:
         return getattr(unwrapped(model), BANK, None)
 
     @classmethod
-    def install(cls, model: nn.Module) -> "GatedBranches":
+    def install(cls, model: nn.Module) -> GatedBranches:
         """The model's GatedBranches, registered (with its pre-hook) on first call."""
         base = unwrapped(model)
         bank = getattr(base, BANK, None)
@@ -182,7 +192,9 @@ class GatedBranches(nn.Module):
         handles = []
         for name, layer in lora_layers(model, adapter).items():
             if adapter in getattr(layer, "lora_variant", {}):  # DoRA & co. rescale after B: g would not factor out
-                raise ConfigError(f"merge (gainlora): {name} adapter {adapter!r} is a LoRA variant; gates need plain LoRA")
+                raise ConfigError(
+                    f"merge (gainlora): {name} adapter {adapter!r} is a LoRA variant; gates need plain LoRA"
+                )
             handles.append(layer.lora_B[adapter].register_forward_hook(self._scale_hook(gate)))
         self.branches[adapter] = gate
         self._handles[adapter] = handles
@@ -226,4 +238,3 @@ class GatedBranches(nn.Module):
         """{gate name: g [batch] float32} for pooled prompts p0 [batch, d]."""
         with torch.autocast(p0.device.type, enabled=False):
             return {name: gate(p0) for name, gate in self.gates.items()}
-

@@ -23,15 +23,17 @@ block's float32 copy and the saved model state is the block; Δ itself (from the
 whole on every rank) is computed whole, one module at a time. `full_weight` gathers one module's
 W for the methods that read it (a collective: every rank calls it in the same order).
 """
+
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
-from . import task_vectors as merges
 from ..infra.errors import ConfigError
+from . import task_vectors as merges
 
 if TYPE_CHECKING:  # peft is imported where it is used: config checks and --help stay fast
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -153,8 +155,9 @@ def add_adapter(model: torch.nn.Module, lora_config, adapter: str) -> torch.nn.M
 
 
 @torch.no_grad()
-def add_frozen_adapter(model: torch.nn.Module, lora_config, adapter: str, factors: Factors,
-                       scaling: dict[str, float]) -> torch.nn.Module:
+def add_frozen_adapter(
+    model: torch.nn.Module, lora_config, adapter: str, factors: Factors, scaling: dict[str, float]
+) -> torch.nn.Module:
     """`model` with one more adapter holding the given (A, B) and s per module, active and frozen;
     the other adapters keep their activity and every parameter its requires_grad.
 
@@ -176,10 +179,14 @@ def add_frozen_adapter(model: torch.nn.Module, lora_config, adapter: str, factor
     set_adapter_trainable(model, adapter, False)
     layers = lora_layers(model, adapter)
     if set(layers) != set(factors):
-        raise ValueError(f"adapter {adapter!r}: factors for {len(factors)} modules, the model has {len(layers)} LoRA layers")
+        raise ValueError(
+            f"adapter {adapter!r}: factors for {len(factors)} modules, the model has {len(layers)} LoRA layers"
+        )
     for name, (A, B) in factors.items():
         layer = layers[name]
-        if tuple(A.shape) != tuple(layer.lora_A[adapter].weight.shape) or tuple(B.shape) != tuple(layer.lora_B[adapter].weight.shape):
+        if tuple(A.shape) != tuple(layer.lora_A[adapter].weight.shape) or tuple(B.shape) != tuple(
+            layer.lora_B[adapter].weight.shape
+        ):
             raise ValueError(f"{name}: factors A{tuple(A.shape)} B{tuple(B.shape)} do not fit adapter {adapter!r}")
         layer.lora_A[adapter].weight.copy_(A)
         layer.lora_B[adapter].weight.copy_(B)
@@ -212,8 +219,10 @@ def set_scaling(model: torch.nn.Module, adapter: str, convention: str) -> dict[s
 def adapter_factors(model: torch.nn.Module, adapter: str) -> Factors:
     """(A, B) of `adapter` per module: detached float32 copies on the CPU."""
     return {
-        name: (layer.lora_A[adapter].weight.detach().float().cpu().clone(),
-               layer.lora_B[adapter].weight.detach().float().cpu().clone())
+        name: (
+            layer.lora_A[adapter].weight.detach().float().cpu().clone(),
+            layer.lora_B[adapter].weight.detach().float().cpu().clone(),
+        )
         for name, layer in lora_layers(model, adapter).items()
     }
 
@@ -229,7 +238,7 @@ class WeightMaster:
 
     @classmethod
     @torch.no_grad()
-    def attach(cls, model: torch.nn.Module, target_modules: Iterable[str]) -> "WeightMaster":
+    def attach(cls, model: torch.nn.Module, target_modules: Iterable[str]) -> WeightMaster:
         master = cls()
         for name, linear in target_linears(model, target_modules).items():
             if linear.weight.dtype != torch.float32:
@@ -287,8 +296,9 @@ def follow_peft_absorption_(model: torch.nn.Module, adapter: str, master: Weight
 def fold_adapter_(model: torch.nn.Module, adapter: str, master: WeightMaster) -> None:
     """W ← W + s·B·A for every layer of `adapter` (the adapter itself is left in place)."""
     for name, layer in lora_layers(model, adapter).items():
-        delta = merges.lora_delta(layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach(),
-                                  float(layer.scaling[adapter]))
+        delta = merges.lora_delta(
+            layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach(), float(layer.scaling[adapter])
+        )
         master.fold_(name, layer, delta)
 
 
@@ -329,8 +339,9 @@ def apply_init(peft_model: torch.nn.Module, result, adapter: str, master: Weight
 
 
 @torch.no_grad()
-def replace_start_A_(model: torch.nn.Module, adapter: str, new_A: dict[str, torch.Tensor], master: WeightMaster,
-                     absorbed: bool) -> dict:
+def replace_start_A_(
+    model: torch.nn.Module, adapter: str, new_A: dict[str, torch.Tensor], master: WeightMaster, absorbed: bool
+) -> dict:
     """Give `adapter` a new starting A per module (before its first step) without changing the model.
 
     For plug-ins that own the input-side factor (InfLoRA, GPM's projected start). When the stage's
@@ -351,7 +362,8 @@ def replace_start_A_(model: torch.nn.Module, adapter: str, new_A: dict[str, torc
             B0 = layer.lora_B[adapter].weight.detach()
             A_cast = A_new.to(device=weight.device, dtype=weight.dtype)  # the A that will be used
             delta = merges.lora_delta(weight.detach(), B0, float(layer.scaling[adapter])) - merges.lora_delta(
-                A_cast, B0, float(layer.scaling[adapter]))
+                A_cast, B0, float(layer.scaling[adapter])
+            )
             folded_sq += float(delta.double().pow(2).sum())
             master.fold_(name, layer, delta)
         weight.copy_(A_new)

@@ -13,12 +13,13 @@
 Conventions: a module's gradient/weight is [d_out, d_in]; A is [r, d_in], B is [d_out, r];
 inner products and norms are accumulated in float64; everything else runs in float32.
 """
+
 from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -145,7 +146,9 @@ def projection_plan(
     else:
         for n, (dot, g_sq, h_sq) in dots.items():
             if operator == "nullspace":
-                plans[n] = ModulePlan(0.0, h_sq > 0.0, module_cos[n], None, int(nullspace_rank), c, module_seed(seed, n))
+                plans[n] = ModulePlan(
+                    0.0, h_sq > 0.0, module_cos[n], None, int(nullspace_rank), c, module_seed(seed, n)
+                )
                 continue
             if operator == "gradvac":
                 k, _, fired = gradvac_lambda(dot, g_sq, h_sq, threshold)
@@ -222,7 +225,9 @@ def project_gradients(
 
 
 # --------------------------------------------------------------------------- SVD selection
-def randomized_svd(M: torch.Tensor, q: int, niter: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def randomized_svd(
+    M: torch.Tensor, q: int, niter: int = 4, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.svd_lowrank(M, q, niter) with its Gaussian sketch drawn from `seed`.
 
     The global RNG is forked, so callers' random streams are untouched.
@@ -335,9 +340,7 @@ def stable_scale(d_out: int, gamma: float) -> float:
     return d_out**0.25 / math.sqrt(gamma)
 
 
-def stable_scale_factors(
-    A: torch.Tensor, B: torch.Tensor, gamma: float
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+def stable_scale_factors(A: torch.Tensor, B: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(ζ·A, ζ·B, ζ) with ζ = stable_scale(d_out, γ), d_out = B.shape[0]; the singular values of
     the gradient are not used (A, B are the orthonormal singular vectors)."""
     zeta = stable_scale(B.shape[0], gamma)
@@ -421,8 +424,15 @@ def basis_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: floa
     if M.shape[0] != d:
         raise ValueError(f"basis has d={M.shape[0]} but gram has d={d}")
     total = float(torch.trace(C))
-    stats = {"d": d, "k_old": M.shape[1], "k_added": 0, "k": M.shape[1], "threshold": float(threshold),
-             "energy_old": 0.0, "energy_kept": 0.0}
+    stats = {
+        "d": d,
+        "k_old": M.shape[1],
+        "k_added": 0,
+        "k": M.shape[1],
+        "threshold": float(threshold),
+        "energy_old": 0.0,
+        "energy_kept": 0.0,
+    }
     if total <= 0.0:
         return M.float(), stats
     if M.shape[1]:
@@ -442,8 +452,12 @@ def basis_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: floa
     if M.shape[1] and k:  # re-orthogonalise against M (removes rounding, keeps the directions)
         new = new - M @ (M.T @ new)
         new = new / new.norm(dim=0, keepdim=True)
-    stats.update(k_added=k, k=M.shape[1] + k, energy_old=energy_old / total,
-                 energy_kept=(energy_old + float(lam[:k].sum())) / total)
+    stats.update(
+        k_added=k,
+        k=M.shape[1] + k,
+        energy_old=energy_old / total,
+        energy_kept=(energy_old + float(lam[:k].sum())) / total,
+    )
     return torch.cat([M, new], dim=1).float(), stats
 
 
@@ -484,8 +498,9 @@ def lora_input_basis(A: torch.Tensor, basis: torch.Tensor, rtol: float = 1e-5) -
     return range_basis(AM, rtol * float(A.detach().float().norm()))
 
 
-def gpm_lora_gradients(grad_A: torch.Tensor, grad_B: torch.Tensor, basis: torch.Tensor,
-                       Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gpm_lora_gradients(
+    grad_A: torch.Tensor, grad_B: torch.Tensor, basis: torch.Tensor, Q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GPM's projection (Eq. 18) carried to the LoRA factors of ΔW = s·B·A; returns (∇A', ∇B') float32.
 
     grad_A: [r, d_in]; grad_B: [d_out, r]; basis M: [d_in, k] orthonormal, spanning old inputs;
@@ -515,8 +530,9 @@ def gpm_lora_gradients(grad_A: torch.Tensor, grad_B: torch.Tensor, basis: torch.
     return gA, gB
 
 
-def gpm_lora_pin(A: torch.Tensor, B: torch.Tensor, basis: torch.Tensor, Q: torch.Tensor, AM0: torch.Tensor,
-                 BQ0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gpm_lora_pin(
+    A: torch.Tensor, B: torch.Tensor, basis: torch.Tensor, Q: torch.Tensor, AM0: torch.Tensor, BQ0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A', B') float32 with A'·M = A0·M and B'·Q = B0·Q: any optimizer's step projected like Eq. 18.
 
     AM0 = A0·M [r, k] and BQ0 = B0·Q [d_out, q] are taken at the stage start (Q = orth(A0·M)).
@@ -546,7 +562,9 @@ def project_rows(A: torch.Tensor, basis: torch.Tensor, keep_norm: bool = True) -
     out = project_off(A32, basis)
     if keep_norm:
         before, after = A32.norm(dim=1, keepdim=True), out.norm(dim=1, keepdim=True)
-        scale = torch.where(after > 1e-12 * before.clamp_min(1e-30), before / after.clamp_min(1e-30), torch.zeros_like(after))
+        scale = torch.where(
+            after > 1e-12 * before.clamp_min(1e-30), before / after.clamp_min(1e-30), torch.zeros_like(after)
+        )
         out = out * scale
     return out
 

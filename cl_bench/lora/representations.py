@@ -15,11 +15,12 @@ the representation matrix R of the GPM paper, without ever holding R.
 
 The model runs in eval mode under no_grad (dropout off, deterministic); its training flag is restored.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import torch
 
@@ -56,8 +57,10 @@ def collect_input_grams(
             mask = mask_now[0]
             if x.dim() == 3:
                 if mask is None or tuple(mask.shape) != tuple(x.shape[:2]):
-                    raise ValueError(f"{name}: input {tuple(x.shape)} does not match attention_mask "
-                                     f"{None if mask is None else tuple(mask.shape)}")
+                    raise ValueError(
+                        f"{name}: input {tuple(x.shape)} does not match attention_mask "
+                        f"{None if mask is None else tuple(mask.shape)}"
+                    )
                 x = x[mask.bool()]
             x = x.reshape(-1, x.shape[-1]).double()
             g = x.T @ x
@@ -133,18 +136,25 @@ class InputMemory:
             self.bases[name] = M.cpu()
             sizes[name] = stats["k"]
             kept.append(stats["energy_kept"])
-        summary = {"stage": ctx.stage, "threshold": eps, "examples": collected.batches * bs,
-                   "k": sizes, "energy_kept_mean": sum(kept) / max(1, len(kept)),
-                   "seconds": round(collected.seconds, 3)}
+        summary = {
+            "stage": ctx.stage,
+            "threshold": eps,
+            "examples": collected.batches * bs,
+            "k": sizes,
+            "energy_kept_mean": sum(kept) / max(1, len(kept)),
+            "seconds": round(collected.seconds, 3),
+        }
         self.stages.append(summary)
         frac = sum(sizes.values()) / max(1, sum(int(g.shape[0]) for g in collected.grams.values()))
-        ctx.log(f"stage {ctx.stage}: input memory at ε={eps:.4f} holds {frac:.1%} of the input dimensions "
-                f"(k from {min(sizes.values(), default=0)} to {max(sizes.values(), default=0)})")
+        ctx.log(
+            f"stage {ctx.stage}: input memory at ε={eps:.4f} holds {frac:.1%} of the input dimensions "
+            f"(k from {min(sizes.values(), default=0)} to {max(sizes.values(), default=0)})"
+        )
         return summary
 
     def state_dict(self) -> dict:
         return {**{f"basis.{n}": M for n, M in self.bases.items()}, "memory_stages": self.stages}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.bases = {k[len("basis."):]: v.float().cpu() for k, v in state.items() if k.startswith("basis.")}
+        self.bases = {k[len("basis.") :]: v.float().cpu() for k, v in state.items() if k.startswith("basis.")}
         self.stages = list(state.get("memory_stages", []))

@@ -12,11 +12,12 @@ magnitude maximum (MagMax / PS-LoRA Eq. 5, absent from PEFT) and DARE's per-stag
 (PEFT draws DARE's masks from the global RNG; see `dare_prune`). peft is imported inside the
 functions: importing it costs seconds, and this module is imported by every CLI run.
 """
+
 from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -116,8 +117,14 @@ def dare_prune(tau: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         return random_pruning(tau.detach().float().cpu(), 1.0 - float(p), rescale=True).to(tau.device)
 
 
-def dare(taus: Sequence[torch.Tensor], p: float, seeds: Sequence[int], lam: float = 1.0,
-         combine: str = "task_arithmetic", sign: str = "total") -> torch.Tensor:
+def dare(
+    taus: Sequence[torch.Tensor],
+    p: float,
+    seeds: Sequence[int],
+    lam: float = 1.0,
+    combine: str = "task_arithmetic",
+    sign: str = "total",
+) -> torch.Tensor:
     """DARE (Yu et al. 2024, "Language models are Super Mario", §3): τ̃_i = dare_prune(τ_i, p,
     seeds[i]), then combined as PEFT combines them after its pruning:
       combine="task_arithmetic": λ·Σ_i τ̃_i (PEFT's dare_linear; the paper's DARE + Task Arithmetic);

@@ -10,17 +10,19 @@ output adds g_yᵀ·x (float32, [d_out, d_in] for Linear and Conv1D alike) once 
 Hand-written: neither torch nor FSDP offers a per-module weight gradient of a frozen sharded weight.
 Used by the gradient capture (initializers/capture.py) and EWC's Fisher (regularizers/ewc.py).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
 
 @contextmanager
-def weight_grad_hooks(model: torch.nn.Module, weights: Mapping[str, torch.nn.Parameter],
-                      on_grad: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+def weight_grad_hooks(
+    model: torch.nn.Module, weights: Mapping[str, torch.nn.Parameter], on_grad: Callable[[str, torch.Tensor], None]
+) -> Iterator[None]:
     """While active, only `weights` require grad (every other parameter of `model` is frozen) and as
     soon as backward has accumulated a weight's gradient, on_grad(name, grad) receives it and the
     weight's .grad is freed: at most one module's gradient exists beyond what on_grad keeps.
@@ -65,8 +67,14 @@ class HookedWeightGradients:
     recomputation would call the hooks twice).
     """
 
-    def __init__(self, model: torch.nn.Module, weights: Mapping[str, torch.nn.Parameter], *,
-                 transposed: Iterable[str] = (), device: torch.device | str | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        weights: Mapping[str, torch.nn.Parameter],
+        *,
+        transposed: Iterable[str] = (),
+        device: torch.device | str | None = None,
+    ):
         by_id = {id(w): name for name, w in weights.items()}
         self.modules = {by_id[id(m.weight)]: m for m in model.modules() if id(getattr(m, "weight", None)) in by_id}
         missing = sorted(set(weights) - set(self.modules))
@@ -75,8 +83,11 @@ class HookedWeightGradients:
         transposed = set(transposed)
         self.model = model
         self.buffers = {
-            name: torch.zeros(tuple(w.shape)[::-1] if name in transposed else tuple(w.shape), dtype=torch.float32,
-                              device=device if device is not None else w.device)
+            name: torch.zeros(
+                tuple(w.shape)[::-1] if name in transposed else tuple(w.shape),
+                dtype=torch.float32,
+                device=device if device is not None else w.device,
+            )
             for name, w in weights.items()
         }
         self._handles: list = []
@@ -98,7 +109,7 @@ class HookedWeightGradients:
 
         return forward_hook
 
-    def __enter__(self) -> "HookedWeightGradients":
+    def __enter__(self) -> HookedWeightGradients:
         self._flags = {p: p.requires_grad for p in self.model.parameters()}
         for p in self._flags:
             p.requires_grad_(False)

@@ -3,6 +3,7 @@
 Models(train, eval) after stage t: both W0 + Σ_{i≤t} τ_i (one model: the model evaluated after
 stage t is the model stage t+1 trains on).
 """
+
 from __future__ import annotations
 
 import torch

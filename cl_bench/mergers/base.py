@@ -11,16 +11,18 @@ to rebuild its models on resume goes into `state_dict()`; `restore` rebuilds the
 `TaskVectorMerge` is the shared shape of the merges whose evaluated model is W0 + X(τ_1..τ_t)
 for a pure function X (task arithmetic, average, TIES, DARE, MagMax): a subclass only names X.
 """
+
 from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from ..lora import task_vectors as merges
 from ..infra.errors import ConfigError
+from ..lora import task_vectors as merges
 from ..lora.layers import fold_adapter_, lora_layers, target_linears
 from ..stage import Models, Plugin, StageContext, StageRecord
 
@@ -39,16 +41,18 @@ class Merge(Plugin):
         plug-in's state is loaded. Default: that model both trains and is evaluated."""
         return Models(train=model, eval=model)
 
-    def eval_delta(self, history: Sequence[StageRecord], module: str,
-                   device: torch.device | str | None = None) -> torch.Tensor | None:
+    def eval_delta(
+        self, history: Sequence[StageRecord], module: str, device: torch.device | str | None = None
+    ) -> torch.Tensor | None:
         """E such that the model evaluated after the stages in `history` is W0 + E at `module`
         ([d_out, d_in] float32 on `device`), or None when the evaluated model is not W0 plus a
         function of the task vectors (a merge that keeps branches). `python -m cl_bench.remerge`
         recomputes eval models with it and compares two merges' E to find the rows that change."""
         return None
 
-    def train_delta(self, history: Sequence[StageRecord], module: str,
-                    device: torch.device | str | None = None) -> torch.Tensor | None:
+    def train_delta(
+        self, history: Sequence[StageRecord], module: str, device: torch.device | str | None = None
+    ) -> torch.Tensor | None:
         """The same for the model the next stage trains on (None when not such a function)."""
         return None
 
@@ -147,7 +151,9 @@ class TaskVectorMerge(Merge):
     def restore(self, model: torch.nn.Module, ctx: StageContext) -> Models:
         history = list(ctx.history)
         if self.stages != len(history):
-            raise ConfigError(f"merge state holds {self.stages} merged stages but the run dir has {len(history)}; use another hydra.run.dir")
+            raise ConfigError(
+                f"merge state holds {self.stages} merged stages but the run dir has {len(history)}; use another hydra.run.dir"
+            )
         if self.train_on == "sum":
             models, norm = self._eval_model(model, ctx)
         else:

@@ -8,18 +8,26 @@ Models(train, eval) after stage t:
   train_on="sum" (default): train W0 + Σ_{i≤t} τ_i (absorb's model); eval W0 + DARE(τ_1..τ_t).
   train_on="merged": train = eval = W0 + DARE(τ_1..τ_t); τ_{t+1} is measured against it.
 """
+
 from __future__ import annotations
 
-from ..lora import task_vectors as merges
 from ..infra.errors import ConfigError
+from ..lora import task_vectors as merges
 from .base import TaskVectorMerge, _choice, _number
 
 
 class Dare(TaskVectorMerge):
     name = "dare"
 
-    def __init__(self, p: float = 0.9, lam: float = 1.0, combine: str = "task_arithmetic", sign: str = "total",
-                 seed: int = 0, train_on: str = "sum") -> None:
+    def __init__(
+        self,
+        p: float = 0.9,
+        lam: float = 1.0,
+        combine: str = "task_arithmetic",
+        sign: str = "total",
+        seed: int = 0,
+        train_on: str = "sum",
+    ) -> None:
         super().__init__(train_on)
         self.p = _number("p", p, lambda v: 0 <= v < 1, "a number in [0, 1) (drop rate)")
         self.lam = _number("lam", lam, lambda v: v > 0, "a number > 0 (λ)")

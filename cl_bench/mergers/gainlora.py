@@ -68,19 +68,21 @@ token, forward; the frozen branches also carry the activation gradient backward)
 parameters; an absorbed init doubles that branch. Gates: (2·h·d + d) parameters each and a few
 [batch, d] products per forward. Memory: bases of ≤ d, h, d columns. Growth measured in the report.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from ..lora import linalg
 from ..infra.errors import ConfigError
+from ..lora import linalg
 from ..lora.gating import Gate, GatedBranches, GateInputs
 from ..lora.layers import add_frozen_adapter, lora_layers, unwrapped
-from ..lora.task_vectors import lora_delta
 from ..lora.representations import InputMemory, collect_input_grams
+from ..lora.task_vectors import lora_delta
 from ..stage import Models, StageContext
 from .base import Merge
 
@@ -92,8 +94,15 @@ COMPANION = "{}_init"  # the frozen adapter that holds a branch's absorbed init 
 class GainLoRA(Merge):
     name = "gainlora"
 
-    def __init__(self, hidden_dim: int = 100, threshold: float = 0.995, threshold_increment: float = 0.005 / 15,
-                 n_samples: int = 1000, batch_size: int = 32, key_init: str = "inputs"):
+    def __init__(
+        self,
+        hidden_dim: int = 100,
+        threshold: float = 0.995,
+        threshold_increment: float = 0.005 / 15,
+        n_samples: int = 1000,
+        batch_size: int = 32,
+        key_init: str = "inputs",
+    ):
         where = "merge (gainlora)"
         if key_init not in KEY_INITS:
             raise ConfigError(f"{where}: key_init={key_init!r}; valid: {', '.join(KEY_INITS)}")
@@ -127,9 +136,11 @@ class GainLoRA(Merge):
             if M is not None:
                 W = getattr(gate, layer).weight
                 self._live[layer] = (W, W.detach().clone(), M.to(W.device))
-        ctx.log(f"stage {ctx.stage}: gainlora gate {ctx.adapter} (key_init={self.key_init}; constrained layers: "
-                f"{', '.join(f'{n} k={m.shape[1]}' for n, (_, _, m) in self._live.items()) or 'none'})"
-                + (f"; absorbed init moved into companion {self._branch['companion']}" if self._branch["companion"] else ""))
+        ctx.log(
+            f"stage {ctx.stage}: gainlora gate {ctx.adapter} (key_init={self.key_init}; constrained layers: "
+            f"{', '.join(f'{n} k={m.shape[1]}' for n, (_, _, m) in self._live.items()) or 'none'})"
+            + (f"; absorbed init moved into companion {self._branch['companion']}" if self._branch["companion"] else "")
+        )
 
     @torch.no_grad()
     def after_backward(self, model: torch.nn.Module, ctx: StageContext) -> None:
@@ -149,9 +160,11 @@ class GainLoRA(Merge):
         embeddings = unwrapped(model).get_input_embeddings()
         self.memory.update(GateInputs(embeddings, gate).eval(), {n: getattr(gate, n) for n in LAYERS}, ctx)
         means = self._gate_means(bank, embeddings, ctx)
-        self.gate_means.append({"stage": ctx.stage, "tasks": [t.name for t in ctx.tasks[:ctx.stage]], "mean_g": means})
-        ctx.log(f"stage {ctx.stage}: gainlora mean g (rows: gates 1..{ctx.stage}, columns: tasks 1..{ctx.stage}) "
-                + " | ".join(" ".join(f"{v:.2f}" for v in row) for row in means))
+        self.gate_means.append({"stage": ctx.stage, "tasks": [t.name for t in ctx.tasks[: ctx.stage]], "mean_g": means})
+        ctx.log(
+            f"stage {ctx.stage}: gainlora mean g (rows: gates 1..{ctx.stage}, columns: tasks 1..{ctx.stage}) "
+            + " | ".join(" ".join(f"{v:.2f}" for v in row) for row in means)
+        )
 
     def consolidate(self, model: torch.nn.Module, ctx: StageContext) -> Models:
         gate = GatedBranches.of(model).gates[ctx.adapter]
@@ -166,14 +179,22 @@ class GainLoRA(Merge):
         from peft import LoraConfig
 
         if [b["adapter"] for b in self.branches] != [r.adapter for r in ctx.history] or set(self.gates) != {
-                r.adapter for r in ctx.history}:
-            raise RuntimeError(f"gainlora state holds {[b['adapter'] for b in self.branches]}, "
-                               f"the run's history {[r.adapter for r in ctx.history]}")
+            r.adapter for r in ctx.history
+        }:
+            raise RuntimeError(
+                f"gainlora state holds {[b['adapter'] for b in self.branches]}, "
+                f"the run's history {[r.adapter for r in ctx.history]}"
+            )
         for record, branch in zip(ctx.history, self.branches):
             ranks = {m: int(A.shape[0]) for m, (A, _) in record.trained.items()}
-            config = LoraConfig(r=ctx.rank, lora_alpha=ctx.alpha, lora_dropout=branch["dropout"],
-                                target_modules=list(ctx.target_modules), task_type="CAUSAL_LM",
-                                rank_pattern={m: r for m, r in ranks.items() if r != ctx.rank})
+            config = LoraConfig(
+                r=ctx.rank,
+                lora_alpha=ctx.alpha,
+                lora_dropout=branch["dropout"],
+                target_modules=list(ctx.target_modules),
+                task_type="CAUSAL_LM",
+                rank_pattern={m: r for m, r in ranks.items() if r != ctx.rank},
+            )
             model = add_frozen_adapter(model, config, record.adapter, record.trained, record.scaling)
             if branch["companion"]:
                 init = {m: (A0, -B0) for m, (A0, B0) in record.init.items()}
@@ -206,7 +227,7 @@ class GainLoRA(Merge):
         self.gates = {}
         for key, value in state.items():
             if key.startswith("gate."):
-                adapter, param = key[len("gate."):].split(".", 1)
+                adapter, param = key[len("gate.") :].split(".", 1)
                 self.gates.setdefault(adapter, {})[param] = value.float()
 
     # ---------------------------------------------------------------- helpers
@@ -225,9 +246,14 @@ class GainLoRA(Merge):
             ctx.master.fold_(name, layer, lora_delta(A0, B0, scaling[name]))
             init[name] = (A0.clone(), -B0.clone())
             ranks[name] = int(A0.shape[0])
-        config = LoraConfig(r=ctx.rank, lora_alpha=ctx.alpha, lora_dropout=self._branch["dropout"],
-                            target_modules=list(ctx.target_modules), task_type="CAUSAL_LM",
-                            rank_pattern={m: r for m, r in ranks.items() if r != ctx.rank})
+        config = LoraConfig(
+            r=ctx.rank,
+            lora_alpha=ctx.alpha,
+            lora_dropout=self._branch["dropout"],
+            target_modules=list(ctx.target_modules),
+            task_type="CAUSAL_LM",
+            rank_pattern={m: r for m, r in ranks.items() if r != ctx.rank},
+        )
         add_frozen_adapter(model, config, companion, init, scaling)
         return companion
 
@@ -260,12 +286,14 @@ class GainLoRA(Merge):
         from ..lora.gating import pooled_prompt
 
         sums = {name: [0.0] * ctx.stage for name in bank.gates}
-        for j, task in enumerate(ctx.tasks[:ctx.stage]):
+        for j, task in enumerate(ctx.tasks[: ctx.stage]):
             n = min(self.memory.n_samples, len(task.train))
             bs = min(self.memory.batch_size, n)
             count = 0
             for batch in ctx.make_batches(task, -(-n // bs), bs, ctx.seed):
-                values = bank.gate_values(pooled_prompt(embeddings, batch["input_ids"], batch["attention_mask"], batch["labels"]))
+                values = bank.gate_values(
+                    pooled_prompt(embeddings, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                )
                 for name, g in values.items():
                     sums[name][j] += float(g.sum())
                 count += int(batch["input_ids"].shape[0])

@@ -13,6 +13,7 @@ Models(train, eval) after stage t, following Algorithm 1:
     resume from the per-stage factor files (the kept deltas) and the train weights.
   train_on="merged" (not the paper's): train = eval = W0 + ΔW_[1:t].
 """
+
 from __future__ import annotations
 
 from ..lora import task_vectors as merges

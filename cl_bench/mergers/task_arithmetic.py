@@ -7,6 +7,7 @@ Models(train, eval) after stage t:
   train_on="merged": train = eval = W0 + λ·Σ_{i≤t} τ_i; each stage's τ is measured against it,
     so every stage's own delta ends up scaled by λ.
 """
+
 from __future__ import annotations
 
 from ..lora import task_vectors as merges

@@ -34,15 +34,20 @@ shift) tokens in the whole step (over all ranks under distributed=ddp); `batch` 
 (trainer.layout=pack, which only regularizers without `loss` terms may use, sends position_ids
 instead of attention_mask).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..lora.layers import lora_layers
-from ..stage import Plugin, Regularizer, StageContext  # noqa: F401  (Regularizer: the seam, re-exported for regularizer=none's _target_)
+from ..stage import (  # noqa: F401  (Regularizer: the seam, re-exported for regularizer=none's _target_)
+    Plugin,
+    Regularizer,
+    StageContext,
+)
 
 
 def token_mean_term(token_sum: torch.Tensor, batch: dict[str, torch.Tensor], ctx: StageContext) -> torch.Tensor:

@@ -31,19 +31,20 @@ stage's and in-stage checkpoint's regularizer.safetensors (its state). The penal
 per module under activation checkpointing (one module's [d_out, d_in] intermediates at a time).
 Time: N extra forward+backward passes of one example at the end of every stage.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
 from ..infra.errors import ConfigError
 from ..lora.layers import base_weight, lora_layers
-from ..stage import StageContext
 from ..lora.weight_grads import HookedWeightGradients, weight_grad_hooks
+from ..stage import Regularizer, StageContext
 from .base import StageDelta, fp32_penalty
-from ..stage import Regularizer
 
 
 def _model_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -125,7 +126,9 @@ class EWC(Regularizer):
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
             raise ConfigError(f"regularizer.lam={lam!r} must be a number >= 0")
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
-            raise ConfigError(f"regularizer.gamma={gamma!r} must be a number in [0, 1] (1 = Fishers summed, < 1 = online EWC)")
+            raise ConfigError(
+                f"regularizer.gamma={gamma!r} must be a number in [0, 1] (1 = Fishers summed, < 1 = online EWC)"
+            )
         if isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int) or fisher_samples < 1:
             raise ConfigError(f"regularizer.fisher_samples={fisher_samples!r} must be an integer >= 1")
         self.lam, self.gamma, self.fisher_samples = float(lam), float(gamma), fisher_samples
@@ -162,14 +165,19 @@ class EWC(Regularizer):
         for f in fisher.values():
             f.mul_(self.gamma)
         empirical_fisher(
-            model, {name: base_weight(layer) for name, layer in layers.items()}, batches,
-            transposed=[name for name, layer in layers.items() if layer.fan_in_fan_out], into=fisher,
+            model,
+            {name: base_weight(layer) for name, layer in layers.items()},
+            batches,
+            transposed=[name for name, layer in layers.items() if layer.fan_in_fan_out],
+            into=fisher,
         )
         self.tasks.append(ctx.current.name)
         self.delta = None
         mean = sum(float(f.sum()) for f in fisher.values()) / sum(f.numel() for f in fisher.values())
-        ctx.log(f"ewc stage {ctx.stage}: Fisher of {ctx.current.name!r} on {n} training examples in "
-                f"{time.perf_counter() - start:.2f} s; F̃ mean {mean:.3e}")
+        ctx.log(
+            f"ewc stage {ctx.stage}: Fisher of {ctx.current.name!r} on {n} training examples in "
+            f"{time.perf_counter() - start:.2f} s; F̃ mean {mean:.3e}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         if not self.fisher:

@@ -30,24 +30,33 @@ Cost per stage: one no-grad forward pass over n_samples examples at stage end pl
 eigendecomposition of a [d_in, d_in] Gram per module; per step and module a few [r, d_in]×[d_in, k]
 and [d_out, r]×[r, q] products (the r×k SVD for Q once per stage). Memory: the bases (see InputMemory) on the training device.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from ..lora import linalg
 from ..lora.layers import lora_layers, replace_start_A_
 from ..lora.representations import InputMemory
-from ..stage import StageContext
-from ..stage import Regularizer
+from ..stage import Regularizer, StageContext
 
 
 class GPM(Regularizer):
     name = "gpm"
 
-    def __init__(self, threshold: float = 0.97, threshold_increment: float = 0.003, n_samples: int = 128,
-                 batch_size: int = 16, project_init: bool = True, project_update: bool = True, rtol: float = 1e-5):
+    def __init__(
+        self,
+        threshold: float = 0.97,
+        threshold_increment: float = 0.003,
+        n_samples: int = 128,
+        batch_size: int = 16,
+        project_init: bool = True,
+        project_update: bool = True,
+        rtol: float = 1e-5,
+    ):
         self.memory = InputMemory(threshold, threshold_increment, n_samples, batch_size, where="regularizer (gpm)")
         self.project_init, self.project_update, self.rtol = bool(project_init), bool(project_update), float(rtol)
         self._active: dict[str, dict[str, torch.Tensor]] = {}  # per module: A, B, M, Q, A0·M, B0·Q
@@ -68,8 +77,14 @@ class GPM(Regularizer):
             A, B = layers[n].lora_A[ctx.adapter].weight, layers[n].lora_B[ctx.adapter].weight
             M = M.to(device=A.device, dtype=torch.float32)
             Q = linalg.lora_input_basis(A, M, self.rtol)
-            self._active[n] = {"A": A, "B": B, "M": M, "Q": Q, "AM0": A.detach().float() @ M,
-                               "BQ0": B.detach().float() @ Q}
+            self._active[n] = {
+                "A": A,
+                "B": B,
+                "M": M,
+                "Q": Q,
+                "AM0": A.detach().float() @ M,
+                "BQ0": B.detach().float() @ Q,
+            }
 
     @torch.no_grad()
     def after_backward(self, model: torch.nn.Module, ctx: StageContext) -> None:

@@ -35,18 +35,19 @@ code) that ranks directions by σ⁴ instead of GPM's energy σ². We use GPM's 
 Cost per stage: the memory update (one no-grad pass over n_samples examples and one
 eigendecomposition per module); `inputs` adds one such pass over the current task at the start.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from ..lora import linalg
 from ..infra.errors import ConfigError
+from ..lora import linalg
 from ..lora.layers import lora_layers, replace_start_A_
 from ..lora.representations import InputMemory, collect_input_grams
-from ..stage import StageContext
-from ..stage import Regularizer
+from ..stage import Regularizer, StageContext
 
 DESIGNS = ("project", "inputs")
 
@@ -54,8 +55,14 @@ DESIGNS = ("project", "inputs")
 class InfLoRA(Regularizer):
     name = "inflora"
 
-    def __init__(self, threshold: float = 0.97, threshold_increment: float = 0.002, design: str = "project",
-                 n_samples: int = 128, batch_size: int = 16):
+    def __init__(
+        self,
+        threshold: float = 0.97,
+        threshold_increment: float = 0.002,
+        design: str = "project",
+        n_samples: int = 128,
+        batch_size: int = 16,
+    ):
         if design not in DESIGNS:
             raise ConfigError(f"regularizer (inflora): design={design!r}; valid: {', '.join(DESIGNS)}")
         self.memory = InputMemory(threshold, threshold_increment, n_samples, batch_size, where="regularizer (inflora)")
@@ -67,14 +74,21 @@ class InfLoRA(Regularizer):
             n = min(self.memory.n_samples, len(ctx.current.train))
             bs = min(self.memory.batch_size, n)
             grams = collect_input_grams(model, layers, ctx.make_batches(ctx.current, -(-n // bs), bs, ctx.seed)).grams
-            new_A = {name: linalg.principal_rows(grams[name], self.memory.basis(name), layer.r[ctx.adapter])
-                     for name, layer in layers.items()}
+            new_A = {
+                name: linalg.principal_rows(grams[name], self.memory.basis(name), layer.r[ctx.adapter])
+                for name, layer in layers.items()
+            }
         else:
-            new_A = {name: linalg.project_rows(layer.lora_A[ctx.adapter].weight, self.memory.basis(name))
-                     for name, layer in layers.items() if self.memory.basis(name) is not None}
+            new_A = {
+                name: linalg.project_rows(layer.lora_A[ctx.adapter].weight, self.memory.basis(name))
+                for name, layer in layers.items()
+                if self.memory.basis(name) is not None
+            }
         done = replace_start_A_(model, ctx.adapter, new_A, ctx.master, ctx.init_absorbed)
-        ctx.log(f"stage {ctx.stage}: inflora set A in {done['modules']} of {len(layers)} modules (design={self.design}; "
-                f"re-folded ‖s·B0·(A0 − A)‖_F = {done['refolded_fro']:.3g}); A frozen, B trains")
+        ctx.log(
+            f"stage {ctx.stage}: inflora set A in {done['modules']} of {len(layers)} modules (design={self.design}; "
+            f"re-folded ‖s·B0·(A0 − A)‖_F = {done['refolded_fro']:.3g}); A frozen, B trains"
+        )
         for layer in layers.values():
             layer.lora_A[ctx.adapter].weight.requires_grad_(False)  # InfLoRA trains B only
 

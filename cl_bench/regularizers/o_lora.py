@@ -32,14 +32,14 @@ alone (main's behaviour). Whether stage i is kept is read off the model: its ada
 history, which resume restores. Memory: the earlier A's, (t−1)·r·d_in float32 per module (twice
 that for kept absorbed branches), on the device.
 """
+
 from __future__ import annotations
 
 import torch
 
 from ..infra.errors import ConfigError
-from ..stage import StageContext
+from ..stage import Regularizer, StageContext
 from .base import StageDelta
-from ..stage import Regularizer
 
 NORMS = ("abs", "fro_sq")
 
@@ -87,10 +87,14 @@ class OLoRA(Regularizer):
 
     def begin_stage(self, model: torch.nn.Module, ctx: StageContext) -> None:
         self.adapter = StageDelta(model, ctx)  # only for its live (A, B) per module
-        self.previous = {
-            name: torch.cat(anchor_rows(ctx.history, name, set(layer.lora_A))).to(ctx.device)
-            for name, layer in self.adapter.layers.items()
-        } if ctx.history else {}
+        self.previous = (
+            {
+                name: torch.cat(anchor_rows(ctx.history, name, set(layer.lora_A))).to(ctx.device)
+                for name, layer in self.adapter.layers.items()
+            }
+            if ctx.history
+            else {}
+        )
 
     def loss(self, model, batch, ctx: StageContext) -> dict[str, torch.Tensor]:
         with torch.autocast(ctx.device.type, enabled=False):

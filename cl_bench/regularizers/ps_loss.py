@@ -29,19 +29,21 @@ module (one rank-2r product) under activation checkpointing, so only one module'
 [d_out, d_in] intermediates are alive at a time. No state of its own: P comes from the history,
 which resume restores.
 """
+
 from __future__ import annotations
 
 import torch
 
 from ..infra.errors import ConfigError
-from ..stage import StageContext
+from ..stage import Regularizer, StageContext
 from .base import StageDelta, fp32_penalty
-from ..stage import Regularizer
 
 TERMS = ("both", "magnitude", "sign")
 
 
-def parameter_stability(delta: torch.Tensor, previous: torch.Tensor | None, alpha: float, terms: str = "both") -> torch.Tensor:
+def parameter_stability(
+    delta: torch.Tensor, previous: torch.Tensor | None, alpha: float, terms: str = "both"
+) -> torch.Tensor:
     """PS-LoRA Eq. 4 for one module, summed over its elements (0-d).
 
     delta = ΔW_t, previous = Σ_{i<t} ΔW_i (None = no earlier stage, i.e. 0), both [d_out, d_in];
@@ -89,7 +91,9 @@ class PSLoss(Regularizer):
         for name in delta.modules:
             previous = self.previous.get(name)
             total = total + fp32_penalty(
-                lambda A, B, name=name, previous=previous: parameter_stability(delta.of(name, A, B), previous, self.alpha, self.terms),
+                lambda A, B, name=name, previous=previous: parameter_stability(
+                    delta.of(name, A, B), previous, self.alpha, self.terms
+                ),
                 *delta.factors(name),
             )
         return {"ps_loss": self.lam * total}

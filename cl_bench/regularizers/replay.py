@@ -20,18 +20,19 @@ Memory: the buffers' indices; the examples are the training examples already tok
 runner. State: the buffer indices per task (JSON), kept only to refuse a resume whose data give
 a different buffer (begin_stage raises).
 """
+
 from __future__ import annotations
 
 import random
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from ..infra.errors import ConfigError
-from ..stage import StageContext
 from ..data.replay import check_buffer_size
 from ..data.tasks.base import TaskData
-from ..stage import Regularizer
+from ..infra.errors import ConfigError
+from ..stage import Regularizer, StageContext
 
 
 class Replay(Regularizer):
@@ -72,7 +73,9 @@ class Replay(Regularizer):
 
     def _pass(self, seed: int, p: int) -> list[int]:
         if (seed, p) not in self._passes:
-            self._passes = {(seed, p): random.Random(f"replay/{seed}/{p}").sample(range(len(self.pool)), len(self.pool))}
+            self._passes = {
+                (seed, p): random.Random(f"replay/{seed}/{p}").sample(range(len(self.pool)), len(self.pool))
+            }
         return self._passes[(seed, p)]
 
     def extra_examples(self, ctx: StageContext, step: int, micro: int) -> list[tuple[TaskData, int]]:

@@ -5,6 +5,7 @@ paired tests and figures from many runs.
 README section "Reports" for the files written. How runs are read, grouped and compared:
 cl_bench/report/collect.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,19 @@ from .tables import FORMATS, write_tables
 PLOTS = ("all", "summary", "none")
 
 
-def build_report(paths: list[str], baseline: str | None = None, out: str | Path | None = None,
-                 formats: tuple[str, ...] = ("csv", "md", "tex"), markdown: str | Path | None = None,
-                 plots: str = "all", table_metrics: list[str] | None = None, title: str | None = None,
-                 notes_file: str | Path | None = None, command: str | None = None, progress: bool | None = None) -> Report:
+def build_report(
+    paths: list[str],
+    baseline: str | None = None,
+    out: str | Path | None = None,
+    formats: tuple[str, ...] = ("csv", "md", "tex"),
+    markdown: str | Path | None = None,
+    plots: str = "all",
+    table_metrics: list[str] | None = None,
+    title: str | None = None,
+    notes_file: str | Path | None = None,
+    command: str | None = None,
+    progress: bool | None = None,
+) -> Report:
     """The report command as one call: collect, then (with `out`) write the tables in `formats`,
     the figures under out/figures (`plots`: "all", "summary" = no per-run figures, "none"), and the
     Markdown document (`markdown`, default out/report.md)."""
@@ -48,15 +58,31 @@ def main(argv: list[str] | None = None) -> int:
     with a one-line error on stderr for a bad option or no runs."""
     parser = argparse.ArgumentParser(prog="python -m cl_bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs or results.json files")
-    parser.add_argument("--baseline", help="method shown absolute; other rows as Δ vs it (e.g. vanilla, lora_ga, 'Slice c=1.0')")
+    parser.add_argument(
+        "--baseline", help="method shown absolute; other rows as Δ vs it (e.g. vanilla, lora_ga, 'Slice c=1.0')"
+    )
     parser.add_argument("--out", help="folder for the tables, figures/ and report.md (README: Reports)")
-    parser.add_argument("--format", default="csv,md,tex", help="table formats to write, comma-separated from csv, md, tex (default: all)")
-    parser.add_argument("--markdown", help="write the Markdown document here instead of OUT/report.md (e.g. docs/results.md)")
-    parser.add_argument("--metrics", help=f"metrics of the paper-layout table and tests shown (default {','.join(PAPER_METRICS)})")
-    parser.add_argument("--plots", default="all", choices=PLOTS,
-                        help="all (default): every figure; summary: no per-run heatmaps and loss curves (large sweeps); none")
+    parser.add_argument(
+        "--format",
+        default="csv,md,tex",
+        help="table formats to write, comma-separated from csv, md, tex (default: all)",
+    )
+    parser.add_argument(
+        "--markdown", help="write the Markdown document here instead of OUT/report.md (e.g. docs/results.md)"
+    )
+    parser.add_argument(
+        "--metrics", help=f"metrics of the paper-layout table and tests shown (default {','.join(PAPER_METRICS)})"
+    )
+    parser.add_argument(
+        "--plots",
+        default="all",
+        choices=PLOTS,
+        help="all (default): every figure; summary: no per-run heatmaps and loss curves (large sweeps); none",
+    )
     parser.add_argument("--title", help="title of the Markdown document")
-    parser.add_argument("--notes", help="a Markdown file inserted under the document's title (e.g. the reading of the results)")
+    parser.add_argument(
+        "--notes", help="a Markdown file inserted under the document's title (e.g. the reading of the results)"
+    )
     args = parser.parse_args(argv)
     try:
         formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
@@ -65,8 +91,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--format: unknown {', '.join(bad)}; valid: {', '.join(FORMATS)}")
         metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
         command = "python -m cl_bench.report " + " ".join(argv if argv is not None else sys.argv[1:])
-        report = build_report(args.paths, args.baseline, args.out, formats, args.markdown, args.plots, metrics,
-                              args.title, args.notes, command)
+        report = build_report(
+            args.paths,
+            args.baseline,
+            args.out,
+            formats,
+            args.markdown,
+            args.plots,
+            metrics,
+            args.title,
+            args.notes,
+            command,
+        )
     except ConfigError as exc:
         print(f"cl_bench.report: error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ tests (cl_bench/stats.py) compare method and baseline seed by seed.
 
 The command itself (files written, options) is cl_bench/report/cli.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,10 +35,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..infra.errors import ConfigError
 from ..infra.config_keys import NON_RESULT_KEYS
-from .labels import (METHOD_GROUPS, MODE_KEY, block_label, is_method_key, method_label, method_of, natural_key,
-                     short_names)
+from ..infra.errors import ConfigError
+from .labels import (
+    METHOD_GROUPS,
+    MODE_KEY,
+    block_label,
+    is_method_key,
+    method_label,
+    method_of,
+    natural_key,
+    short_names,
+)
 
 # FWT_scratch: PS-LoRA's FWT against the independent run of the same seed (`scratch_fwt`), shown
 # only when a block holds mode=independent runs.
@@ -58,9 +67,9 @@ SKIP_DIRS = {"stages", "predictions", ".submitit", "wandb", "general_eval", ".hy
 class Found:
     """What one walk over the given folders found (find_runs)."""
 
-    results: list[Path] = field(default_factory=list)   # results.json files
+    results: list[Path] = field(default_factory=list)  # results.json files
     no_results: list[Path] = field(default_factory=list)  # Hydra job dirs without results.json
-    sweeps: list[Path] = field(default_factory=list)    # dirs holding a multirun.yaml
+    sweeps: list[Path] = field(default_factory=list)  # dirs holding a multirun.yaml
 
 
 def find_runs(paths: list[str]) -> Found:
@@ -147,18 +156,33 @@ def _run_row(path: Path) -> dict[str, Any]:
     try:
         res = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        return {"run": str(run_dir), "state": "unreadable", "status": f"results.json unreadable: {exc}",
-                "config": {}, "overrides": overrides, "results": {}}
+        return {
+            "run": str(run_dir),
+            "state": "unreadable",
+            "status": f"results.json unreadable: {exc}",
+            "config": {},
+            "overrides": overrides,
+            "results": {},
+        }
     cfg = res.get("config") or {}
     if cfg:  # runs from before `mode` existed are sequential runs (one experiment with the new ones)
         cfg = {MODE_KEY: "sequential", **cfg}
     tasks = res.get("tasks") or []
     stages = res.get("stages") or []
     commit = ((res.get("provenance") or {}).get("cl_bench") or {}).get("commit")
-    row = {"run": str(run_dir), "sequence": res.get("sequence"), "method": method_of(cfg), "seed": cfg.get(SEED_KEY),
-           "state": run_state(res), "status": str(res.get("status") or ("complete" if res.get("complete") else "")),
-           "stages_done": f"{len(stages)}/{len(tasks)}" if tasks else "", "commit": commit,
-           "config": flatten(cfg), "overrides": overrides, "results": res}
+    row = {
+        "run": str(run_dir),
+        "sequence": res.get("sequence"),
+        "method": method_of(cfg),
+        "seed": cfg.get(SEED_KEY),
+        "state": run_state(res),
+        "status": str(res.get("status") or ("complete" if res.get("complete") else "")),
+        "stages_done": f"{len(stages)}/{len(tasks)}" if tasks else "",
+        "commit": commit,
+        "config": flatten(cfg),
+        "overrides": overrides,
+        "results": res,
+    }
     row.update({m: (res.get("metrics") or {}).get(m) for m in METRICS})
     return row
 
@@ -176,7 +200,9 @@ def expected_jobs(sweep_dir: Path) -> int | None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         params = OmegaConf.to_container(sweeper.get("params") or {}, resolve=False)
-        args = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or [])
+        args = [f"{k}={v}" for k, v in params.items()] + list(
+            OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or []
+        )
         axes: dict[str, int] = {}  # later overrides of one key replace earlier ones (BasicSweeper)
         for o in OverridesParser.create().parse_overrides(args):
             axes[o.get_key_element()] = len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1
@@ -191,8 +217,27 @@ def load_runs(files: list[Path], progress: bool | None = None) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
     rows = [_run_row(p) for p in tqdm(files, desc="reading runs", unit="run", disable=_no_bar(progress), leave=False)]
-    runs = pd.DataFrame(rows, columns=list(dict.fromkeys(["run", "sequence", "method", "seed", "state", "status", "stages_done",
-                                                           "commit", *METRICS, "config", "overrides", "results"])))
+    runs = pd.DataFrame(
+        rows,
+        columns=list(
+            dict.fromkeys(
+                [
+                    "run",
+                    "sequence",
+                    "method",
+                    "seed",
+                    "state",
+                    "status",
+                    "stages_done",
+                    "commit",
+                    *METRICS,
+                    "config",
+                    "overrides",
+                    "results",
+                ]
+            )
+        ),
+    )
     runs["complete"] = runs["state"] == "complete"
     return runs
 
@@ -200,11 +245,27 @@ def load_runs(files: list[Path], progress: bool | None = None) -> pd.DataFrame:
 def not_started_rows(found: Found) -> list[dict[str, Any]]:
     """Rows for job dirs without results.json and for jobs a sweep has not started yet."""
     rows = []
-    blank = {"sequence": None, "method": None, "seed": None, "stages_done": "", "commit": None, "config": {}, "results": {}}
+    blank = {
+        "sequence": None,
+        "method": None,
+        "seed": None,
+        "stages_done": "",
+        "commit": None,
+        "config": {},
+        "results": {},
+    }
     for d in found.no_results:
         last = _last_log_line(d)
-        rows.append({**blank, "run": str(d), "state": "missing", "overrides": _overrides(d),
-                     "status": "no results.json: failed before its first save, or starting" + (f" (log: {last})" if last else "")})
+        rows.append(
+            {
+                **blank,
+                "run": str(d),
+                "state": "missing",
+                "overrides": _overrides(d),
+                "status": "no results.json: failed before its first save, or starting"
+                + (f" (log: {last})" if last else ""),
+            }
+        )
     have = {Path(r).parent for r in found.results} | set(found.no_results)
     for sweep in found.sweeps:
         n = expected_jobs(sweep)
@@ -212,8 +273,15 @@ def not_started_rows(found: Found) -> list[dict[str, Any]]:
             continue
         for k in range(n):
             if (sweep / str(k)) not in have and not (sweep / str(k) / "results.json").exists():
-                rows.append({**blank, "run": str(sweep / str(k)), "state": "pending", "overrides": [],
-                             "status": f"job {k} of {n} has no run dir yet (not started)"})
+                rows.append(
+                    {
+                        **blank,
+                        "run": str(sweep / str(k)),
+                        "state": "pending",
+                        "overrides": [],
+                        "status": f"job {k} of {n} has no run dir yet (not started)",
+                    }
+                )
     return rows
 
 
@@ -245,7 +313,9 @@ def shown_keys(runs: pd.DataFrame, keys: list[str]) -> list[str]:
         if k in ("sequence.name", MODE_KEY) or (k.endswith("._target_") and is_method_key(k)):
             continue
         if k.startswith(CHOICE_SUBTREES):
-            within = runs.groupby(["sequence", "method"], dropna=False)["config"].agg(lambda cs: len({_value(c, k) for c in cs}))
+            within = runs.groupby(["sequence", "method"], dropna=False)["config"].agg(
+                lambda cs, k=k: len({_value(c, k) for c in cs})
+            )
             if within.max() <= 1:
                 continue
         out.append(k)
@@ -274,8 +344,12 @@ def label_experiments(runs: pd.DataFrame) -> pd.DataFrame:
     runs["setting"] = [",".join(f"{k}={_value(c, k)}" for k in shown if k in c) for c in runs["config"]]
     runs["knobs"] = [{k: _value(c, k) for k in shown if k in c} for c in runs["config"]]
     runs["block_key"] = [tuple(_value(c, k) for k in keys if not is_method_key(k)) for c in runs["config"]]
-    runs["block"] = [block_label(seq, kn) if c else "" for seq, kn, c in zip(runs["sequence"], runs["knobs"], runs["config"])]
-    runs["label"] = [method_label(m, kn, short) if c else "" for m, kn, c in zip(runs["method"], runs["knobs"], runs["config"])]
+    runs["block"] = [
+        block_label(seq, kn) if c else "" for seq, kn, c in zip(runs["sequence"], runs["knobs"], runs["config"])
+    ]
+    runs["label"] = [
+        method_label(m, kn, short) if c else "" for m, kn, c in zip(runs["method"], runs["knobs"], runs["config"])
+    ]
     runs["choice"] = [_choice(o) for o in runs["overrides"]]
     return runs
 
@@ -288,7 +362,9 @@ def duplicates(runs: pd.DataFrame) -> list[str]:
         if len(group) > 1:
             first = group.iloc[0]
             what = " ".join(x for x in (first["sequence"], first["method"], first["setting"]) if x)
-            lines.append(f"duplicate: seed {seed} of {what} in {len(group)} runs ({', '.join(group['run'])}); counted once (their mean)")
+            lines.append(
+                f"duplicate: seed {seed} of {what} in {len(group)} runs ({', '.join(group['run'])}); counted once (their mean)"
+            )
     return lines
 
 
@@ -314,12 +390,18 @@ def unexpected_differences(runs: pd.DataFrame) -> list[str]:
         if differing:
             seq, method, ov = key
             named = f"overrides [{' '.join(ov)}]" if ov else "no recorded overrides"
-            lines.append(f"unexpected: runs of {seq} {method} with {named} differ in {'; '.join(differing)}; "
-                         "kept apart (different code defaults, or mixed sweeps?)")
+            lines.append(
+                f"unexpected: runs of {seq} {method} with {named} differ in {'; '.join(differing)}; "
+                "kept apart (different code defaults, or mixed sweeps?)"
+            )
     commits = runs["commit"].dropna().value_counts() if "commit" in runs else pd.Series(dtype=int)
     if len(commits) > 1:
-        lines.append("note: runs come from " + str(len(commits)) + " cl_bench commits: "
-                     + ", ".join(f"{c[:10]} ({n} runs)" for c, n in commits.items()))
+        lines.append(
+            "note: runs come from "
+            + str(len(commits))
+            + " cl_bench commits: "
+            + ", ".join(f"{c[:10]} ({n} runs)" for c, n in commits.items())
+        )
     return lines
 
 
@@ -339,8 +421,10 @@ def scratch_fwt(runs: pd.DataFrame) -> pd.Series:
     out = pd.Series(np.nan, index=runs.index, dtype=float)
     done = runs[runs["complete"]]
     mode = done["config"].map(lambda c: c.get(MODE_KEY, "sequential"))
-    scratch = {(r["block_key"], str(r["seed"]), tuple(r["results"].get("tasks") or [])): r["results"]
-               for _, r in done[mode == "independent"].iterrows()}
+    scratch = {
+        (r["block_key"], str(r["seed"]), tuple(r["results"].get("tasks") or [])): r["results"]
+        for _, r in done[mode == "independent"].iterrows()
+    }
     for idx, r in done[mode == "sequential"].iterrows():
         tasks = tuple(r["results"].get("tasks") or [])
         ref = scratch.get((r["block_key"], str(r["seed"]), tasks))
@@ -370,7 +454,9 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     if seeds.empty:
         return pd.DataFrame(columns=cols + METRICS + [f"{m}_std" for m in METRICS])
     done = runs[runs["complete"]]
-    labels = done.groupby("exp_id", sort=False)[["block_key", "block", "sequence", "method", "label", "choice", "setting", "knobs"]].first()
+    labels = done.groupby("exp_id", sort=False)[
+        ["block_key", "block", "sequence", "method", "label", "choice", "setting", "knobs"]
+    ].first()
     grouped = seeds.groupby("exp_id", sort=False)
     out = labels.loc[list(grouped.groups)].copy()
     out["n"] = grouped.size()
@@ -407,8 +493,10 @@ def mark_baseline(experiments: pd.DataFrame, baseline: str | None) -> pd.DataFra
         block = ex.loc[idx]
         base = block[hit.loc[idx]]
         if len(base) > 1:
-            raise ConfigError(f"--baseline {baseline!r} matches {len(base)} rows of block {block['block'].iloc[0]!r} "
-                              f"({', '.join(base['label'])}); name one of them")
+            raise ConfigError(
+                f"--baseline {baseline!r} matches {len(base)} rows of block {block['block'].iloc[0]!r} "
+                f"({', '.join(base['label'])}); name one of them"
+            )
         if len(base) == 0:
             continue
         b = base.index[0]
@@ -418,7 +506,9 @@ def mark_baseline(experiments: pd.DataFrame, baseline: str | None) -> pd.DataFra
             ex.loc[idx, f"{m}_delta"] = ex.loc[idx, m] - ex.loc[b, m]
         ex.loc[b, [f"{m}_delta" for m in METRICS]] = np.nan
     order = ex["role"].map({"baseline": 0}).fillna(1)
-    ex = ex.assign(_o=order).sort_values(["block", "_o", "label"], key=lambda s: s.map(natural_key) if s.name != "_o" else s)
+    ex = ex.assign(_o=order).sort_values(
+        ["block", "_o", "label"], key=lambda s: s.map(natural_key) if s.name != "_o" else s
+    )
     return ex.drop(columns="_o").reset_index(drop=True)
 
 
@@ -445,12 +535,41 @@ def paired_tests(runs: pd.DataFrame, experiments: pd.DataFrame, metrics: list[st
                 common = sorted(both.index, key=str)
                 test = paired_test(both.loc[common, "x"].tolist(), both.loc[common, "y"].tolist())
                 unpaired = len(set(e_vals[m].dropna().index) ^ set(b_vals[m].dropna().index))
-                rows.append({"block": e["block"], "label": e["label"], "baseline": b["label"], "metric": m, "n": test.n,
-                             "seeds": ",".join(map(str, common)), "unpaired": unpaired, "mean_diff": test.mean_diff,
-                             "std_diff": test.std_diff, "t": test.t, "p_t": test.p_t, "p_signflip": test.p_signflip,
-                             "min_p_signflip": test.min_p_signflip})
-    return pd.DataFrame(rows, columns=["block", "label", "baseline", "metric", "n", "seeds", "unpaired", "mean_diff", "std_diff",
-                                       "t", "p_t", "p_signflip", "min_p_signflip"])
+                rows.append(
+                    {
+                        "block": e["block"],
+                        "label": e["label"],
+                        "baseline": b["label"],
+                        "metric": m,
+                        "n": test.n,
+                        "seeds": ",".join(map(str, common)),
+                        "unpaired": unpaired,
+                        "mean_diff": test.mean_diff,
+                        "std_diff": test.std_diff,
+                        "t": test.t,
+                        "p_t": test.p_t,
+                        "p_signflip": test.p_signflip,
+                        "min_p_signflip": test.min_p_signflip,
+                    }
+                )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "block",
+            "label",
+            "baseline",
+            "metric",
+            "n",
+            "seeds",
+            "unpaired",
+            "mean_diff",
+            "std_diff",
+            "t",
+            "p_t",
+            "p_signflip",
+            "min_p_signflip",
+        ],
+    )
 
 
 def projection_records(runs: pd.DataFrame) -> pd.DataFrame:
@@ -465,13 +584,41 @@ def projection_records(runs: pd.DataFrame) -> pd.DataFrame:
             if str(init.get("projection", "")).startswith(("not applicable", "skipped")):
                 continue
             per_module = init.get("per_module") or {}
-            rows.append({"block": r["block"], "label": r["label"], "exp_id": r["exp_id"], "seed": r["seed"],
-                         "stage": st.get("stage"), "task": st.get("task"), "fired": bool(init.get("fired")),
-                         "cos": init.get("cos_global"), "gamma": init.get("gamma"),
-                         "modules_fired": per_module.get("fired"), "modules": per_module.get("n"),
-                         "projection": init.get("projection"), "run": r["run"]})
-    return pd.DataFrame(rows, columns=["block", "label", "exp_id", "seed", "stage", "task", "fired", "cos", "gamma",
-                                       "modules_fired", "modules", "projection", "run"])
+            rows.append(
+                {
+                    "block": r["block"],
+                    "label": r["label"],
+                    "exp_id": r["exp_id"],
+                    "seed": r["seed"],
+                    "stage": st.get("stage"),
+                    "task": st.get("task"),
+                    "fired": bool(init.get("fired")),
+                    "cos": init.get("cos_global"),
+                    "gamma": init.get("gamma"),
+                    "modules_fired": per_module.get("fired"),
+                    "modules": per_module.get("n"),
+                    "projection": init.get("projection"),
+                    "run": r["run"],
+                }
+            )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "block",
+            "label",
+            "exp_id",
+            "seed",
+            "stage",
+            "task",
+            "fired",
+            "cos",
+            "gamma",
+            "modules_fired",
+            "modules",
+            "projection",
+            "run",
+        ],
+    )
 
 
 # ---- the whole report ---------------------------------------------------------------------------
@@ -479,14 +626,14 @@ def projection_records(runs: pd.DataFrame) -> pd.DataFrame:
 class Report:
     """Everything the report shows (collect): runs, experiments, paired tests, projection, notes."""
 
-    runs: pd.DataFrame            # one row per run (every state)
-    experiments: pd.DataFrame     # one row per experiment (complete runs), with role and deltas
-    paired: pd.DataFrame          # paired tests vs the baseline
-    projection: pd.DataFrame      # projection per run and stage
-    notes: list[str]              # duplicates, unexpected differences, commits
+    runs: pd.DataFrame  # one row per run (every state)
+    experiments: pd.DataFrame  # one row per experiment (complete runs), with role and deltas
+    paired: pd.DataFrame  # paired tests vs the baseline
+    projection: pd.DataFrame  # projection per run and stage
+    notes: list[str]  # duplicates, unexpected differences, commits
     baseline: str | None
-    metrics: list[str]            # metrics with at least one value
-    table_metrics: list[str]      # metrics of the paper-layout table
+    metrics: list[str]  # metrics with at least one value
+    table_metrics: list[str]  # metrics of the paper-layout table
     files: list[Path] = field(default_factory=list)
 
     @property
@@ -494,8 +641,9 @@ class Report:
         return self.runs[self.runs["state"] != "complete"]
 
 
-def collect(paths: list[str], baseline: str | None = None, table_metrics: list[str] | None = None,
-            progress: bool | None = None) -> Report:
+def collect(
+    paths: list[str], baseline: str | None = None, table_metrics: list[str] | None = None, progress: bool | None = None
+) -> Report:
     """Everything the report shows, computed from the run dirs (no files written).
     Raises ConfigError when no run is found or the baseline is invalid."""
     found = find_runs(paths)

@@ -1,6 +1,7 @@
 """The report's Markdown document (main table, the computed reading, all metrics, paired tests,
 projection, figures, runs not complete, warnings) and the text the command prints.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,10 +14,21 @@ from .collect import STATES, Report
 from .stats import fmt_p
 from .tables import cell, is_number, markdown, paired_text, paper_table, projection_text, status_text, summary_text
 
-
 # ---- the reading: computed sentences, never typed --------------------------------------------------
 # +1: higher is better; -1: lower is better (Fgt, FR: forgetting).
-BETTER = {"AP": 1, "FP": 1, "Fgt": -1, "BWT": 1, "FWT": 1, "FR": -1, "Acc": 1, "AAA": 1, "GP": 1, "IP": 1, "FWT_scratch": 1}
+BETTER = {
+    "AP": 1,
+    "FP": 1,
+    "Fgt": -1,
+    "BWT": 1,
+    "FWT": 1,
+    "FR": -1,
+    "Acc": 1,
+    "AAA": 1,
+    "GP": 1,
+    "IP": 1,
+    "FWT_scratch": 1,
+}
 READING_METRICS = ("FP", "Fgt", "AP")  # the claim: stability (FP), forgetting, plasticity (AP)
 ALPHA = 0.05
 # Rows of the run modes (cl_bench/modes.py): read as reference points, not as methods that help or hurt.
@@ -43,16 +55,21 @@ def reading_lines(report: Report, alpha: float = ALPHA) -> list[str]:
         return ["No baseline given (--baseline METHOD): no differences to read."]
     metrics = [m for m in READING_METRICS if m in report.metrics]
     proj = projection_text(report)
-    lines = [f"Each method against {report.baseline}, per block, on {', '.join(metrics)}: Δ = mean(method) − mean(baseline) "
-             f"± the method's std over seeds; noise = the baseline's std over seeds; p = paired t-test over seeds "
-             f"(sign-flip p in brackets); a difference counts as better or worse only at p < {alpha:g}."]
+    lines = [
+        f"Each method against {report.baseline}, per block, on {', '.join(metrics)}: Δ = mean(method) − mean(baseline) "
+        f"± the method's std over seeds; noise = the baseline's std over seeds; p = paired t-test over seeds "
+        f"(sign-flip p in brackets); a difference counts as better or worse only at p < {alpha:g}."
+    ]
     for block, g in ex.groupby("block", sort=False):
         base = g[g["role"] == "baseline"]
         if base.empty:
             continue
         b = base.iloc[0]
-        lines += ["", f"**{block}** — {b['label']} (n={int(b['n'])}): "
-                  + ", ".join(f"{m} {cell(b[m], b[f'{m}_std'])}" for m in metrics)]
+        lines += [
+            "",
+            f"**{block}** — {b['label']} (n={int(b['n'])}): "
+            + ", ".join(f"{m} {cell(b[m], b[f'{m}_std'])}" for m in metrics),
+        ]
         for _, r in g[g["role"] == "delta"].iterrows():
             parts, verdicts = [], []
             for m in metrics:
@@ -64,21 +81,34 @@ def reading_lines(report: Report, alpha: float = ALPHA) -> list[str]:
                 size = ""
                 if is_number(r[f"{m}_delta"]) and is_number(noise) and noise > 0:
                     size = f", {abs(r[f'{m}_delta']) / noise:.1f}× noise"
-                parts.append(f"Δ{m} {cell(r[f'{m}_delta'], r[f'{m}_std'], delta=True)} (p {fmt_p(p_t)} [{fmt_p(p_flip)}]{size}; {v})")
-            overall = ("helps" if "better" in verdicts and "worse" not in verdicts else
-                       "hurts" if "worse" in verdicts and "better" not in verdicts else
-                       "mixed" if "better" in verdicts else "no difference beyond seed noise")
+                parts.append(
+                    f"Δ{m} {cell(r[f'{m}_delta'], r[f'{m}_std'], delta=True)} (p {fmt_p(p_t)} [{fmt_p(p_flip)}]{size}; {v})"
+                )
+            overall = (
+                "helps"
+                if "better" in verdicts and "worse" not in verdicts
+                else "hurts"
+                if "worse" in verdicts and "better" not in verdicts
+                else "mixed"
+                if "better" in verdicts
+                else "no difference beyond seed noise"
+            )
             reference = REFERENCE_ROWS.get(str(r["method"]).split("+")[0])
             if reference:  # a reference point, not a method: where the baseline stands against it
                 overall = f"reference, {reference}"
             lines.append(f"- {r['label']} (n={int(r['n'])}): **{overall}** — " + "; ".join(parts))
             stages = proj[(proj["block"] == block) & (proj["method"] == r["label"])] if len(proj) else proj
             if len(stages):
-                fired = [f"stage {int(s['stage'])} ({s['task']}): fired {s['fired']}, cos {s['cos(G_cur, G_prev)']}, γ {s['γ']}"
-                         for _, s in stages.iterrows()]
+                fired = [
+                    f"stage {int(s['stage'])} ({s['task']}): fired {s['fired']}, cos {s['cos(G_cur, G_prev)']}, γ {s['γ']}"
+                    for _, s in stages.iterrows()
+                ]
                 never = all(str(s["fired"]).startswith("0/") for _, s in stages.iterrows())
-                lines.append("  - projection: " + "; ".join(fired)
-                             + (" — it never fired, so this row trained exactly as LoRA-GA would" if never else ""))
+                lines.append(
+                    "  - projection: "
+                    + "; ".join(fired)
+                    + (" — it never fired, so this row trained exactly as LoRA-GA would" if never else "")
+                )
     return lines
 
 
@@ -87,8 +117,14 @@ def _img(path: Path, doc_dir: Path, alt: str) -> str:
     return f"![{alt}]({Path(os.path.relpath(path, doc_dir)).as_posix()})"
 
 
-def write_document(report: Report, path: Path, figures: dict[str, list[Path]], title: str | None = None,
-                   notes: str | None = None, command: str | None = None) -> Path:
+def write_document(
+    report: Report,
+    path: Path,
+    figures: dict[str, list[Path]],
+    title: str | None = None,
+    notes: str | None = None,
+    command: str | None = None,
+) -> Path:
     """One Markdown file: the paper-layout table, all metrics, paired tests, projection, figures,
     runs that are not complete, warnings. Links are relative to the document's folder."""
     path = Path(path)
@@ -98,9 +134,13 @@ def write_document(report: Report, path: Path, figures: dict[str, list[Path]], t
     n_complete = int(runs["complete"].sum())
     lines = [f"# {title or 'cl_bench report'}", ""]
     missing = len(runs) - n_complete
-    lines += [f"Generated by `{command}`" if command else "Generated by `python -m cl_bench.report`",
-              f"from {len(runs)} runs ({n_complete} complete" + (f", {missing} not: see [Runs not complete](#runs-not-complete))." if missing else ")."),
-              "Scores in percent; mean ± sample std over distinct seeds (n); metric definitions in shared/DESIGN.md §4.", ""]
+    lines += [
+        f"Generated by `{command}`" if command else "Generated by `python -m cl_bench.report`",
+        f"from {len(runs)} runs ({n_complete} complete"
+        + (f", {missing} not: see [Runs not complete](#runs-not-complete))." if missing else ")."),
+        "Scores in percent; mean ± sample std over distinct seeds (n); metric definitions in shared/DESIGN.md §4.",
+        "",
+    ]
     if notes:
         lines += [notes.rstrip(), ""]
     paper, caption = paper_table(report)
@@ -109,25 +149,46 @@ def write_document(report: Report, path: Path, figures: dict[str, list[Path]], t
         lines += ["## Reading (computed from the runs)", ""] + reading_lines(report) + [""]
     lines += ["## All metrics", "", markdown(summary_text(report)), ""]
     if report.baseline:
-        lines += ["## Paired tests over seeds", "",
-                  f"Each method against {report.baseline} on the seeds both ran: mean and sd of the per-seed differences, the paired "
-                  "t-test and the exact sign-flip test (two-sided; the sign-flip test cannot go below its min p at this n). "
-                  "Every metric is in paired_tests.csv.", "", markdown(paired_text(report)), ""]
+        lines += [
+            "## Paired tests over seeds",
+            "",
+            f"Each method against {report.baseline} on the seeds both ran: mean and sd of the per-seed differences, the paired "
+            "t-test and the exact sign-flip test (two-sided; the sign-flip test cannot go below its min p at this n). "
+            "Every metric is in paired_tests.csv.",
+            "",
+            markdown(paired_text(report)),
+            "",
+        ]
     if not report.projection.empty:
-        lines += ["## Gradient projection per stage", "",
-                  "Whether SLICE's projection fired at each stage's init, in how many seeds, with the global cosine between the "
-                  "current and the previous tasks' gradients and γ (cl_bench/initializers/gradient.py).", "",
-                  markdown(projection_text(report)), ""]
-    sections = [("scatter", "Stability vs plasticity (FP against AP)"), ("curves", "Metrics against a swept knob"),
-                ("heatmap_mean", "Results matrices, mean over seeds")]
+        lines += [
+            "## Gradient projection per stage",
+            "",
+            "Whether SLICE's projection fired at each stage's init, in how many seeds, with the global cosine between the "
+            "current and the previous tasks' gradients and γ (cl_bench/initializers/gradient.py).",
+            "",
+            markdown(projection_text(report)),
+            "",
+        ]
+    sections = [
+        ("scatter", "Stability vs plasticity (FP against AP)"),
+        ("curves", "Metrics against a swept knob"),
+        ("heatmap_mean", "Results matrices, mean over seeds"),
+    ]
     for kind, head in sections:
         if figures.get(kind):
             lines += [f"## {head}", ""] + [_img(p, doc_dir, p.stem) for p in figures[kind]] + [""]
     per_run = sum(len(figures.get(k, [])) for k in ("heatmap_run", "loss_run"))
     if per_run:
-        folder = Path(os.path.relpath(figures.get("heatmap_run", figures.get("loss_run"))[0].parent, doc_dir)).as_posix()
-        lines += ["## Per run", "", f"{per_run} figures in [{folder}/]({folder}/): `R__*` (results matrix), `R-relative__*` "
-                  "(as % of the diagonal), `loss__*` (training loss per stage); names are <block>__<method>__seed<k>.", ""]
+        folder = Path(
+            os.path.relpath(figures.get("heatmap_run", figures.get("loss_run"))[0].parent, doc_dir)
+        ).as_posix()
+        lines += [
+            "## Per run",
+            "",
+            f"{per_run} figures in [{folder}/]({folder}/): `R__*` (results matrix), `R-relative__*` "
+            "(as % of the diagonal), `loss__*` (training loss per stage); names are <block>__<method>__seed<k>.",
+            "",
+        ]
     lines += ["## Runs not complete", "", markdown(status_text(report)), ""]
     if report.notes:
         lines += ["## Warnings", ""] + [f"- {n}" for n in report.notes] + [""]
@@ -148,8 +209,10 @@ def console_text(report: Report) -> str:
         lines.append("(absolute values; --baseline vanilla shows the other rows as Δ vs Vanilla)")
     if report.baseline and not report.paired.empty:
         sig = report.paired[(report.paired["p_t"] < 0.05) & report.paired["metric"].isin(report.table_metrics)]
-        lines.append(f"paired tests vs {report.baseline}: {len(sig)} of {int(report.paired['metric'].isin(report.table_metrics).sum())} "
-                     f"differences in {','.join(report.table_metrics)} have p < 0.05 (paired t); see paired_tests.md")
+        lines.append(
+            f"paired tests vs {report.baseline}: {len(sig)} of {int(report.paired['metric'].isin(report.table_metrics).sum())} "
+            f"differences in {','.join(report.table_metrics)} have p < 0.05 (paired t); see paired_tests.md"
+        )
     nc = report.not_complete
     if len(nc):
         counts = nc["state"].value_counts()
@@ -160,6 +223,11 @@ def console_text(report: Report) -> str:
     lines += report.notes
     if report.files:
         root = os.path.commonpath([str(p) for p in report.files])
-        doc = [p for p in report.files if p.suffix == ".md" and p.name not in {f"{n}.md" for n in ("summary", "table_paper", "paired_tests", "projection")}]
+        doc = [
+            p
+            for p in report.files
+            if p.suffix == ".md"
+            and p.name not in {f"{n}.md" for n in ("summary", "table_paper", "paired_tests", "projection")}
+        ]
         lines.append(f"wrote {len(report.files)} files under {root}" + (f"; the document: {doc[-1]}" if doc else ""))
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 against a swept knob, mean results matrices per experiment and, per run, R heatmaps and loss
 curves. The drawing itself is cl_bench/report/figures.py (matplotlib, imported only when drawn).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,11 @@ from .labels import block_label, is_method_key, method_label, short_names
 from .tables import is_number
 
 # Knobs swept in the papers' figures (SLICE Fig. 4: alpha; Table 1 rows: c): metric-vs-knob curves.
-CURVE_KNOBS = {"lora.alpha": ("alpha", "LoRA α (rsLoRA: s = α/√r)"), "initializer.c": ("c", "SLICE c (PCGrad strength)"),
-               "lora.r": ("rank", "LoRA rank r")}
+CURVE_KNOBS = {
+    "lora.alpha": ("alpha", "LoRA α (rsLoRA: s = α/√r)"),
+    "initializer.c": ("c", "SLICE c (PCGrad strength)"),
+    "lora.r": ("rank", "LoRA rank r"),
+}
 
 
 def slug(text: str, limit: int = 90) -> str:
@@ -38,7 +42,10 @@ def _run_names(runs: pd.DataFrame) -> dict[str, str]:
     """A readable unique file stem per run: <block>__<method>__seed<k> (+ its dir when taken twice)."""
     stems = {r["run"]: stem(r["block"], r["label"], f"seed{r['seed']}") for _, r in runs.iterrows()}
     counts = pd.Series(list(stems.values())).value_counts()
-    return {run: (s if counts[s] == 1 else f"{s}__{stem(Path(run).parent.name + '_' + Path(run).name)}") for run, s in stems.items()}
+    return {
+        run: (s if counts[s] == 1 else f"{s}__{stem(Path(run).parent.name + '_' + Path(run).name)}")
+        for run, s in stems.items()
+    }
 
 
 def _has_matrix(res: dict) -> bool:
@@ -46,7 +53,9 @@ def _has_matrix(res: dict) -> bool:
     return bool(m) and bool(res.get("tasks")) and any(v is not None for row in m for v in row)
 
 
-def write_figures(report: Report, fig_dir: Path, progress: bool | None = None, per_run: bool = True) -> dict[str, list[Path]]:
+def write_figures(
+    report: Report, fig_dir: Path, progress: bool | None = None, per_run: bool = True
+) -> dict[str, list[Path]]:
     """Every figure as PNG; returns {kind: [paths]} with kinds scatter, curves, heatmap_mean and,
     with `per_run`, heatmap_run and loss_run."""
     from tqdm.auto import tqdm
@@ -56,12 +65,26 @@ def write_figures(report: Report, fig_dir: Path, progress: bool | None = None, p
     jobs: list[tuple[str, Path, Any]] = []  # (kind, path, figure builder)
     ex = report.experiments
     for block, g in ex.groupby("block", sort=False):
-        pts = [{"label": f"{r['label']} (n={int(r['n'])})", "AP": r["AP"], "FP": r["FP"],
-                "AP_std": r["AP_std"] if is_number(r["AP_std"]) else None, "FP_std": r["FP_std"] if is_number(r["FP_std"]) else None}
-               for _, r in g.iterrows()]
+        pts = [
+            {
+                "label": f"{r['label']} (n={int(r['n'])})",
+                "AP": r["AP"],
+                "FP": r["FP"],
+                "AP_std": r["AP_std"] if is_number(r["AP_std"]) else None,
+                "FP_std": r["FP_std"] if is_number(r["FP_std"]) else None,
+            }
+            for _, r in g.iterrows()
+        ]
         if any(is_number(p["AP"]) and is_number(p["FP"]) for p in pts):
-            jobs.append(("scatter", fig_dir / f"AP-vs-FP__{stem(block)}.png",
-                         lambda pts=pts, block=block: plots.stability_plasticity(pts, title=f"{block}: stability vs plasticity (mean ± std over seeds)")))
+            jobs.append(
+                (
+                    "scatter",
+                    fig_dir / f"AP-vs-FP__{stem(block)}.png",
+                    lambda pts=pts, block=block: plots.stability_plasticity(
+                        pts, title=f"{block}: stability vs plasticity (mean ± std over seeds)"
+                    ),
+                )
+            )
     jobs += _curve_jobs(report, fig_dir)
     done = report.runs[report.runs["complete"]]
     for _, g in ex.iterrows():
@@ -74,8 +97,13 @@ def write_figures(report: Report, fig_dir: Path, progress: bool | None = None, p
         name = stem(g["block"], g["label"])
         head = f"{g['block']} · {g['label']}: mean R over {int(g['n'])} seeds"
         jobs.append(("heatmap_mean", fig_dir / f"R-mean__{name}.png", lambda m=mean, h=head: plots.heatmap(m, title=h)))
-        jobs.append(("heatmap_mean", fig_dir / f"R-mean-relative__{name}.png",
-                     lambda m=mean, h=head: plots.heatmap(m, relative=True, title=h + ", % of R[j,j]")))
+        jobs.append(
+            (
+                "heatmap_mean",
+                fig_dir / f"R-mean-relative__{name}.png",
+                lambda m=mean, h=head: plots.heatmap(m, relative=True, title=h + ", % of R[j,j]"),
+            )
+        )
     names = _run_names(report.runs)
     for _, r in report.runs.iterrows() if per_run else ():
         res = r["results"]
@@ -84,14 +112,32 @@ def write_figures(report: Report, fig_dir: Path, progress: bool | None = None, p
         name = names[r["run"]]
         state = "" if r["state"] == "complete" else f" [{r['state']}]"
         head = f"{r['block']} · {r['label']} · seed {r['seed']}{state}"
-        jobs.append(("heatmap_run", fig_dir / "runs" / f"R__{name}.png", lambda res=res, h=head: plots.heatmap(res, title=h + ": R")))
-        jobs.append(("heatmap_run", fig_dir / "runs" / f"R-relative__{name}.png",
-                     lambda res=res, h=head: plots.heatmap(res, relative=True, title=h + ": R as % of R[j,j]")))
+        jobs.append(
+            (
+                "heatmap_run",
+                fig_dir / "runs" / f"R__{name}.png",
+                lambda res=res, h=head: plots.heatmap(res, title=h + ": R"),
+            )
+        )
+        jobs.append(
+            (
+                "heatmap_run",
+                fig_dir / "runs" / f"R-relative__{name}.png",
+                lambda res=res, h=head: plots.heatmap(res, relative=True, title=h + ": R as % of R[j,j]"),
+            )
+        )
         if any((s.get("train") or {}).get("loss_curve") for s in res.get("stages") or []):
-            jobs.append(("loss_run", fig_dir / "runs" / f"loss__{name}.png",
-                         lambda res=res, h=head: plots.loss_curves(res, title=h + ": training loss per stage")))
+            jobs.append(
+                (
+                    "loss_run",
+                    fig_dir / "runs" / f"loss__{name}.png",
+                    lambda res=res, h=head: plots.loss_curves(res, title=h + ": training loss per stage"),
+                )
+            )
     written: dict[str, list[Path]] = {}
-    for kind, path, build in tqdm(jobs, desc="writing figures", unit="png", disable=None if progress is None else not progress, leave=False):
+    for kind, path, build in tqdm(
+        jobs, desc="writing figures", unit="png", disable=None if progress is None else not progress, leave=False
+    ):
         written.setdefault(kind, []).append(plots.save(build(), path))
     return written
 
@@ -100,6 +146,7 @@ def _curve_jobs(report: Report, fig_dir: Path) -> list[tuple[str, Path, Any]]:
     """Metrics against each swept knob of CURVE_KNOBS (SLICE Fig. 4), one figure per family of
     runs that share everything but that knob (and the seed); one line per method label."""
     from . import figures as plots
+
     done = report.runs[report.runs["complete"]]
     short = short_names([k for kn in done["knobs"] for k in kn if is_method_key(k)])
     jobs = []
@@ -120,9 +167,15 @@ def _curve_jobs(report: Report, fig_dir: Path) -> list[tuple[str, Path, Any]]:
                 continue
             hue = "method" if len({row["method"] for row in rows}) > 1 else None
             title = f"{family}: metrics vs {name}" + ("" if hue else f" ({rows[0]['method']})")
-            jobs.append(("curves", fig_dir / f"metrics-vs-{name}__{stem(family)}.png",
-                         lambda rows=rows, hue=hue, title=title, axis_label=axis_label: plots.metric_curves(
-                             rows, "x", metrics=report.table_metrics, hue=hue, xlabel=axis_label, title=title)))
+            jobs.append(
+                (
+                    "curves",
+                    fig_dir / f"metrics-vs-{name}__{stem(family)}.png",
+                    lambda rows=rows, hue=hue, title=title, axis_label=axis_label: plots.metric_curves(
+                        rows, "x", metrics=report.table_metrics, hue=hue, xlabel=axis_label, title=title
+                    ),
+                )
+            )
     return jobs
 
 
@@ -130,12 +183,19 @@ def _mean_results(members: list[dict], ex: pd.Series) -> dict | None:
     """A results-like dict whose matrix is the cell-wise mean over the runs (same tasks only)."""
     if not members or len({tuple(m["tasks"]) for m in members}) != 1:
         return None
-    stack = np.array([[[np.nan if v is None else float(v) for v in row] for row in m["matrix"]] for m in members], dtype=float)
+    stack = np.array(
+        [[[np.nan if v is None else float(v) for v in row] for row in m["matrix"]] for m in members], dtype=float
+    )
     with np.errstate(invalid="ignore"), _quiet_nanmean():
         mean = np.nanmean(stack, axis=0)
     matrix = [[None if not np.isfinite(v) else float(v) for v in row] for row in mean]
-    return {"sequence": members[0].get("sequence"), "tasks": members[0]["tasks"], "matrix": matrix, "mode": members[0].get("mode", "sequential"),
-            "metrics": {m: (float(ex[m]) if is_number(ex[m]) else None) for m in METRICS}}
+    return {
+        "sequence": members[0].get("sequence"),
+        "tasks": members[0]["tasks"],
+        "matrix": matrix,
+        "mode": members[0].get("mode", "sequential"),
+        "metrics": {m: (float(ex[m]) if is_number(ex[m]) else None) for m in METRICS},
+    }
 
 
 class _quiet_nanmean:

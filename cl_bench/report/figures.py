@@ -8,12 +8,14 @@ Scores and metrics are in percent (0..100), as in results.json (shared/DESIGN.md
 Figures follow the SLICE paper (arXiv 2605.12752): R heatmaps (Fig. 3), the stability-plasticity
 plane FP vs AP (Fig. 1), metrics across alpha (Fig. 4).
 """
+
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -21,9 +23,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 METRIC_LABELS = {
-    "AP": "AP (avg. right after training, %)", "FP": "FP (final avg., %)", "Fgt": "Fgt = AP − FP (points)",
-    "BWT": "BWT (points)", "FWT": "FWT (points)", "FR": "FR (points)", "Acc": "Acc (%)", "AAA": "AAA (%)",
-    "GP": "GP (zero-shot general, %)", "IP": "IP (few-shot general, %)",
+    "AP": "AP (avg. right after training, %)",
+    "FP": "FP (final avg., %)",
+    "Fgt": "Fgt = AP − FP (points)",
+    "BWT": "BWT (points)",
+    "FWT": "FWT (points)",
+    "FR": "FR (points)",
+    "Acc": "Acc (%)",
+    "AAA": "AAA (%)",
+    "GP": "GP (zero-shot general, %)",
+    "IP": "IP (few-shot general, %)",
 }
 
 
@@ -106,7 +115,9 @@ def heatmap(results: Mapping[str, Any], relative: bool = False, title: str | Non
             ax.add_patch(_diagonal_box(i))
     ax.set_xticks(range(T), [f"{j + 1}. {_short(t)}" for j, t in enumerate(tasks)], rotation=30, ha="right", fontsize=8)
     after = {"multitask": ["after joint training"], "independent": [f"task {i} alone" for i in range(1, T + 1)]}
-    ax.set_yticks(range(rows), ["before"] + after.get(mode, [f"after {i}" for i in range(1, T + 1)])[: rows - 1], fontsize=8)
+    ax.set_yticks(
+        range(rows), ["before"] + after.get(mode, [f"after {i}" for i in range(1, T + 1)])[: rows - 1], fontsize=8
+    )
     ax.set_xlabel("evaluated task (training order)")
     ax.set_ylabel("model trained on" if mode == "independent" else "model after stage")
     diag = learned_scores(R)
@@ -118,7 +129,9 @@ def heatmap(results: Mapping[str, Any], relative: bool = False, title: str | Non
     fig.colorbar(image, ax=ax, label=label, shrink=0.9)
     metrics = results.get("metrics") or {}
     sub = "  ".join(_fmt_metric(metrics, k) for k in ("AP", "FP", "Fgt", "GP", "IP"))
-    head = title or f"{results.get('sequence', '')}: results matrix R" + (" relative to the diagonal" if relative else "")
+    head = title or f"{results.get('sequence', '')}: results matrix R" + (
+        " relative to the diagonal" if relative else ""
+    )
     if relative and any(not (d > 0) for d in diag):
         sub += "   (grey: R[j,j] = 0 or missing, no % defined)"
     fig.suptitle(f"{head}\n{sub}", fontsize=9)
@@ -155,8 +168,14 @@ def stability_plasticity(points: Iterable[Mapping[str, Any]], title: str = "Stab
     markers = "osD^vP*Xh<>p"
     for k, p in enumerate(ok):
         ax.errorbar(
-            float(p["AP"]), float(p["FP"]), xerr=_std(p.get("AP_std")) or None, yerr=_std(p.get("FP_std")) or None,
-            fmt=markers[k % len(markers)], markersize=7, capsize=3, label=str(p.get("label", k)),
+            float(p["AP"]),
+            float(p["FP"]),
+            xerr=_std(p.get("AP_std")) or None,
+            yerr=_std(p.get("FP_std")) or None,
+            fmt=markers[k % len(markers)],
+            markersize=7,
+            capsize=3,
+            label=str(p.get("label", k)),
         )
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
@@ -185,8 +204,12 @@ def _coinciding(points: list[Mapping[str, Any]]) -> list[list[str]]:
 
 
 def metric_curves(
-    rows: Iterable[Mapping[str, Any]], x: str, metrics: Sequence[str] = ("AP", "FP", "Fgt", "GP", "IP"),
-    hue: str | None = None, xlabel: str | None = None, title: str | None = None,
+    rows: Iterable[Mapping[str, Any]],
+    x: str,
+    metrics: Sequence[str] = ("AP", "FP", "Fgt", "GP", "IP"),
+    hue: str | None = None,
+    xlabel: str | None = None,
+    title: str | None = None,
 ) -> Figure:
     """Metric against a swept knob (alpha, c, rank, ...), mean ± std over repeats (SLICE Fig. 4).
 

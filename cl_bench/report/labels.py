@@ -2,6 +2,7 @@
 mode), a block's label (sequence + the non-method keys that vary), a row's label (method + its
 knobs that vary), short knob names, and the natural sort order of labels.
 """
+
 from __future__ import annotations
 
 import re
@@ -43,13 +44,13 @@ def method_of(config: dict) -> str:
 
 
 def block_label(sequence: Any, knobs: dict[str, str], without: str | None = None) -> str:
-    """"<sequence>, k=v, ..." of the non-method knobs (`without`: a key left out, e.g. a curve's x)."""
+    """ "<sequence>, k=v, ..." of the non-method knobs (`without`: a key left out, e.g. a curve's x)."""
     parts = [str(sequence)] + [f"{k}={v}" for k, v in knobs.items() if not is_method_key(k) and k != without]
     return ", ".join(parts)
 
 
 def method_label(method: Any, knobs: dict[str, str], short: dict[str, str], without: str | None = None) -> str:
-    """"<method> k=v ..." of the method knobs, named by `short` (`without`: a key left out)."""
+    """ "<method> k=v ..." of the method knobs, named by `short` (`without`: a key left out)."""
     parts = [str(method)] + [f"{short.get(k, k)}={v}" for k, v in knobs.items() if is_method_key(k) and k != without]
     return " ".join(parts)
 
@@ -62,4 +63,7 @@ def short_names(keys: list[str]) -> dict[str, str]:
 
 def natural_key(s: Any) -> Any:
     """Sort key: numbers inside labels compare as numbers (alpha=4 before alpha=16)."""
-    return tuple((0, float(t), "") if re.fullmatch(r"-?\d+(\.\d+)?", t) else (1, 0.0, t) for t in re.split(r"(-?\d+(?:\.\d+)?)", str(s)))
+    return tuple(
+        (0, float(t), "") if re.fullmatch(r"-?\d+(\.\d+)?", t) else (1, 0.0, t)
+        for t in re.split(r"(-?\d+(?:\.\d+)?)", str(s))
+    )

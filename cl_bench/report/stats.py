@@ -13,11 +13,12 @@ scikit-learn → scipy):
   distributional assumption, but coarse: the smallest two-sided p is 2/2^n (0.25 at n = 3,
   0.0625 at n = 5), so at small n it cannot reach 0.05 whatever the data.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -70,8 +71,13 @@ def paired_test(x: Sequence[float], y: Sequence[float]) -> PairedTest:
         t, p_t = float(res.statistic), float(res.pvalue)
     exact = n <= MAX_EXACT_N
     flip = permutation_test(
-        (x, y), _mean_diff, permutation_type="samples", vectorized=True, alternative="two-sided",
-        n_resamples=np.inf if exact else 100_000, rng=np.random.default_rng(0),
+        (x, y),
+        _mean_diff,
+        permutation_type="samples",
+        vectorized=True,
+        alternative="two-sided",
+        n_resamples=np.inf if exact else 100_000,
+        rng=np.random.default_rng(0),
     )
     return PairedTest(n, mean, sd, t, p_t, float(flip.pvalue), min(1.0, 2.0 / 2**n))
 

@@ -2,6 +2,7 @@
 paper's Table-1 layout, paired tests, projection and run status tables, and their CSV / Markdown /
 LaTeX booktabs files (the file list is in README.md, section "Reports").
 """
+
 from __future__ import annotations
 
 import math
@@ -55,7 +56,13 @@ def summary_text(report: Report) -> pd.DataFrame:
     """The summary as text cells: block, method, row kind, n, seeds, one column per metric."""
     rows = []
     for _, r in report.experiments.iterrows():
-        row = {"block": r["block"], "method": r["label"], "row": ROLE_TEXT[r["role"]], "n": int(r["n"]), "seeds": r["seeds"]}
+        row = {
+            "block": r["block"],
+            "method": r["label"],
+            "row": ROLE_TEXT[r["role"]],
+            "n": int(r["n"]),
+            "seeds": r["seeds"],
+        }
         for m in report.metrics:
             row[m] = cell(*_value_cols(r, m))
         rows.append(row)
@@ -79,8 +86,9 @@ def paper_table(report: Report) -> tuple[pd.DataFrame, str]:
     base_labels = list(dict.fromkeys(ex.loc[ex["role"] == "baseline", "label"]))
     labels = base_labels + sorted((set(ex["label"]) - set(base_labels)), key=natural_key)
     absolute_blocks = {b for b in blocks if not (ex.loc[ex["block"] == b, "role"] == "baseline").any()}
-    columns = pd.MultiIndex.from_tuples([(b + (" (absolute)" if b in absolute_blocks and report.baseline else ""), m)
-                                         for b in blocks for m in metrics])
+    columns = pd.MultiIndex.from_tuples(
+        [(b + (" (absolute)" if b in absolute_blocks and report.baseline else ""), m) for b in blocks for m in metrics]
+    )
     table = pd.DataFrame("–", index=pd.Index(labels, name="method"), columns=columns)
     for _, r in ex.iterrows():
         b = r["block"] + (" (absolute)" if r["block"] in absolute_blocks and report.baseline else "")
@@ -91,8 +99,10 @@ def paper_table(report: Report) -> tuple[pd.DataFrame, str]:
             table.loc[r["label"], (b, m)] = text
     n_text = f"{common_n} seed{'s' * (common_n != 1)}" + (" unless marked" if (ns != common_n).any() else "")
     if report.baseline and base_labels:
-        caption = (f"{'Rows' if len(base_labels) > 1 else 'Row'} {', '.join(base_labels)}: absolute mean ± std over seeds; other rows: Δ = mean(method) − "
-                   f"mean(baseline) ± the method's std over seeds; n = {n_text}.")
+        caption = (
+            f"{'Rows' if len(base_labels) > 1 else 'Row'} {', '.join(base_labels)}: absolute mean ± std over seeds; other rows: Δ = mean(method) − "
+            f"mean(baseline) ± the method's std over seeds; n = {n_text}."
+        )
     else:
         caption = f"Mean ± std over seeds; n = {n_text}."
     return table, caption
@@ -103,11 +113,24 @@ def paired_text(report: Report) -> pd.DataFrame:
     p = report.paired[report.paired["metric"].isin(report.table_metrics)]
     rows = []
     for _, r in p.iterrows():
-        rows.append({"block": r["block"], "method": r["label"], "vs": r["baseline"], "metric": r["metric"], "n": int(r["n"]),
-                     "mean Δ ± sd(Δ)": cell(r["mean_diff"], r["std_diff"], delta=True),
-                     "t": "n/a" if not is_number(r["t"]) else f"{r['t']:.2f}", "p (paired t)": fmt_p(r["p_t"]),
-                     "p (sign-flip, exact)": fmt_p(r["p_signflip"]) + (f" (min {fmt_p(r['min_p_signflip'])})" if is_number(r["min_p_signflip"]) else "")})
-    return pd.DataFrame(rows, columns=["block", "method", "vs", "metric", "n", "mean Δ ± sd(Δ)", "t", "p (paired t)", "p (sign-flip, exact)"])
+        rows.append(
+            {
+                "block": r["block"],
+                "method": r["label"],
+                "vs": r["baseline"],
+                "metric": r["metric"],
+                "n": int(r["n"]),
+                "mean Δ ± sd(Δ)": cell(r["mean_diff"], r["std_diff"], delta=True),
+                "t": "n/a" if not is_number(r["t"]) else f"{r['t']:.2f}",
+                "p (paired t)": fmt_p(r["p_t"]),
+                "p (sign-flip, exact)": fmt_p(r["p_signflip"])
+                + (f" (min {fmt_p(r['min_p_signflip'])})" if is_number(r["min_p_signflip"]) else ""),
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=["block", "method", "vs", "metric", "n", "mean Δ ± sd(Δ)", "t", "p (paired t)", "p (sign-flip, exact)"],
+    )
 
 
 def projection_text(report: Report) -> pd.DataFrame:
@@ -118,12 +141,28 @@ def projection_text(report: Report) -> pd.DataFrame:
         cos = pd.to_numeric(g["cos"], errors="coerce")
         gamma = pd.to_numeric(g["gamma"], errors="coerce")
         mods = pd.to_numeric(g["modules_fired"], errors="coerce")
-        rows.append({"block": block, "method": label, "stage": int(stage), "task": task,
-                     "fired": f"{int(g['fired'].sum())}/{len(g)} seeds",
-                     "cos(G_cur, G_prev)": _spread(cos, delta=True), "γ": _spread(gamma),
-                     "modules fired (mean)": f"{mods.mean():.1f}/{int(g['modules'].dropna().iloc[0])}" if mods.notna().any() and g["modules"].notna().any() else "n/a"})
-    df = pd.DataFrame(rows, columns=["block", "method", "stage", "task", "fired", "cos(G_cur, G_prev)", "γ", "modules fired (mean)"])
-    return df.sort_values(["block", "method", "stage"], key=lambda s: s.map(natural_key)).reset_index(drop=True) if len(df) else df
+        rows.append(
+            {
+                "block": block,
+                "method": label,
+                "stage": int(stage),
+                "task": task,
+                "fired": f"{int(g['fired'].sum())}/{len(g)} seeds",
+                "cos(G_cur, G_prev)": _spread(cos, delta=True),
+                "γ": _spread(gamma),
+                "modules fired (mean)": f"{mods.mean():.1f}/{int(g['modules'].dropna().iloc[0])}"
+                if mods.notna().any() and g["modules"].notna().any()
+                else "n/a",
+            }
+        )
+    df = pd.DataFrame(
+        rows, columns=["block", "method", "stage", "task", "fired", "cos(G_cur, G_prev)", "γ", "modules fired (mean)"]
+    )
+    return (
+        df.sort_values(["block", "method", "stage"], key=lambda s: s.map(natural_key)).reset_index(drop=True)
+        if len(df)
+        else df
+    )
 
 
 def _spread(values: pd.Series, delta: bool = False) -> str:
@@ -140,14 +179,18 @@ def status_text(report: Report) -> pd.DataFrame:
     cols = ["state", "status", "stages_done", "sequence", "label", "seed", "run"]
     df = nc.reindex(columns=cols).fillna("").rename(columns={"label": "method", "stages_done": "stages"})
     order = {s: i for i, s in enumerate(["failed", "unreadable", "missing", "interrupted", "incomplete", "pending"])}
-    return df.sort_values(["state", "run"], key=lambda s: s.map(order) if s.name == "state" else s.map(natural_key)).reset_index(drop=True)
+    return df.sort_values(
+        ["state", "run"], key=lambda s: s.map(order) if s.name == "state" else s.map(natural_key)
+    ).reset_index(drop=True)
 
 
 def runs_csv(report: Report) -> pd.DataFrame:
     """runs.csv: one row per run, every state: labels, the shown config keys, the metrics."""
     runs = report.runs
     knob_keys = list(dict.fromkeys(k for kn in runs["knobs"] for k in kn))
-    df = runs[["run", "state", "status", "stages_done", "block", "sequence", "label", "seed", *METRICS]].rename(columns={"label": "method"})
+    df = runs[["run", "state", "status", "stages_done", "block", "sequence", "label", "seed", *METRICS]].rename(
+        columns={"label": "method"}
+    )
     for k in knob_keys:
         df[k] = [kn.get(k, "") for kn in runs["knobs"]]
     return df
@@ -167,9 +210,24 @@ def markdown(df: pd.DataFrame, index: bool = False) -> str:
     return df.to_markdown(index=index, disable_numparse=True)
 
 
-_TEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}", "Δ": r"$\Delta$",
-                "±": r"$\pm$", "γ": r"$\gamma$", "α": r"$\alpha$", "−": "-", "–": "--"}
+_TEX_SPECIAL = {
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+    "Δ": r"$\Delta$",
+    "±": r"$\pm$",
+    "γ": r"$\gamma$",
+    "α": r"$\alpha$",
+    "−": "-",
+    "–": "--",
+}
 
 
 def tex_escape(s: Any) -> str:
@@ -184,8 +242,17 @@ def latex(df: pd.DataFrame, caption: str, label: str, index: bool = False) -> st
         return f"% {tex_escape(caption)}: no rows\n"
     sty = df.style.format_index(tex_escape, axis=1).format(tex_escape)
     sty = sty.format_index(tex_escape, axis=0).hide(axis="index", names=True) if index else sty.hide(axis="index")
-    return sty.to_latex(hrules=True, multicol_align="c", caption=tex_escape(caption), label=label,
-                        position_float="centering", column_format=("l" * (df.index.nlevels if index else 0)) + "l" * len(df.columns)) + "\n"
+    return (
+        sty.to_latex(
+            hrules=True,
+            multicol_align="c",
+            caption=tex_escape(caption),
+            label=label,
+            position_float="centering",
+            column_format=("l" * (df.index.nlevels if index else 0)) + "l" * len(df.columns),
+        )
+        + "\n"
+    )
 
 
 def write_tables(report: Report, out: Path, formats: tuple[str, ...]) -> list[Path]:
@@ -202,13 +269,26 @@ def write_tables(report: Report, out: Path, formats: tuple[str, ...]) -> list[Pa
     files.append(out / "runs.csv")
     paper, caption = paper_table(report)
     tables = {  # name: (numbers for CSV, text for Markdown and TeX, caption, index?)
-        "summary": (summary_numbers(report), summary_text(report),
-                    "All metrics per experiment: mean ± std over seeds" + (f"; Δ rows vs {report.baseline}" if report.baseline else ""), False),
+        "summary": (
+            summary_numbers(report),
+            summary_text(report),
+            "All metrics per experiment: mean ± std over seeds"
+            + (f"; Δ rows vs {report.baseline}" if report.baseline else ""),
+            False,
+        ),
         "table_paper": (paper.reset_index() if len(paper) else paper, paper, caption, True),
-        "paired_tests": (report.paired, paired_text(report),
-                         "Paired tests over seeds, method vs baseline (two-sided)", False),
-        "projection": (report.projection.drop(columns=["exp_id"]), projection_text(report),
-                       "Gradient projection at each stage's init (fired in k of n seeds; cos and gamma mean ± std)", False),
+        "paired_tests": (
+            report.paired,
+            paired_text(report),
+            "Paired tests over seeds, method vs baseline (two-sided)",
+            False,
+        ),
+        "projection": (
+            report.projection.drop(columns=["exp_id"]),
+            projection_text(report),
+            "Gradient projection at each stage's init (fired in k of n seeds; cos and gamma mean ± std)",
+            False,
+        ),
     }
     for name, (numbers, text, cap, index) in tables.items():
         if name == "paired_tests" and not report.baseline:

@@ -1,4 +1,5 @@
 """Config checks that run before any model is loaded; each failure is a one-line ConfigError."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,23 @@ GROUP_HELP = {
 }
 
 # Hydra flags whose next argument is a value, not an override.
-_FLAGS_WITH_VALUE = {"-sc", "--shell-completion", "-cn", "--config-name", "-cp", "--config-path",
-                     "-cd", "--config-dir", "-c", "--cfg", "-p", "--package", "--info", "-i", "--experimental-rerun"}
+_FLAGS_WITH_VALUE = {
+    "-sc",
+    "--shell-completion",
+    "-cn",
+    "--config-name",
+    "-cp",
+    "--config-path",
+    "-cd",
+    "--config-dir",
+    "-c",
+    "--cfg",
+    "-p",
+    "--package",
+    "--info",
+    "-i",
+    "--experimental-rerun",
+}
 
 
 def config_groups(conf_dirs: list[Path] | None = None) -> list[str]:
@@ -35,7 +51,7 @@ def config_groups(conf_dirs: list[Path] | None = None) -> list[str]:
     dirs = conf_dirs or [CONF_DIR]
     groups = set()
     for i, d in enumerate(dirs):
-        for p in (d.glob("*/") if d.is_dir() else ()):
+        for p in d.glob("*/") if d.is_dir() else ():
             if p.name == "hydra":
                 continue
             # one level of nesting (experiment/method) in conf/ itself; an extra --config-dir
@@ -132,7 +148,9 @@ def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
             for choice in value.split(","):  # multirun sweeps list several
                 if choice not in valid:
                     hint = _did_you_mean(choice, valid)
-                    raise ConfigError(f"{key}={choice!r} is not a known choice{hint}{' ' if hint else '; '}valid: {', '.join(valid)}")
+                    raise ConfigError(
+                        f"{key}={choice!r} is not a known choice{hint}{' ' if hint else '; '}valid: {', '.join(valid)}"
+                    )
             continue
         if top is None:
             top, paths = known_keys(dirs)
@@ -144,7 +162,9 @@ def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
                 hint = f"; groups: {', '.join(groups)}; keys: {', '.join(sorted(top))}"
             raise ConfigError(f"unknown {kind} {head!r}{hint}")
         if "." in key and key not in paths:
-            raise ConfigError(f"unknown key {key!r}{_did_you_mean(key, paths) or '; add it with +' + key + '=... if it is new'}")
+            raise ConfigError(
+                f"unknown key {key!r}{_did_you_mean(key, paths) or '; add it with +' + key + '=... if it is new'}"
+            )
 
 
 def _require(cond: bool, key: str, value: Any, valid: str) -> None:
@@ -167,12 +187,22 @@ def validate(cfg: Any) -> None:
     _require(lora.scaling in ("rslora", "standard"), "lora.scaling", lora.scaling, "rslora, standard")
     _require(0.0 <= float(lora.dropout) < 1.0, "lora.dropout", lora.dropout, "a number in [0, 1)")
     _require(len(lora.target_modules) > 0, "lora.target_modules", list(lora.target_modules), "a non-empty list")
-    _require(isinstance(trainer.lr, (int, float)) and 0 < trainer.lr < 1, "trainer.lr", trainer.lr, "a number in (0, 1)")
+    _require(
+        isinstance(trainer.lr, (int, float)) and 0 < trainer.lr < 1, "trainer.lr", trainer.lr, "a number in (0, 1)"
+    )
     _require(trainer.weight_decay >= 0, "trainer.weight_decay", trainer.weight_decay, "a number >= 0")
     _require(0 <= trainer.warmup_ratio < 1, "trainer.warmup_ratio", trainer.warmup_ratio, "a number in [0, 1)")
     _require(trainer.max_grad_norm > 0, "trainer.max_grad_norm", trainer.max_grad_norm, "a number > 0")
-    for key in ("trainer.epochs", "trainer.batch_size", "trainer.grad_accum", "trainer.max_len",
-                "evaluation.batch_size", "evaluation.max_new_tokens", "evaluation.max_prompt_len", "sequence.n_eval"):
+    for key in (
+        "trainer.epochs",
+        "trainer.batch_size",
+        "trainer.grad_accum",
+        "trainer.max_len",
+        "evaluation.batch_size",
+        "evaluation.max_new_tokens",
+        "evaluation.max_prompt_len",
+        "sequence.n_eval",
+    ):
         _positive_int(cfg, key)
     _positive_int(cfg, "trainer.checkpoint_every_steps", allow_zero=True)
     if trainer.get("log_every_steps") is not None:
@@ -211,7 +241,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"data.root={root!r} is not a directory; point it at the folder holding the benchmark data")
 
 
-def module_shapes(model_path: str, target_modules: list[str], trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
+def module_shapes(
+    model_path: str, target_modules: list[str], trust_remote_code: bool = False
+) -> dict[str, tuple[int, int]]:
     """(d_out, d_in) per target Linear, from the model config alone (meta device: no weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -222,5 +254,3 @@ def module_shapes(model_path: str, target_modules: list[str], trust_remote_code:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return {name: (m.out_features, m.in_features) for name, m in target_linears(model, target_modules).items()}
-
-

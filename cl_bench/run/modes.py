@@ -27,12 +27,13 @@ Combinations that make no sense are refused before the model loads (`check`): an
 earlier stages (every regularizer, a merge other than absorb, SLICE's projection against earlier
 tasks, CorDA calibrated on previous tasks) has no earlier stage to use.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-from ..infra.errors import ConfigError
 from ..data.tasks.base import TaskData
+from ..infra.errors import ConfigError
 
 MODES = ("sequential", "multitask", "independent")
 JOINT_TASK = "multitask"  # the stage name of the joint stage (results.json stages[0].task)
@@ -51,18 +52,30 @@ def check_plugins(mode: str, initializer: Any, regularizer: Any, merge: Any, ini
     Arguments are the built plug-ins (their `name`) and the initializer's config node."""
     if mode == "sequential":
         return
-    why = "multitask trains one stage on all tasks" if mode == "multitask" else "independent trains every task from the base model"
+    why = (
+        "multitask trains one stage on all tasks"
+        if mode == "multitask"
+        else "independent trains every task from the base model"
+    )
     if regularizer.name != "none":
-        raise ConfigError(f"mode={mode} with regularizer={regularizer.name}: {why}, so there is no earlier stage to "
-                          "regularize against or replay; use regularizer=none")
+        raise ConfigError(
+            f"mode={mode} with regularizer={regularizer.name}: {why}, so there is no earlier stage to "
+            "regularize against or replay; use regularizer=none"
+        )
     if merge.name != "absorb":
-        raise ConfigError(f"mode={mode} with merge={merge.name}: {why}, so there are no task vectors to merge; use merge=absorb")
+        raise ConfigError(
+            f"mode={mode} with merge={merge.name}: {why}, so there are no task vectors to merge; use merge=absorb"
+        )
     if initializer.name == "slice":
-        raise ConfigError(f"mode={mode} with initializer=slice: {why}, so SLICE has no earlier task to project against "
-                          "(it would be LoRA-GA); use initializer=lora_ga")
+        raise ConfigError(
+            f"mode={mode} with initializer=slice: {why}, so SLICE has no earlier task to project against "
+            "(it would be LoRA-GA); use initializer=lora_ga"
+        )
     if initializer_cfg is not None and initializer_cfg.get("calibration") == "previous":
-        raise ConfigError(f"mode={mode} with initializer.calibration=previous: {why}, so there are no previous tasks; "
-                          "use initializer.calibration=current")
+        raise ConfigError(
+            f"mode={mode} with initializer.calibration=previous: {why}, so there are no previous tasks; "
+            "use initializer.calibration=current"
+        )
 
 
 def joint_task(tasks: list[TaskData]) -> TaskData:
@@ -71,8 +84,11 @@ def joint_task(tasks: list[TaskData]) -> TaskData:
     runner evaluates the tasks one by one, never this union."""
     first = tasks[0]
     return TaskData(
-        name=JOINT_TASK, metric=first.metric, train=[ex for t in tasks for ex in t.train],
-        eval=[ex for t in tasks for ex in t.eval], origin="union of " + ", ".join(t.name for t in tasks),
+        name=JOINT_TASK,
+        metric=first.metric,
+        train=[ex for t in tasks for ex in t.train],
+        eval=[ex for t in tasks for ex in t.eval],
+        origin="union of " + ", ".join(t.name for t in tasks),
         info={"tasks": [t.name for t in tasks]},
     )
 

@@ -28,9 +28,11 @@ Every rank calls its observers; an observer that must act once (W&B) looks at th
 An observer must not change the model, the results or the RNG: results are identical with any
 observers subscribed.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..infra.console import Progress
 from ..infra.faults import kill_point

@@ -8,23 +8,19 @@ moments (run/observers.py); every file of the run dir is read and written by run
 `mode` (run/modes.py) decides the stages: one per task on the last stage's model (sequential),
 one joint stage on all tasks (multitask), or one per task from the base weights (independent).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from . import config as config_checks
-from . import modes
-from .observers import KillPoints, Observer, Observers, ProgressObserver, TrackerObserver
-from .store import RunStore
-from .summary import format_summary
-from .sync import share_init_factors, share_started_adapter
 from ..data.models import load_model, model_unavailable, resolve_device, resolve_model_path
 from ..data.prompts import TrainingEncoder, prompt_format
 from ..data.tasks import evaluation_record, load_sequence, split_stats
@@ -35,14 +31,28 @@ from ..infra.console import Progress
 from ..infra.distributed import Dist
 from ..infra.errors import CLBenchError, ConfigError
 from ..infra.files import SCHEMA, package_versions, provenance
-from ..infra.interrupt import InterruptGuard, Interrupted
+from ..infra.interrupt import Interrupted, InterruptGuard
 from ..infra.jobs import Job, cpu_threads, job_scope
 from ..lora.layers import (
-    WeightMaster, adapter_factors, add_adapter, apply_init, follow_peft_absorption_, lora_layers, lora_scaling,
-    set_scaling, target_linears, validate_rank,
+    WeightMaster,
+    adapter_factors,
+    add_adapter,
+    apply_init,
+    follow_peft_absorption_,
+    lora_layers,
+    lora_scaling,
+    set_scaling,
+    target_linears,
+    validate_rank,
 )
 from ..stage import PLUGIN_GROUPS, History, Models, StageContext, StageRecord, adapter_name, stage_seed
 from ..train.trainer import check_layout, layout_of, steps_per_stage, train_stage
+from . import config as config_checks
+from . import modes
+from .observers import KillPoints, Observer, Observers, ProgressObserver, TrackerObserver
+from .store import RunStore
+from .summary import format_summary
+from .sync import share_init_factors, share_started_adapter
 
 log = logging.getLogger("cl_bench")
 
@@ -60,7 +70,9 @@ def build_plugins(cfg) -> dict[str, Any]:
             # Hydra wraps the plug-in's own one-line ConfigError; surface that, not the wrapper.
             if isinstance(exc.__cause__, CLBenchError):
                 raise exc.__cause__ from None
-            raise ConfigError(f"{group}: cannot build {cfg[group].get('_target_')!r}: {str(exc).splitlines()[-1]}") from None
+            raise ConfigError(
+                f"{group}: cannot build {cfg[group].get('_target_')!r}: {str(exc).splitlines()[-1]}"
+            ) from None
     return plugins
 
 
@@ -117,7 +129,9 @@ class Runner:
         cache_dir = str(cfg.cache.dir) if cfg.cache.enabled else None
         self.model_path = resolve_model_path(cfg.model, str(cfg.cache.dir), log=log.info)
         try:
-            shapes = config_checks.module_shapes(self.model_path, list(cfg.lora.target_modules), bool(cfg.model.get("trust_remote_code", False)))
+            shapes = config_checks.module_shapes(
+                self.model_path, list(cfg.lora.target_modules), bool(cfg.model.get("trust_remote_code", False))
+            )
         except (OSError, ValueError):
             raise model_unavailable(self.model_path) from None
         validate_rank(shapes, int(cfg.lora.r), list(cfg.lora.target_modules))
@@ -127,31 +141,55 @@ class Runner:
     def new_results(self) -> dict[str, Any]:
         T = len(self.tasks)
         return {
-            "schema": SCHEMA, "sequence": str(self.cfg.sequence.name), "tasks": [t.name for t in self.tasks], "mode": self.mode,
-            "matrix": [[None] * T for _ in range(len(self.stage_tasks) + 1)], "metrics": {}, "general": {}, "stages": [],
+            "schema": SCHEMA,
+            "sequence": str(self.cfg.sequence.name),
+            "tasks": [t.name for t in self.tasks],
+            "mode": self.mode,
+            "matrix": [[None] * T for _ in range(len(self.stage_tasks) + 1)],
+            "metrics": {},
+            "general": {},
+            "stages": [],
             "eval_sizes": [len(t.eval[: self.cfg.evaluation.limit or None]) for t in self.tasks],
             "split_stats": split_stats(self.tasks),
             "evaluation": evaluation_record(self.tasks, str(self.cfg.evaluation.protocol)),
-            "config": self.config, "versions": package_versions(), "complete": False, "status": "running",
-            "baselines": baselines(self.tasks, self.cfg.evaluation.limit), "provenance": provenance(self.device),
+            "config": self.config,
+            "versions": package_versions(),
+            "complete": False,
+            "status": "running",
+            "baselines": baselines(self.tasks, self.cfg.evaluation.limit),
+            "provenance": provenance(self.device),
         }
 
     def load_model(self) -> torch.nn.Module:
         """The model (fsdp: sharded), tokenizer, encoder and fp32 master; the models of stage 0."""
         cfg, sharded = self.cfg, self.dist.sharded  # fsdp: rank 0 alone reads the weights, on the CPU
-        model, self.tokenizer = load_model(cfg.model, self.device, str(cfg.cache.dir), log=log.info, place=not sharded,
-                                           weights=not sharded or self.dist.is_main)
+        model, self.tokenizer = load_model(
+            cfg.model,
+            self.device,
+            str(cfg.cache.dir),
+            log=log.info,
+            place=not sharded,
+            weights=not sharded or self.dist.is_main,
+        )
         model = self.dist.shard_model(model, log=log.info)  # distributed=fsdp; before the master copies any weight
         tr, ev = cfg.trainer, cfg.evaluation
         # Never feed more positions than the model has (the tiny model has 512).
         max_pos = getattr(model.config, "max_position_embeddings", None) or 10**9
         self.max_prompt_len = min(int(ev.max_prompt_len), max_pos - int(ev.max_new_tokens))
-        self.encoder = TrainingEncoder(self.tokenizer, min(int(tr.max_len), max_pos), bool(tr.mask_prompt), prompt_format(ev))
+        self.encoder = TrainingEncoder(
+            self.tokenizer, min(int(tr.max_len), max_pos), bool(tr.mask_prompt), prompt_format(ev)
+        )
         self.targets = list(cfg.lora.target_modules)
         self.master = WeightMaster.attach(model, self.targets)  # before any weight changes
         # independent: every stage starts from W0, kept exactly (a CPU copy of the target weights)
-        self.base_weights = {name: self.master.value(name, linear.weight).detach().to("cpu", copy=True)
-                             for name, linear in target_linears(model, self.targets).items()} if self.mode == "independent" else None
+        self.base_weights = (
+            {
+                name: self.master.value(name, linear.weight).detach().to("cpu", copy=True)
+                for name, linear in target_linears(model, self.targets).items()
+            }
+            if self.mode == "independent"
+            else None
+        )
         self.history = History()
         self.models = Models(train=model, eval=model)
         return model
@@ -167,9 +205,14 @@ class Runner:
     def _run(self) -> dict[str, Any]:
         self.prepare()
         self.progress.T = len(self.stage_tasks)
-        self.observers = Observers([ProgressObserver(self.progress),
-                                    TrackerObserver(self.cfg.logger, self.run_dir, self.job, self.dist.is_main),
-                                    *self.extra_observers, KillPoints()])
+        self.observers = Observers(
+            [
+                ProgressObserver(self.progress),
+                TrackerObserver(self.cfg.logger, self.run_dir, self.job, self.dist.is_main),
+                *self.extra_observers,
+                KillPoints(),
+            ]
+        )
         with self.store.lock():
             previous = self.store.load_results(self.config)
             if previous and previous.get("complete"):
@@ -183,7 +226,11 @@ class Runner:
                 self._run_stages()
             except BaseException as exc:
                 self.observers.on_failure(exc)
-                self.results["status"] = f"interrupted during {exc.where}" if isinstance(exc, Interrupted) else f"failed: {type(exc).__name__}: {exc}"
+                self.results["status"] = (
+                    f"interrupted during {exc.where}"
+                    if isinstance(exc, Interrupted)
+                    else f"failed: {type(exc).__name__}: {exc}"
+                )
                 self.results["complete"] = False
                 self.store.save_results(self.results)
                 raise
@@ -216,14 +263,31 @@ class Runner:
         r, alpha, convention = int(cfg.lora.r), float(cfg.lora.alpha), str(cfg.lora.scaling)
         current = self.stage_tasks[stage - 1]
         # Only a sequential stage has earlier tasks; a reference-mode stage sees what stage 1 sees.
-        previous, tasks = (self.stage_tasks[: stage - 1], self.stage_tasks) if self.mode == "sequential" else ([], [current])
+        previous, tasks = (
+            (self.stage_tasks[: stage - 1], self.stage_tasks) if self.mode == "sequential" else ([], [current])
+        )
         return StageContext(
-            stage=stage, current=current, previous=previous, tasks=tasks,
-            rank=r, alpha=alpha, scaling=lora_scaling(alpha, r, convention), scaling_convention=convention,
-            target_modules=self.targets, device=self.device, seed=stage_seed(int(cfg.seed), stage),
-            make_batches=lambda t, n, bs, seed, indices=None: self.encoder.batches(t, n, bs, seed, self.device, indices),
-            cache_dir=self.init_cache_dir, log=self.progress.init_log, adapter=adapter_name(stage),  # details to the log file
-            grad_accum=int(cfg.trainer.grad_accum), history=self.history, master=self.master, run_seed=int(cfg.seed),
+            stage=stage,
+            current=current,
+            previous=previous,
+            tasks=tasks,
+            rank=r,
+            alpha=alpha,
+            scaling=lora_scaling(alpha, r, convention),
+            scaling_convention=convention,
+            target_modules=self.targets,
+            device=self.device,
+            seed=stage_seed(int(cfg.seed), stage),
+            make_batches=lambda t, n, bs, seed, indices=None: self.encoder.batches(
+                t, n, bs, seed, self.device, indices
+            ),
+            cache_dir=self.init_cache_dir,
+            log=self.progress.init_log,
+            adapter=adapter_name(stage),  # details to the log file
+            grad_accum=int(cfg.trainer.grad_accum),
+            history=self.history,
+            master=self.master,
+            run_seed=int(cfg.seed),
             dist=self.dist,
         )
 
@@ -294,8 +358,13 @@ class Runner:
         from peft import LoraConfig
 
         lora_config = LoraConfig(
-            r=ctx.rank, lora_alpha=ctx.alpha, lora_dropout=float(self.cfg.lora.dropout), target_modules=self.targets,
-            use_rslora=ctx.scaling_convention == "rslora", task_type="CAUSAL_LM", **self.initializer.lora_config_kwargs(),
+            r=ctx.rank,
+            lora_alpha=ctx.alpha,
+            lora_dropout=float(self.cfg.lora.dropout),
+            target_modules=self.targets,
+            use_rslora=ctx.scaling_convention == "rslora",
+            task_type="CAUSAL_LM",
+            **self.initializer.lora_config_kwargs(),
         )
         self.initializer.before_wrap(self.models.train, lora_config, ctx)
         peft_model = add_adapter(self.models.train, lora_config, ctx.adapter)
@@ -341,17 +410,26 @@ class Runner:
         cfg = self.cfg
         tr = OmegaConf.to_container(cfg.trainer, resolve=True)
         # multitask: the joint stage's step cap is the sequential run's total (max_steps per task x T)
-        tr["total_steps"] = steps_per_stage(len(ctx.current.train), cfg.trainer, len(self.tasks) if self.mode == "multitask" else 1)
+        tr["total_steps"] = steps_per_stage(
+            len(ctx.current.train), cfg.trainer, len(self.tasks) if self.mode == "multitask" else 1
+        )
         every = int(tr.get("checkpoint_every_steps") or 0)
         if self.job.preemptible:  # visit every step boundary: a preemption signal saves there
             tr["checkpoint_every_steps"] = 1
         resumed = self.store.load_checkpoint(ctx.stage, peft_model, self.plugins)
         if resumed:
             log.info("stage %d: resuming training at step %d", ctx.stage, resumed[0].step)
-        self.observers.before_training(ctx.stage, ctx.current.name, tr["total_steps"], resumed[0].step if resumed else 0)
+        self.observers.before_training(
+            ctx.stage, ctx.current.name, tr["total_steps"], resumed[0].step if resumed else 0
+        )
         summary = train_stage(
-            peft_model, ctx, self.encoder, OmegaConf.create(tr), self.regularizer,
-            state=resumed[0] if resumed else None, optimizer_state=resumed[1] if resumed else None,
+            peft_model,
+            ctx,
+            self.encoder,
+            OmegaConf.create(tr),
+            self.regularizer,
+            state=resumed[0] if resumed else None,
+            optimizer_state=resumed[1] if resumed else None,
             checkpoint=self.checkpointer(every, peft_model, ctx, start_init),
             plugins=list(self.plugins.values()),  # after_backward/after_step for all three
             progress=False,  # the display is an observer's, fed by on_step
@@ -380,7 +458,9 @@ class Runner:
         save every plug-in's state."""
         trained = adapter_factors(peft_model, ctx.adapter)
         self.store.save_history(ctx.stage, ctx.current.name, ctx.adapter, trained, init_factors, scaling)
-        self.history.append(StageRecord(ctx.stage, ctx.current.name, ctx.adapter, lambda: (trained, init_factors, scaling)))
+        self.history.append(
+            StageRecord(ctx.stage, ctx.current.name, ctx.adapter, lambda: (trained, init_factors, scaling))
+        )
         self.models = self.merger.consolidate(peft_model, ctx)
         self.store.save_plugin_states(ctx.stage, self.plugins)
 
@@ -395,9 +475,18 @@ class Runner:
             task = self.tasks[j]
             self.observers.before_eval_task(stage, j, task.name)
             score, records = evaluate_task(
-                self.models.eval, self.tokenizer, task, batch_size=int(ev.batch_size), max_new_tokens=int(ev.max_new_tokens),
-                max_prompt_len=self.max_prompt_len, device=self.device, prompt=self.encoder.prompt,
-                limit=ev.limit, progress=False, protocol=str(ev.protocol), reference_margin=ev.get("reference_margin"),
+                self.models.eval,
+                self.tokenizer,
+                task,
+                batch_size=int(ev.batch_size),
+                max_new_tokens=int(ev.max_new_tokens),
+                max_prompt_len=self.max_prompt_len,
+                device=self.device,
+                prompt=self.encoder.prompt,
+                limit=ev.limit,
+                progress=False,
+                protocol=str(ev.protocol),
+                reference_margin=ev.get("reference_margin"),
                 dist=self.dist,
             )
             row[j] = score
@@ -413,8 +502,11 @@ class Runner:
         """GP/IP are measured after `stage` (general_eval.when); independent: a mean over the T
         models, so one model alone is not worth measuring unless when=every_stage."""
         cfg = self.cfg
-        return bool(self.general_eval and self.general_eval.should_run(cfg.general_eval, stage, len(self.stage_tasks)) and not (
-            self.mode == "independent" and stage and str(cfg.general_eval.get("when")) != "every_stage"))
+        return bool(
+            self.general_eval
+            and self.general_eval.should_run(cfg.general_eval, stage, len(self.stage_tasks))
+            and not (self.mode == "independent" and stage and str(cfg.general_eval.get("when")) != "every_stage")
+        )
 
     def general(self, stage: int) -> dict[str, Any]:
         """GP/IP of the eval model: on rank 0 alone, or under distributed=fsdp (where every forward
@@ -424,8 +516,16 @@ class Runner:
         def evaluate() -> dict[str, Any]:
             with self.store.general_work_dir() as work_dir:
                 return self.general_eval.evaluate_general(
-                    self.models.eval, self.tokenizer, cfg.general_eval, data_root=cfg.data.get("root"), work_dir=work_dir,
-                    device=self.device, seed=int(cfg.seed), prompt=self.encoder.prompt, synced=self.dist.sharded)
+                    self.models.eval,
+                    self.tokenizer,
+                    cfg.general_eval,
+                    data_root=cfg.data.get("root"),
+                    work_dir=work_dir,
+                    device=self.device,
+                    seed=int(cfg.seed),
+                    prompt=self.encoder.prompt,
+                    synced=self.dist.sharded,
+                )
 
         if not self.dist.sharded:
             return self.dist.on_main(evaluate, "general evaluation on rank 0")
@@ -437,10 +537,17 @@ class Runner:
         n_stages = len(self.stage_tasks)
         if self.general_eval and self.mode == "independent":
             # the mean over the T independent models (each task's own), when every one was measured
-            per = [self.general_eval.aggregate_gp_ip(self.results["general"], self.cfg.general_eval, final_stage=s) for s in range(1, n_stages + 1)]
-            gp_ip = {k: (sum(p[k] for p in per) / n_stages if all(p[k] is not None for p in per) else None) for k in gp_ip}
+            per = [
+                self.general_eval.aggregate_gp_ip(self.results["general"], self.cfg.general_eval, final_stage=s)
+                for s in range(1, n_stages + 1)
+            ]
+            gp_ip = {
+                k: (sum(p[k] for p in per) / n_stages if all(p[k] is not None for p in per) else None) for k in gp_ip
+            }
         elif self.general_eval:
-            gp_ip = self.general_eval.aggregate_gp_ip(self.results["general"], self.cfg.general_eval, final_stage=n_stages)
+            gp_ip = self.general_eval.aggregate_gp_ip(
+                self.results["general"], self.cfg.general_eval, final_stage=n_stages
+            )
         metrics.update(gp_ip)
         self.results["metrics"] = metrics
         self.results["complete"] = True

@@ -27,6 +27,7 @@ A variant of the run (remerge: `RunStore.variant("remerge-<tag>")`) writes resul
 predictions.<variant>/ and general_eval.<variant>/ beside these, and reads the same stages/.
 From adapter + init the task vector τ = s·B·A − s·B0·A0 of every stage is recomputed exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -55,7 +57,7 @@ class RunLock:
         self.path = Path(run_dir) / ".lock"
         self.fh = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(self.path, "a+")
         try:
@@ -64,7 +66,9 @@ class RunLock:
             self.fh.seek(0)
             holder = self.fh.read().strip() or "another process"
             self.fh.close()
-            raise ConfigError(f"run dir {self.path.parent} is in use by pid {holder}; wait for it or choose another hydra.run.dir") from None
+            raise ConfigError(
+                f"run dir {self.path.parent} is in use by pid {holder}; wait for it or choose another hydra.run.dir"
+            ) from None
         self.fh.seek(0)
         self.fh.truncate()
         self.fh.write(str(os.getpid()))
@@ -133,7 +137,7 @@ class RunStore:
         self.dist = dist or Dist()
         self.variant = variant
 
-    def variant_of(self, variant: str) -> "RunStore":
+    def variant_of(self, variant: str) -> RunStore:
         """The same run dir and ranks, writing the files of `variant`."""
         return RunStore(self.dir, self.dist, variant)
 
@@ -175,7 +179,9 @@ class RunStore:
         diff = config_differences(previous.get("config", {}), config) if previous is not None else []
         if diff:
             shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
-            raise ConfigError(f"run dir {self.dir} holds a run with a different config (keys: {shown}); use another hydra.run.dir")
+            raise ConfigError(
+                f"run dir {self.dir} holds a run with a different config (keys: {shown}); use another hydra.run.dir"
+            )
         return previous
 
     def save_results(self, results: dict, barrier: str | None = None) -> None:
@@ -200,8 +206,9 @@ class RunStore:
         """StageRecords of stages 1..`stages` (factors read on first use)."""
         return [load_stage_record(self.stage(s)) for s in range(1, stages + 1)]
 
-    def save_history(self, stage: int, task: str, adapter: str, trained: Factors, init: Factors | None,
-                     scaling: dict[str, float]) -> None:
+    def save_history(
+        self, stage: int, task: str, adapter: str, trained: Factors, init: Factors | None, scaling: dict[str, float]
+    ) -> None:
         """The stage's trained and absorbed-init factors and s (what history and remerge need)."""
         if self.dist.is_main:
             save_stage_record(self.stage(stage), stage, task, adapter, trained, init, scaling)
@@ -226,8 +233,9 @@ class RunStore:
             save_model_state(files, model, targets, master)  # marks "trained": eval may be redone alone
         shutil.rmtree(files.checkpoint, ignore_errors=True)
 
-    def restore_stage(self, stage: int, model, targets: list[str], master: WeightMaster,
-                      plugins: dict[str, Plugin]) -> None:
+    def restore_stage(
+        self, stage: int, model, targets: list[str], master: WeightMaster, plugins: dict[str, Plugin]
+    ) -> None:
         """The target weights and every plug-in's state as stage `stage` left them."""
         files = self.stage(stage)
         load_model_state(files, model, targets, master)
@@ -241,8 +249,9 @@ class RunStore:
                 path.unlink(missing_ok=True)
 
     # ---- in-stage checkpoints --------------------------------------------------------------
-    def checkpoint_writer(self, stage: int, model, plugins: dict[str, Plugin],
-                          init: Factors | None) -> Callable[[Any, Any, Any], None]:
+    def checkpoint_writer(
+        self, stage: int, model, plugins: dict[str, Plugin], init: Factors | None
+    ) -> Callable[[Any, Any, Any], None]:
         """`write(state, optimizer, scheduler)`: the stage's in-stage checkpoint (save_checkpoint),
         with `init` as the absorbed init it started from; rank 0 writes, the others do nothing."""
         files = self.stage(stage)
@@ -277,7 +286,7 @@ class RunStore:
         if self.dist.is_main:
             write_jsonl(self.predictions(stage) / f"{task}.jsonl", records)
 
-    def copy_predictions(self, stage: int, source: "RunStore") -> None:
+    def copy_predictions(self, stage: int, source: RunStore) -> None:
         """Row `stage`'s predictions of `source` (another variant of the run), where it has them."""
         if self.dist.is_main and source.predictions(stage).is_dir():
             shutil.copytree(source.predictions(stage), self.predictions(stage), dirs_exist_ok=True)
@@ -306,8 +315,15 @@ def tensors_to_factors(tensors: dict[str, torch.Tensor]) -> Factors:
     return {n: (tensors[f"{n}.A"].float(), tensors[f"{n}.B"].float()) for n in names}
 
 
-def save_stage_record(files: StageFiles, stage: int, task: str, adapter: str, trained: Factors,
-                      init: Factors | None, scaling: dict[str, float]) -> None:
+def save_stage_record(
+    files: StageFiles,
+    stage: int,
+    task: str,
+    adapter: str,
+    trained: Factors,
+    init: Factors | None,
+    scaling: dict[str, float],
+) -> None:
     """What the history and a remerge need of a stage: trained and absorbed-init factors, s."""
     meta = {"history": json.dumps({"stage": stage, "task": task, "adapter": adapter, "scaling": scaling})}
     if init is not None:
@@ -332,8 +348,9 @@ def load_stage_record(files: StageFiles) -> StageRecord:
     return StageRecord(meta["stage"], meta["task"], meta["adapter"], load)
 
 
-def save_model_state(files: StageFiles, model, target_modules: list[str], master: WeightMaster,
-                     shard: tuple[int, int] | None = None) -> None:
+def save_model_state(
+    files: StageFiles, model, target_modules: list[str], master: WeightMaster, shard: tuple[int, int] | None = None
+) -> None:
     """The target weights of `model` (their fp32 master where there is one).
 
     `shard` = (rank, world) under distributed=fsdp: this rank's rows go to its own file; once every
@@ -358,7 +375,9 @@ def load_model_state(files: StageFiles, model, target_modules: list[str], master
     paths = [files.model_state_shard(k, shards) for k in range(shards)] or [files.model_state]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        raise ConfigError(f"{files.model_state} was saved by {shards} ranks but {missing[0]} is missing; use another hydra.run.dir")
+        raise ConfigError(
+            f"{files.model_state} was saved by {shards} ranks but {missing[0]} is missing; use another hydra.run.dir"
+        )
     current = target_linears(model, target_modules)
     opened = [safe_open(str(p), framework="pt") for p in paths]
     for f, path in zip(opened, paths):
@@ -370,6 +389,7 @@ def load_model_state(files: StageFiles, model, target_modules: list[str], master
 
 
 # ---- plug-in state -------------------------------------------------------------------------
+
 
 def save_plugin_state(path: Path, state: dict[str, Any]) -> None:
     """Tensors into the safetensors body, every other value as JSON in its metadata."""
@@ -412,8 +432,10 @@ def load_plugin_states(folder: Path, plugins: dict[str, Plugin]) -> None:
 
 # ---- in-stage checkpoints ------------------------------------------------------------------
 
-def save_checkpoint(files: StageFiles, model, state, optimizer, scheduler, plugins: dict[str, Plugin],
-                    init: Factors | None = None) -> None:
+
+def save_checkpoint(
+    files: StageFiles, model, state, optimizer, scheduler, plugins: dict[str, Plugin], init: Factors | None = None
+) -> None:
     """Adapter, optimizer and scheduler state, RNG states, the step and every plug-in's state, and
     the stage's absorbed init factors (`init`, when the init was absorbed); the JSON goes last
     and marks the checkpoint complete."""
@@ -438,8 +460,11 @@ def save_checkpoint(files: StageFiles, model, state, optimizer, scheduler, plugi
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     atomic_save_tensors(ckpt / "optimizer.safetensors", tensors)
     meta = {
-        "step": state.step, "losses": state.losses, "param_groups": opt_state["param_groups"],
-        "scalars": scalars, "scheduler": scheduler.state_dict(),
+        "step": state.step,
+        "losses": state.losses,
+        "param_groups": opt_state["param_groups"],
+        "scalars": scalars,
+        "scheduler": scheduler.state_dict(),
     }
     atomic_write_json(ckpt / "state.json", meta)
 
@@ -476,4 +501,7 @@ def load_checkpoint(files: StageFiles, model) -> tuple[Any, dict] | None:
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     opt_state = {"state": state, "param_groups": meta["param_groups"]}
-    return TrainState(step=meta["step"], losses=meta["losses"]), {"optimizer": opt_state, "scheduler": meta["scheduler"]}
+    return TrainState(step=meta["step"], losses=meta["losses"]), {
+        "optimizer": opt_state,
+        "scheduler": meta["scheduler"],
+    }

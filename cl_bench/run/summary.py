@@ -1,5 +1,6 @@
 """The readable end-of-run summary: the results matrix, the metrics, what happened at each stage's
 init, warnings when the numbers cannot mean much, and where the files are."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,13 +26,17 @@ def floor_warnings(results: dict[str, Any]) -> list[str]:
             continue
         best, floor = max(column), floor_of(baselines.get(task))
         if best <= 0.0:
-            out.append(f"{task}: 0.0 in every row - the model cannot do this task; use a larger model "
-                       f"(README: '{MODEL_SIZES_SECTION}')")
+            out.append(
+                f"{task}: 0.0 in every row - the model cannot do this task; use a larger model "
+                f"(README: '{MODEL_SIZES_SECTION}')"
+            )
         elif best <= floor + 1e-9:
             b = baselines.get(task) or {}
             which = "majority-answer" if (b.get("majority") or 0) > (b.get("chance") or 0) else "chance"
-            out.append(f"{task}: never above its {which} baseline ({floor:.1f}) in any row (best {best:.1f}) - "
-                       "not learned; train longer or use a larger model")
+            out.append(
+                f"{task}: never above its {which} baseline ({floor:.1f}) in any row (best {best:.1f}) - "
+                "not learned; train longer or use a larger model"
+            )
     return out
 
 
@@ -69,8 +74,10 @@ def format_summary(results: dict[str, Any], run_dir: str | Path | None = None) -
     tasks = results["tasks"]
     width = max(8, *(len(t) for t in tasks)) if tasks else 8
     mode = results.get("mode", "sequential")
-    rows = {"multitask": "row 1 = after joint training on all tasks",
-            "independent": "row i = the base model trained on task i alone"}.get(mode, "row i = after stage i")
+    rows = {
+        "multitask": "row 1 = after joint training on all tasks",
+        "independent": "row i = the base model trained on task i alone",
+    }.get(mode, "row i = after stage i")
     lines = [f"\n== {results['sequence']}{'' if mode == 'sequential' else f' ({mode})'}: results matrix (%, {rows}) =="]
     lines.append(" " * 10 + " ".join(f"{j + 1:>6}" for j in range(len(tasks))))
     for i, row in enumerate(results["matrix"]):
@@ -92,7 +99,11 @@ def format_summary(results: dict[str, Any], run_dir: str | Path | None = None) -
         zs = ", ".join(f"{b}={v:.1f}" for b, v in (g.get("zero_shot") or {}).items())
         fs = ", ".join(f"{b}={v:.1f}" for b, v in (g.get("few_shot") or {}).items())
         cut = g.get("truncated_contexts") or {}
-        cut_text = f"  truncated prompts: zero-shot {cut.get('zero_shot', 0)}, few-shot {cut.get('few_shot', 0)}" if cut else ""
+        cut_text = (
+            f"  truncated prompts: zero-shot {cut.get('zero_shot', 0)}, few-shot {cut.get('few_shot', 0)}"
+            if cut
+            else ""
+        )
         lines.append(f"general @ stage {stage}: zero-shot [{zs}]  few-shot [{fs}]{cut_text}")
     projection = projection_lines(results)
     if projection:

@@ -15,12 +15,14 @@ One W&B run per cl_bench run dir:
 Offline (WANDB_MODE=offline or logger.mode=offline) writes DIR/wandb/offline-run-*; upload later
 with `wandb sync DIR/wandb/offline-run-*` (several dirs of one resumed run sync in order).
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Mapping
+from typing import Any
 
 METRIC_KEYS = ("AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA", "GP", "IP")
 
@@ -39,14 +41,18 @@ def sweep_context() -> dict[str, Any]:
         if not HydraConfig.initialized():
             return {}
         hc = HydraConfig.get()
-        return {"multirun": str(hc.mode) == "RunMode.MULTIRUN", "sweep_dir": str(hc.sweep.dir),
-                "choices": dict(hc.runtime.choices)}
+        return {
+            "multirun": str(hc.mode) == "RunMode.MULTIRUN",
+            "sweep_dir": str(hc.sweep.dir),
+            "choices": dict(hc.runtime.choices),
+        }
     except Exception:  # a bare call (tests, scripts): no Hydra context
         return {}
 
 
 def method_name(config: Mapping[str, Any], choices: Mapping[str, Any]) -> str:
     """initializer/regularizer/merge as chosen (Hydra choice names; class names otherwise)."""
+
     def pick(group: str) -> str:
         choice = choices.get(group)
         if choice:
@@ -78,13 +84,24 @@ class WandbTracker(NullTracker):
         job_type = logger_cfg.get("job_type") or method_name(config, choices)
         seed = config.get("seed")
         lora = config.get("lora") or {}
-        name = logger_cfg.get("name") or f"{results['sequence']} {job_type.split('/')[0]} r{lora.get('r')} a{lora.get('alpha')} s{seed}"
+        name = (
+            logger_cfg.get("name")
+            or f"{results['sequence']} {job_type.split('/')[0]} r{lora.get('r')} a{lora.get('alpha')} s{seed}"
+        )
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=logger_cfg.get("project") or "cl_bench", entity=logger_cfg.get("entity"),
-            id=logger_cfg.get("id") or run_id(run_dir), resume="allow", name=name, group=group, job_type=job_type,
-            tags=list(logger_cfg.get("tags") or []), config=config | {"run_dir": str(run_dir)},
-            dir=str(run_dir), mode=logger_cfg.get("mode"), reinit="finish_previous",
+            project=logger_cfg.get("project") or "cl_bench",
+            entity=logger_cfg.get("entity"),
+            id=logger_cfg.get("id") or run_id(run_dir),
+            resume="allow",
+            name=name,
+            group=group,
+            job_type=job_type,
+            tags=list(logger_cfg.get("tags") or []),
+            config=config | {"run_dir": str(run_dir)},
+            dir=str(run_dir),
+            mode=logger_cfg.get("mode"),
+            reinit="finish_previous",
         )
         self.run.define_metric("train/global_step")
         self.run.define_metric("train/*", step_metric="train/global_step")
@@ -128,17 +145,30 @@ class WandbTracker(NullTracker):
             if metrics.get(k) is not None:
                 self.run.summary[k] = metrics[k]
         tasks = list(results["tasks"])
-        matrix = wandb.Table(columns=["after stage", *tasks],
-                             data=[[i, *row] for i, row in enumerate(results["matrix"])])
-        point = wandb.Table(columns=["run", "sequence", "method", "AP", "FP", "GP", "IP"],
-                            data=[[self.run.name, results["sequence"], self.run.job_type,
-                                   metrics.get("AP"), metrics.get("FP"), metrics.get("GP"), metrics.get("IP")]])
+        matrix = wandb.Table(
+            columns=["after stage", *tasks], data=[[i, *row] for i, row in enumerate(results["matrix"])]
+        )
+        point = wandb.Table(
+            columns=["run", "sequence", "method", "AP", "FP", "GP", "IP"],
+            data=[
+                [
+                    self.run.name,
+                    results["sequence"],
+                    self.run.job_type,
+                    metrics.get("AP"),
+                    metrics.get("FP"),
+                    metrics.get("GP"),
+                    metrics.get("IP"),
+                ]
+            ],
+        )
         images = {
             "plots/R": plots.heatmap(results),
             "plots/R_relative": plots.heatmap(results, relative=True),
             "plots/stability_plasticity": plots.stability_plasticity(
                 [{"label": self.run.name, "AP": metrics.get("AP"), "FP": metrics.get("FP")}],
-                title=f"{results['sequence']}: FP vs AP"),
+                title=f"{results['sequence']}: FP vs AP",
+            ),
             "plots/loss": plots.loss_curves(results),
         }
         logged: dict[str, Any] = {"tables/R": matrix, "tables/AP_FP": point}

@@ -22,14 +22,16 @@ choice, never a change of the training data or of the optimizer steps.
 HF Trainer's `group_by_length` is not offered: it changes which examples share a step (a
 different training run), while the layouts here only change how one step is computed.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from ..data.prompts import Encoded, collate_training as collate_padded
+from ..data.prompts import Encoded
+from ..data.prompts import collate_training as collate_padded
 
 LAYOUTS = ("pad", "group", "pack")
 
@@ -65,7 +67,7 @@ def plan_groups(lengths: Sequence[int], max_tokens: int, overhead_tokens: int = 
                 best[j], cut[j] = cost, i
     groups, j = [], n
     while j > 0:
-        groups.append(order[cut[j]:j])
+        groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
 
@@ -103,9 +105,9 @@ def collate_packed(rows: Sequence[Sequence[Encoded]], pad_id: int) -> dict[str, 
         at = 0
         for e in row:
             n = len(e.input_ids)
-            ids[r, at:at + n] = torch.tensor(e.input_ids)
-            labels[r, at + 1:at + n] = torch.tensor(e.labels[1:])
-            pos[r, at:at + n] = torch.arange(n)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            labels[r, at + 1 : at + n] = torch.tensor(e.labels[1:])
+            pos[r, at : at + n] = torch.arange(n)
             at += n
         pos[r, at:] = torch.arange(width - at)
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
@@ -136,15 +138,20 @@ class Layout:
         flat = [e for m in configured for e in m]
         lengths = [len(e.input_ids) for e in flat]
         if self.name == "group":
-            return [collate_padded([flat[i] for i in g], pad_id) for g in plan_groups(lengths, cap, self.overhead_tokens)]
+            return [
+                collate_padded([flat[i] for i in g], pad_id) for g in plan_groups(lengths, cap, self.overhead_tokens)
+            ]
         rows = pack_rows(lengths, max_len)
         per_forward = max(1, cap // max_len)
-        return [collate_packed([[flat[i] for i in row] for row in rows[k:k + per_forward]], pad_id)
-                for k in range(0, len(rows), per_forward)]
+        return [
+            collate_packed([[flat[i] for i in row] for row in rows[k : k + per_forward]], pad_id)
+            for k in range(0, len(rows), per_forward)
+        ]
 
 
-def regroup(batches: Sequence[dict[str, torch.Tensor]], overhead_tokens: int = 128,
-            max_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+def regroup(
+    batches: Sequence[dict[str, torch.Tensor]], overhead_tokens: int = 128, max_tokens: int | None = None
+) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches (input_ids, attention_mask, labels) re-cut by `plan_groups` with
     `max_tokens` (default: the largest input batch's rows·width) as the cap: the same examples,
     no more tokens per forward than before, less padding. Tensors come back on the device they came from. (The pad id is

@@ -1,4 +1,5 @@
 """The causal-LM loss over trained tokens only, shared by the trainer and the gradient capture."""
+
 from __future__ import annotations
 
 import torch
@@ -33,15 +34,27 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     base = model
     while hasattr(base, "get_base_model") or hasattr(base, "_orig_mod") or hasattr(base, "no_sync"):
         # PEFT wrapper, torch.compile wrapper, DistributedDataParallel
-        base = base._orig_mod if hasattr(base, "_orig_mod") else base.module if hasattr(base, "no_sync") else base.get_base_model()
+        base = (
+            base._orig_mod
+            if hasattr(base, "_orig_mod")
+            else base.module
+            if hasattr(base, "no_sync")
+            else base.get_base_model()
+        )
     kind = type(base)
     if kind not in _LOGITS_TO_KEEP:
         _LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(base.forward).parameters
     return _LOGITS_TO_KEEP[kind]
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: Batch, n_items, *, keep: torch.Tensor | None = None,
-                   targets: torch.Tensor | None = None) -> torch.Tensor:
+def causal_lm_loss(
+    model: torch.nn.Module,
+    batch: Batch,
+    n_items,
+    *,
+    keep: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Σ token cross-entropy over the trained tokens of `batch` / n_items (0-d, fp32 logits),
     the loss HF's ForCausalLM computes with `num_items_in_batch=n_items`.
 

@@ -27,25 +27,26 @@ rounding unless its config doc says otherwise):
 * bf16 autocast on CUDA, the model's SDPA attention (models.py), optional `torch.compile` of the
   forward and activation checkpointing (trainer.compile / trainer.gradient_checkpointing).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .layouts import Layout
-from ..data.prompts import TrainingEncoder
+from ..data.prompts import Batch, TrainingEncoder
+from ..data.tasks.base import TaskData
 from ..infra.distributed import Dist
 from ..infra.errors import ConfigError, TrainingError
-from ..data.prompts import Batch
 from ..stage import Plugin, Regularizer, StageContext
+from .layouts import Layout
 from .loss import causal_lm_loss, logits_mask, trained_tokens
-from ..data.tasks.base import TaskData
 
 
 @dataclass
@@ -116,8 +117,10 @@ def check_layout(layout: Layout, regularizer: Regularizer) -> None:
     """Packed batches have no attention mask: a regularizer that runs its own loss on the batch
     could not run them. ConfigError before any work."""
     if layout.name == "pack" and type(regularizer).loss is not Regularizer.loss:
-        raise ConfigError(f"trainer.layout=pack cannot be used with regularizer {regularizer.name!r}, which adds "
-                          "loss terms on the batch; use trainer.layout=group (same speed class, padded batches)")
+        raise ConfigError(
+            f"trainer.layout=pack cannot be used with regularizer {regularizer.name!r}, which adds "
+            "loss terms on the batch; use trainer.layout=group (same speed class, padded batches)"
+        )
 
 
 @dataclass
@@ -140,21 +143,30 @@ class StepBatcher:
     as forward passes (batching.Layout).
     """
 
-    def __init__(self, encoder: TrainingEncoder, ctx: StageContext, regularizer: Regularizer, cfg, total_steps: int,
-                 dist: Dist | None = None):
+    def __init__(
+        self,
+        encoder: TrainingEncoder,
+        ctx: StageContext,
+        regularizer: Regularizer,
+        cfg,
+        total_steps: int,
+        dist: Dist | None = None,
+    ):
         self.encoder, self.ctx, self.regularizer = encoder, ctx, regularizer
         self.dist = dist or Dist()
         self.bs, self.accum = int(cfg.batch_size), int(cfg.grad_accum)
         self.layout = layout_of(cfg)
         task = ctx.current
         # The whole example order is a pure function of the seed: resuming at step k needs only k.
-        self.order = encoder.order(task, ctx.seed, epochs=math.ceil(total_steps * self.bs * self.accum / len(task.train)) + 1)
+        self.order = encoder.order(
+            task, ctx.seed, epochs=math.ceil(total_steps * self.bs * self.accum / len(task.train)) + 1
+        )
 
     def items(self, step: int) -> list[list[tuple[TaskData, int]]]:
         out = []
         for micro in range(self.accum):
             pos = (step * self.accum + micro) * self.bs
-            items = [(self.ctx.current, i) for i in self.order[pos:pos + self.bs]]
+            items = [(self.ctx.current, i) for i in self.order[pos : pos + self.bs]]
             items += _checked_extra(self.regularizer.extra_examples(self.ctx, step, micro), self.ctx)
             out.append(items)
         return out
@@ -168,8 +180,10 @@ class StepBatcher:
         if self.dist.world > 1:
             mine = self.dist.shard([e for m in configured for e in m])
             k = min(self.accum, len(mine))
-            configured = [mine[j * len(mine) // k:(j + 1) * len(mine) // k] for j in range(k)]
-        micro = self.layout.micro_batches(configured, self.encoder.pad_id, batch_size=self.bs, max_len=self.encoder.max_len)
+            configured = [mine[j * len(mine) // k : (j + 1) * len(mine) // k] for j in range(k)]
+        micro = self.layout.micro_batches(
+            configured, self.encoder.pad_id, batch_size=self.bs, max_len=self.encoder.max_len
+        )
         return Step(
             micro_batches=micro,
             n_items=sum(int(trained_tokens(b)) for b in micro),
@@ -217,8 +231,9 @@ def _forward_backward(
     finite = torch.ones((), dtype=torch.bool, device=device)
     for i, micro in enumerate(micro_batches):
         sync = Dist.no_sync(wrapped, i == accum - 1)
-        lm, extra, ok = _micro_backward(model, forward, micro, n_items, regularizer, rctx, device, sync,
-                                        autocast=autocast, world=world, where=where)
+        lm, extra, ok = _micro_backward(
+            model, forward, micro, n_items, regularizer, rctx, device, sync, autocast=autocast, world=world, where=where
+        )
         finite = finite & ok
         logged["lm"] = logged.get("lm", 0.0) + lm.detach()
         for k, v in extra.items():
@@ -233,8 +248,20 @@ def _forward_backward(
     return logged, finite
 
 
-def _micro_backward(model, forward, micro: Batch, n_items, regularizer: Regularizer, rctx: StageContext,
-                    device: torch.device, sync, *, autocast: bool, world: int, where: str):
+def _micro_backward(
+    model,
+    forward,
+    micro: Batch,
+    n_items,
+    regularizer: Regularizer,
+    rctx: StageContext,
+    device: torch.device,
+    sync,
+    *,
+    autocast: bool,
+    world: int,
+    where: str,
+):
     """Forward and backward of one micro-batch: (LM loss, regularizer terms, finite flag), on the
     device. TrainingError naming the knobs on out of memory."""
     accum = rctx.grad_accum
@@ -288,8 +315,9 @@ def step_gradients(
     Raises TrainingError on a non-finite loss or out of memory. (Synchronous: reads the terms.)
     """
     n_items = sum(int(trained_tokens(b)) for b in micro_batches)
-    terms, finite = _forward_backward(model, micro_batches, n_items, regularizer, ctx, autocast=autocast, where=where,
-                                      plugins=plugins)
+    terms, finite = _forward_backward(
+        model, micro_batches, n_items, regularizer, ctx, autocast=autocast, where=where, plugins=plugins
+    )
     values = {k: float(v) for k, v in terms.items()}
     if not bool(finite):
         raise TrainingError(f"non-finite loss at {where}: {values}; lower trainer.lr or check the regularizer")
@@ -312,9 +340,17 @@ class Trainer:
     before a checkpoint, at the end): one host sync, and under data parallelism one all-reduce.
     """
 
-    def __init__(self, model: torch.nn.Module, ctx: StageContext, encoder: TrainingEncoder, cfg: Any,
-                 regularizer: Regularizer, *, optimizer_state: dict | None = None,
-                 plugins: Sequence[Plugin] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        ctx: StageContext,
+        encoder: TrainingEncoder,
+        cfg: Any,
+        regularizer: Regularizer,
+        *,
+        optimizer_state: dict | None = None,
+        plugins: Sequence[Plugin] | None = None,
+    ):
         self.model, self.ctx, self.cfg, self.regularizer = model, ctx, cfg, regularizer
         self.task, self.device = ctx.current, ctx.device
         self.opt, self.sched = build_optimizer(model, cfg)
@@ -326,7 +362,9 @@ class Trainer:
         self.batcher = StepBatcher(encoder, ctx, regularizer, cfg, self.total, self.dist)
         check_layout(self.batcher.layout, regularizer)
         self.params = list(trainable_parameters(model).values())
-        self.autocast = self.device.type == "cuda" and bool(cfg.get("autocast_bf16", True)) and torch.cuda.is_bf16_supported()
+        self.autocast = (
+            self.device.type == "cuda" and bool(cfg.get("autocast_bf16", True)) and torch.cuda.is_bf16_supported()
+        )
         self.checkpoint_every = int(cfg.get("checkpoint_every_steps") or 0)
         self.plugins = (regularizer,) if plugins is None else tuple(plugins)
         self.log_every = max(1, int(cfg.get("log_every_steps") or 1))
@@ -345,9 +383,14 @@ class Trainer:
         self.bar: Any = None
         self.ran = False
 
-    def run(self, state: TrainState | None = None, *,
-            checkpoint: Callable[[TrainState, torch.optim.Optimizer, Any], None] | None = None,
-            progress: bool = True, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        state: TrainState | None = None,
+        *,
+        checkpoint: Callable[[TrainState, torch.optim.Optimizer, Any], None] | None = None,
+        progress: bool = True,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> dict[str, Any]:
         """Steps from state.step (0: a fresh stage) to cfg.total_steps; returns the stage's summary
         for results.json. `checkpoint(state, optimizer, scheduler)` runs every checkpoint_every_steps
         steps (not after the last), after that step's terms were read; `on_step(step, terms)` for
@@ -359,8 +402,9 @@ class Trainer:
         state = state or TrainState()
         self.model.train()
         start = time.time()
-        self.bar = tqdm(total=self.total, initial=state.step, desc=f"train {self.task.name}", leave=False,
-                        disable=not progress)
+        self.bar = tqdm(
+            total=self.total, initial=state.step, desc=f"train {self.task.name}", leave=False, disable=not progress
+        )
         try:
             with self.checkpointing:
                 while state.step < self.total:
@@ -382,11 +426,24 @@ class Trainer:
         where = f"task {self.task.name!r} step {state.step + 1} (trainer.lr={self.cfg.lr})"
         n_items = self.dist.step_token_count(built.n_items, self.device, f"counting the trained tokens of {where}")
         idle = self.dist.padding_passes(len(built.micro_batches), f"counting the passes of {where}")
-        terms, finite = _forward_backward(self.model, built.micro_batches, n_items, self.regularizer, self.ctx,
-                                          autocast=self.autocast, where=where, forward=self.forward,
-                                          wrapped=self.wrapped, world=self.dist.world, plugins=self.plugins,
-                                          idle=idle, average=self._average if self.averages else None)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(self.cfg.max_grad_norm))  # of the all-reduced gradient
+        terms, finite = _forward_backward(
+            self.model,
+            built.micro_batches,
+            n_items,
+            self.regularizer,
+            self.ctx,
+            autocast=self.autocast,
+            where=where,
+            forward=self.forward,
+            wrapped=self.wrapped,
+            world=self.dist.world,
+            plugins=self.plugins,
+            idle=idle,
+            average=self._average if self.averages else None,
+        )
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, float(self.cfg.max_grad_norm)
+        )  # of the all-reduced gradient
         finite = self.dist.all_finite(finite & torch.isfinite(grad_norm), f"the finite check of {where}")
         lr = self.sched.get_last_lr()[0]  # the rate this step uses
         if self.deferred:
@@ -403,8 +460,13 @@ class Trainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         state.step += 1
-        for k, v in (("examples", built.examples), ("tokens", built.tokens), ("fed_tokens", built.fed_tokens),
-                     ("trained_tokens", built.n_items), ("forward_passes", len(built.micro_batches))):
+        for k, v in (
+            ("examples", built.examples),
+            ("tokens", built.tokens),
+            ("fed_tokens", built.fed_tokens),
+            ("trained_tokens", built.n_items),
+            ("forward_passes", len(built.micro_batches)),
+        ):
             self.counts[k] += v
         self.pending.append((state.step, terms, grad_norm, finite, lr))
 
@@ -428,13 +490,14 @@ class Trainer:
         (regularizer terms, the identical grad norm, the finite flags) the ranks' mean."""
         if not self.pending:
             return []
-        stacked = torch.stack([t.float() for _, terms, gn, ok, _ in self.pending
-                               for t in (*terms.values(), gn.detach(), ok)])
+        stacked = torch.stack(
+            [t.float() for _, terms, gn, ok, _ in self.pending for t in (*terms.values(), gn.detach(), ok)]
+        )
         mean = [k != "lm" for _, terms, _, _, _ in self.pending for k in (*terms, "gn", "ok")]
         flat = self.dist.sum_or_mean(stacked, mean, "reading the loss terms").tolist()
         out, at = [], 0
         for step, terms, _, _, lr in self.pending:
-            vals = flat[at:at + len(terms) + 2]
+            vals = flat[at : at + len(terms) + 2]
             at += len(terms) + 2
             row = dict(zip(terms, vals[:-2]))
             row.update(grad_norm=vals[-2], lr=lr)
@@ -452,8 +515,10 @@ class Trainer:
                 shown = {k: v for k, v in row.items() if k != "lr"}
                 terms_ok = all(math.isfinite(v) for k, v in shown.items() if k != "grad_norm")
                 what = "gradient norm" if terms_ok else "loss"
-                raise TrainingError(f"non-finite {what} at task {self.task.name!r} step {step} (trainer.lr={self.cfg.lr}): "
-                                    f"{shown}; lower trainer.lr or check the regularizer")
+                raise TrainingError(
+                    f"non-finite {what} at task {self.task.name!r} step {step} (trainer.lr={self.cfg.lr}): "
+                    f"{shown}; lower trainer.lr or check the regularizer"
+                )
             state.losses.append(row)
             done.append((step, row))
         return done
@@ -478,8 +543,11 @@ class Trainer:
             "loss_curve": [round(x["lm"], 5) for x in state.losses],
             "seconds": seconds,
             # what this process ran (a resumed stage counts only its own steps)
-            "throughput": {**counts, "layout": self.batcher.layout.name,
-                           "tokens_per_s": counts["tokens"] / seconds if seconds > 0 else None},
+            "throughput": {
+                **counts,
+                "layout": self.batcher.layout.name,
+                "tokens_per_s": counts["tokens"] / seconds if seconds > 0 else None,
+            },
         }
 
 
@@ -540,6 +608,8 @@ def _checked_extra(items: list[tuple[TaskData, int]], ctx: StageContext) -> list
     """Extra examples must be training examples of this run's tasks (never evaluation ones)."""
     for task, i in items:
         if not any(task is t for t in ctx.tasks) or not 0 <= int(i) < len(task.train):
-            raise ValueError(f"extra_examples returned ({getattr(task, 'name', task)!r}, {i}): "
-                             "not a training example of this run's tasks")
+            raise ValueError(
+                f"extra_examples returned ({getattr(task, 'name', task)!r}, {i}): "
+                "not a training example of this run's tasks"
+            )
     return items

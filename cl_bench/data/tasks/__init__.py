@@ -5,6 +5,7 @@
 `root` is `data.root` (or None); the family looks for its own layout below it and raises
 DataError naming the task, the paths tried and how to get the data when nothing is found.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -42,15 +43,25 @@ def load_sequence(seq: Any, root: str | None, seed: int) -> list[TaskData]:
     for name in map(str, seq.tasks):
         kwargs = {"metric": overrides[name]} if name in overrides else {}
         if kwargs and "metric" not in inspect.signature(module.load_task).parameters:
-            raise ConfigError(f"sequence.metrics: family {seq.family!r} fixes its metrics; remove the override for {name}")
+            raise ConfigError(
+                f"sequence.metrics: family {seq.family!r} fixes its metrics; remove the override for {name}"
+            )
         try:
-            tasks.append(module.load_task(name, root=root, n_train=seq.n_train, n_eval=int(seq.n_eval), seed=seed, **kwargs))
+            tasks.append(
+                module.load_task(name, root=root, n_train=seq.n_train, n_eval=int(seq.n_eval), seed=seed, **kwargs)
+            )
         except DataError as exc:
             errors.append((name, str(exc)))
     if errors:
         # The first task's full message, then only the names: one readable line, not one per task.
-        more = (f" (and {len(errors) - 1} more task(s): {', '.join(n for n, _ in errors[1:])}; "
-                f"`python -m cl_bench.data_check data.root=DIR` lists what each sequence lacks)") if len(errors) > 1 else ""
+        more = (
+            (
+                f" (and {len(errors) - 1} more task(s): {', '.join(n for n, _ in errors[1:])}; "
+                f"`python -m cl_bench.data_check data.root=DIR` lists what each sequence lacks)"
+            )
+            if len(errors) > 1
+            else ""
+        )
         raise DataError(errors[0][1] + more)
     return tasks
 
@@ -65,5 +76,14 @@ def evaluation_record(tasks: list[TaskData], protocol: str) -> dict[str, Any]:
     return {"protocol": protocol, "metrics": {t.name: t.metric_for(protocol) for t in tasks}}
 
 
-__all__ = ["Example", "TaskData", "PROTOCOLS", "split_examples", "split_stats", "evaluation_record",
-           "load_sequence", "family_module", "FAMILIES"]
+__all__ = [
+    "Example",
+    "TaskData",
+    "PROTOCOLS",
+    "split_examples",
+    "split_stats",
+    "evaluation_record",
+    "load_sequence",
+    "family_module",
+    "FAMILIES",
+]

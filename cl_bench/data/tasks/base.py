@@ -1,18 +1,26 @@
 """What every task family yields: examples with a prompt and references, split by one seeded rule."""
+
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from ...infra.errors import DataError
 
 # Metric names a task may declare; scoring.py implements each one.
 VALID_METRICS = (
-    "exact_match", "rouge_l", "accuracy", "edit_similarity", "sari",
-    "ni_exact_match", "ni_rouge_l", "slice_exact_match", "slice_rouge_l",
+    "exact_match",
+    "rouge_l",
+    "accuracy",
+    "edit_similarity",
+    "sari",
+    "ni_exact_match",
+    "ni_rouge_l",
+    "slice_exact_match",
+    "slice_rouge_l",
 )
 # evaluation.protocol: `per_task` scores each task by its family's (official) metric;
 # `slice_paper` by the SLICE authors' metric for it (shared/reference/slice-reference.md §5.1).
@@ -20,7 +28,9 @@ PROTOCOLS = ("per_task", "slice_paper")
 # The authors' evaluator scored label-like tasks by exact match and the rest by ROUGE-L; tasks
 # they never ran (CL benchmark, synthetic, unregistered SuperNI tasks) map by the kind of answer.
 _SLICE_PAPER_BY_METRIC = {
-    "exact_match": "slice_exact_match", "ni_exact_match": "slice_exact_match", "accuracy": "slice_exact_match",
+    "exact_match": "slice_exact_match",
+    "ni_exact_match": "slice_exact_match",
+    "accuracy": "slice_exact_match",
 }
 
 
@@ -47,6 +57,7 @@ class Example:
 def prompt_key(example: Example) -> tuple:
     """What makes two examples the same question: the prompt (and chat turns) with whitespace
     runs collapsed, so a copy that differs only in spacing still counts as a duplicate."""
+
     def squash(text: str) -> str:
         return " ".join(str(text).split())
 
@@ -71,9 +82,7 @@ class TaskData:
     def __post_init__(self) -> None:
         for metric in (self.metric, self.paper_metric or self.metric):
             if metric not in VALID_METRICS:
-                raise DataError(
-                    f"task {self.name!r}: unknown metric {metric!r}; valid: {', '.join(VALID_METRICS)}"
-                )
+                raise DataError(f"task {self.name!r}: unknown metric {metric!r}; valid: {', '.join(VALID_METRICS)}")
         if not self.eval:
             raise DataError(f"task {self.name!r} ({self.origin}): no evaluation examples")
         if not self.train:
@@ -91,8 +100,11 @@ class TaskData:
     def split_stats(self) -> dict[str, int]:
         """For results.json `split_stats`: sizes and training examples dropped as duplicates of
         an evaluated prompt."""
-        return {"train": len(self.train), "eval": len(self.eval),
-                "dropped_duplicates": int(self.info.get("dropped_duplicates", 0))}
+        return {
+            "train": len(self.train),
+            "eval": len(self.eval),
+            "dropped_duplicates": int(self.info.get("dropped_duplicates", 0)),
+        }
 
 
 def drop_evaluated(
@@ -157,5 +169,3 @@ def data_roots(root: str | os.PathLike | None) -> list[Path]:
     """`data.root`, else env CL_BENCH_DATA; empty when neither is set."""
     chosen = root if root not in (None, "") else os.environ.get("CL_BENCH_DATA") or None
     return [Path(chosen).expanduser()] if chosen else []
-
-

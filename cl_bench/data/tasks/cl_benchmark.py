@@ -12,6 +12,7 @@ Eval examples come from test.json (else dev.json, else held out of train.json); 
 exact match on the label as O-LoRA scores it: its src/compute_metrics.py is the natural-instructions
 scorer (normalize_answer: lowercase, punctuation removed, whitespace collapsed), i.e. ni_exact_match.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,21 @@ from .base import Example, TaskData, data_roots, split_for_task
 
 # name -> instruction group (the O-LoRA task configs)
 GROUPS: dict[str, str] = {
-    "dbpedia": "TC", "amazon": "SC", "yahoo": "TC", "agnews": "TC", "yelp": "SC",
-    "MNLI": "NLI", "QQP": "QQP", "RTE": "NLI", "SST-2": "SC", "WiC": "WiC",
-    "CB": "NLI", "COPA": "COPA", "BoolQA": "BoolQA", "MultiRC": "MultiRC", "IMDB": "SC",
+    "dbpedia": "TC",
+    "amazon": "SC",
+    "yahoo": "TC",
+    "agnews": "TC",
+    "yelp": "SC",
+    "MNLI": "NLI",
+    "QQP": "QQP",
+    "RTE": "NLI",
+    "SST-2": "SC",
+    "WiC": "WiC",
+    "CB": "NLI",
+    "COPA": "COPA",
+    "BoolQA": "BoolQA",
+    "MultiRC": "MultiRC",
+    "IMDB": "SC",
 }
 ALIASES = {"ag": "agnews", "ag_news": "agnews", "sst2": "SST-2", "boolq": "BoolQA"}
 NO_INSTRUCTION = {"COPA"}
@@ -43,7 +56,9 @@ def resolve_task_name(name: str) -> str:
     by_lower = {n.lower(): n for n in GROUPS}
     if key.lower() in by_lower:
         return by_lower[key.lower()]
-    raise DataError(f"CL-benchmark task {name!r} is unknown; valid: {', '.join(GROUPS)} (aliases: {', '.join(ALIASES)})")
+    raise DataError(
+        f"CL-benchmark task {name!r} is unknown; valid: {', '.join(GROUPS)} (aliases: {', '.join(ALIASES)})"
+    )
 
 
 def candidate_dirs(task: str, base: Path) -> list[Path]:
@@ -92,7 +107,7 @@ def read_split(path: Path, task: str, instruction: str, labels: list[str]) -> tu
     the label set (upstream MNLI test has unlabelled "-" records; no answer could score)."""
     records = _read_json(path)
     if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of {{\"label\", \"sentence\"}} records (O-LoRA CL_Benchmark format)")
+        raise DataError(f'{path}: expected a JSON list of {{"label", "sentence"}} records (O-LoRA CL_Benchmark format)')
     with_options = task not in NO_INSTRUCTION
     examples, skipped = [], 0
     for i, rec in enumerate(records):
@@ -118,7 +133,9 @@ def load_task(name: str, *, root: str | None, n_train: int | None, n_eval: int, 
             if not (folder / "train.json").is_file():
                 continue
             if not (folder / "labels.json").is_file():
-                raise DataError(f"{folder}: labels.json is missing (O-LoRA CL_Benchmark layout: train/test/labels.json)")
+                raise DataError(
+                    f"{folder}: labels.json is missing (O-LoRA CL_Benchmark layout: train/test/labels.json)"
+                )
             labels = [str(x) for x in _read_json(folder / "labels.json")]
             config_path = find_instructions(folder, base)
             instruction = instruction_for(task, config_path, folder)
@@ -129,9 +146,21 @@ def load_task(name: str, *, root: str | None, n_train: int | None, n_eval: int, 
                 test_pool, skipped_eval = read_split(eval_file, task, instruction, labels)
                 skipped += skipped_eval
             train, evaluated, info = split_for_task(train_pool, test_pool, n_train, n_eval, seed)
-            info.update(group=GROUPS[task], instructions=str(config_path) if config_path else None, skipped_unlabelled=skipped)
+            info.update(
+                group=GROUPS[task], instructions=str(config_path) if config_path else None, skipped_unlabelled=skipped
+            )
             if eval_file:
                 info["eval_file"] = eval_file.name
-            return TaskData(task, "ni_exact_match", train, evaluated, labels=labels, origin=str(folder), info={"family": "cl_benchmark", **info})
+            return TaskData(
+                task,
+                "ni_exact_match",
+                train,
+                evaluated,
+                labels=labels,
+                origin=str(folder),
+                info={"family": "cl_benchmark", **info},
+            )
     where = "; ".join(tried) if tried else "no local path (data.root and CL_BENCH_DATA are unset)"
-    raise DataError(f"CL-benchmark task {task!r} not found. Tried: {where}. To get it: " + DOWNLOAD_HINT.format(task=task))
+    raise DataError(
+        f"CL-benchmark task {task!r} not found. Tried: {where}. To get it: " + DOWNLOAD_HINT.format(task=task)
+    )

@@ -21,6 +21,7 @@ references, its normalize_answer, ROUGE-L with stemming). Under evaluation.proto
 SLICE authors' metric applies instead: exact match for the tasks their registry calls
 classification, ROUGE-L for the rest (SLICE_PAPER_KIND), with their normalization.
 """
+
 from __future__ import annotations
 
 import json
@@ -123,9 +124,14 @@ METRIC_TABLE: dict[str, str] = {
 # §10.3): classification -> exact match, generation -> ROUGE-L. Their NI360 (a response generation
 # task) is registered as classification, and NI141/NI163/NI002 as generation: kept as they scored them.
 _PAPER_EM = "195 1343 1310 1292 363 231 220 224 273 360 1510 088 092 119 199 209 286 325 327 513 517 828 1332 1346 1429"
-_PAPER_RL = ("618 1290 589 511 1357 1355 141 619 163 002 339 611 292 488 024 077 079 085 086 087 090 161 179 180 "
-             "181 183 205 206 208 243 271 376 425 1152 1582 1711")
-SLICE_PAPER_KIND: dict[int, str] = {**{int(n): EM for n in _PAPER_EM.split()}, **{int(n): RL for n in _PAPER_RL.split()}}
+_PAPER_RL = (
+    "618 1290 589 511 1357 1355 141 619 163 002 339 611 292 488 024 077 079 085 086 087 090 161 179 180 "
+    "181 183 205 206 208 243 271 376 425 1152 1582 1711"
+)
+SLICE_PAPER_KIND: dict[int, str] = {
+    **{int(n): EM for n in _PAPER_EM.split()},
+    **{int(n): RL for n in _PAPER_RL.split()},
+}
 _SLICE_METRIC = {EM: "slice_exact_match", RL: "slice_rouge_l"}
 
 _SHORT_ID = re.compile(r"(?:ni|task)?0*(\d+)")
@@ -148,7 +154,9 @@ def metric_kind(task: str, override: str | None = None) -> str:
     """The metric kind of a task: the sequence YAML's override, else METRIC_TABLE."""
     if override is not None:
         if override not in VALID_METRICS:
-            raise DataError(f"metric override {override!r} for SuperNI task {task!r} is invalid; valid: {', '.join(VALID_METRICS)}")
+            raise DataError(
+                f"metric override {override!r} for SuperNI task {task!r} is invalid; valid: {', '.join(VALID_METRICS)}"
+            )
         return override
     try:
         return METRIC_TABLE[task]
@@ -176,6 +184,7 @@ def paper_metric_for(task: str, kind: str) -> str:
 
 
 # ------------------------------------------------------------------------------- files
+
 
 def candidate_files(task: str, base: Path) -> list[tuple[Path, Path | None]]:
     """(training file, test file or None) pairs to try below one root, in order."""
@@ -205,7 +214,9 @@ def _outputs(output, path: Path, index: int) -> tuple[str, ...]:
     outputs = output if isinstance(output, list) else ([] if output is None else [output])
     for out in outputs:
         if not isinstance(out, str):
-            raise DataError(f"{path}: Instances[{index}].output must be a string or a list of strings, got {type(out).__name__}")
+            raise DataError(
+                f"{path}: Instances[{index}].output must be a string or a list of strings, got {type(out).__name__}"
+            )
     return tuple(outputs)
 
 
@@ -226,8 +237,14 @@ def read_task_file(path: Path) -> tuple[str, list[Example]]:
         outputs = _outputs(inst.get("output"), path, i)
         if not outputs:
             continue
-        examples.append(Example(id=str(inst.get("id", f"{path.stem}-{i}")), prompt=build_prompt(definition, inst["input"]),
-                                target=outputs[0], references=outputs))
+        examples.append(
+            Example(
+                id=str(inst.get("id", f"{path.stem}-{i}")),
+                prompt=build_prompt(definition, inst["input"]),
+                target=outputs[0],
+                references=outputs,
+            )
+        )
     if not examples:
         raise DataError(f"{path}: 'Instances' holds no instance with a reference output; a task needs at least 2")
     return definition, examples
@@ -241,7 +258,13 @@ def _from_hub(task: str) -> list[Example]:
     examples: list[Example] = []
     for split in splits.values():
         for row in split.filter(lambda r: r["task_name"] == task):
-            examples.append(Example(id=str(row["id"]), prompt=build_prompt(row["definition"].strip(), row["inputs"]), target=row["targets"]))
+            examples.append(
+                Example(
+                    id=str(row["id"]),
+                    prompt=build_prompt(row["definition"].strip(), row["inputs"]),
+                    target=row["targets"],
+                )
+            )
     if not examples:
         raise LookupError(f"no rows with task_name={task!r}")
     return examples
@@ -263,8 +286,15 @@ def load_task(
             test_pool = read_task_file(test_path)[1] if test_path is not None and test_path.is_file() else None
             train, evaluated, info = split_for_task(train_pool, test_pool, n_train, n_eval, seed)
             origin = str(train_path) + (f" + {test_path}" if test_pool else "")
-            return TaskData(task, chosen_metric, train, evaluated, origin=origin, info={"family": "superni", **info},
-                            paper_metric=paper_metric)
+            return TaskData(
+                task,
+                chosen_metric,
+                train,
+                evaluated,
+                origin=origin,
+                info={"family": "superni", **info},
+                paper_metric=paper_metric,
+            )
     try:
         pool = _from_hub(task)
     except Exception as err:  # offline, not installed, unknown task: all end in the one message below
@@ -274,5 +304,12 @@ def load_task(
             f"{str(err).splitlines()[0] if str(err) else ''}. To get it: " + DOWNLOAD_HINT.format(task=task)
         ) from None
     train, evaluated, info = split_for_task(pool, None, n_train, n_eval, seed)
-    return TaskData(task, chosen_metric, train, evaluated, origin=f"hf:{HF_DATASET}", info={"family": "superni", **info},
-                    paper_metric=paper_metric)
+    return TaskData(
+        task,
+        chosen_metric,
+        train,
+        evaluated,
+        origin=f"hf:{HF_DATASET}",
+        info={"family": "superni", **info},
+        paper_metric=paper_metric,
+    )

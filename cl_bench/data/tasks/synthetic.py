@@ -16,12 +16,13 @@ model answers them in their own vocabulary at chance and the stages must teach t
 Pools are label-balanced (each label at most ceil(n / #labels) times) and prompts are unique, so
 held-out examples never appear in training.
 """
+
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ...infra.errors import ConfigError
 from ..wordlists import ANIMALS, COLORS, NAMES, NEGATIVE, NOUNS, POSITIVE, VERBS
@@ -51,7 +52,8 @@ def _sentiment(rng, flip: bool) -> tuple[str, str]:
     label = "positive" if positive != flip else "negative"
     instruction = (
         "Answer with the opposite of the sentiment of this review: positive or negative."
-        if flip else "Is the sentiment of this review positive or negative?"
+        if flip
+        else "Is the sentiment of this review positive or negative?"
     )
     return f"{instruction}\nReview: {text}", label
 
@@ -176,5 +178,12 @@ def load_task(name: str, *, root: str | None, n_train: int | None, n_eval: int, 
     # Data depend on a fixed generator seed; `seed` only drives the split, like a real data set.
     train, held, dropped = split_examples(generate(name, pool_size(n_train, n_eval), seed=0), n_train, n_eval, seed)
     labels = list(family.labels) if family.labels else None
-    return TaskData(name=name, metric=family.metric, train=train, eval=held, labels=labels, origin=f"synthetic:{name}",
-                    info={"family": "synthetic", "dropped_duplicates": dropped})
+    return TaskData(
+        name=name,
+        metric=family.metric,
+        train=train,
+        eval=held,
+        labels=labels,
+        origin=f"synthetic:{name}",
+        info={"family": "synthetic", "dropped_duplicates": dropped},
+    )

@@ -13,6 +13,7 @@ edit similarity for Py150 and SARI for 20Minuten (source = the paragraph being s
 Under evaluation.protocol=slice_paper every TRACE task is scored as the SLICE authors did: their
 ROUGE-L (scoring.slice_rouge_l), multiple-choice and numeric tasks included (slice-reference.md §5.1).
 """
+
 from __future__ import annotations
 
 import json
@@ -78,7 +79,7 @@ def _source_of(task: str, prompt: str) -> str | None:
     if task != "20Minuten":
         return None
     start = prompt.find(SIMPLIFY_PREFIX)
-    return prompt[start + len(SIMPLIFY_PREFIX):] if start >= 0 else prompt
+    return prompt[start + len(SIMPLIFY_PREFIX) :] if start >= 0 else prompt
 
 
 def read_split(path: Path, task: str) -> list[Example]:
@@ -87,13 +88,17 @@ def read_split(path: Path, task: str) -> list[Example]:
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read TRACE JSON ({err})") from None
     if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of {{\"prompt\", \"answer\"}} objects (TRACE format)")
+        raise DataError(f'{path}: expected a JSON list of {{"prompt", "answer"}} objects (TRACE format)')
     examples = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or "prompt" not in rec or "answer" not in rec:
-            raise DataError(f"{path}: record {i} lacks 'prompt' or 'answer' (TRACE format is [{{\"prompt\", \"answer\"}}, ...])")
+            raise DataError(
+                f"{path}: record {i} lacks 'prompt' or 'answer' (TRACE format is [{{\"prompt\", \"answer\"}}, ...])"
+            )
         prompt, answer = str(rec["prompt"]), str(rec["answer"])
-        examples.append(Example(id=f"{task}-{path.stem}-{i}", prompt=prompt, target=answer, source=_source_of(task, prompt)))
+        examples.append(
+            Example(id=f"{task}-{path.stem}-{i}", prompt=prompt, target=answer, source=_source_of(task, prompt))
+        )
     return examples
 
 
@@ -125,7 +130,15 @@ def load_task(name: str, *, root: str | None, n_train: int | None, n_eval: int, 
             train, evaluated, info = split_for_task(train_pool, test_pool, n_train, n_eval, seed)
             if eval_file:
                 info["eval_file"] = eval_file.name
-            return TaskData(task, metric, train, evaluated, labels=labels, origin=str(folder), info={"family": "trace", **info},
-                            paper_metric="slice_rouge_l")
+            return TaskData(
+                task,
+                metric,
+                train,
+                evaluated,
+                labels=labels,
+                origin=str(folder),
+                info={"family": "trace", **info},
+                paper_metric="slice_rouge_l",
+            )
     where = "; ".join(tried) if tried else "no local path (data.root and CL_BENCH_DATA are unset)"
     raise DataError(f"TRACE task {task!r} not found. Tried: {where}. To get it: " + DOWNLOAD_HINT.format(task=task))

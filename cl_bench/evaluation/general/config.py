@@ -5,19 +5,29 @@ ConfigError) and when GP/IP are evaluated (should_run).
 A benchmark enters GP or IP only when the config says so and the lists are recorded: the SLICE
 authors' GP silently averaged in a ~0 BBH zero-shot score, and a benchmark not in GP is not run 0-shot.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from . import tasks as gt
 from ...infra.errors import ConfigError
+from . import tasks as gt
 
 WHEN_CHOICES = ("stage0_and_final", "every_stage", "none")
 BENCH_KEYS = ("source", "gp", "ip", "shots", "limit", "task", "metric", "file", "generation_kwargs")
-TOP_KEYS = ("when", "batch_size", "limit", "apply_chat_template", "fewshot_as_multiturn", "max_length",
-            "fewshot_pool", "benchmarks")
+TOP_KEYS = (
+    "when",
+    "batch_size",
+    "limit",
+    "apply_chat_template",
+    "fewshot_as_multiturn",
+    "max_length",
+    "fewshot_pool",
+    "benchmarks",
+)
 
 
 @dataclass(frozen=True)
@@ -40,34 +50,53 @@ class BenchmarkSpec:
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     "hellaswag": BenchmarkSpec(
-        sources=("local_or_registry", "registry", "local"), metric="acc_norm,none",
-        registry_task="hellaswag", lm_eval_yaml="hellaswag/hellaswag.yaml",
-        local_file="hellaswag_validation.jsonl", local_pool_file="hellaswag_train.jsonl",
-        read_rows=gt.hellaswag_rows, split_names=("train", "validation"), prompt_fields=("activity_label", "ctx_a", "ctx_b"),
+        sources=("local_or_registry", "registry", "local"),
+        metric="acc_norm,none",
+        registry_task="hellaswag",
+        lm_eval_yaml="hellaswag/hellaswag.yaml",
+        local_file="hellaswag_validation.jsonl",
+        local_pool_file="hellaswag_train.jsonl",
+        read_rows=gt.hellaswag_rows,
+        split_names=("train", "validation"),
+        prompt_fields=("activity_label", "ctx_a", "ctx_b"),
     ),
     "commonsense_qa": BenchmarkSpec(
-        sources=("local_or_registry", "registry", "local"), metric="acc,none",
-        registry_task="commonsense_qa", lm_eval_yaml="commonsense_qa/default.yaml",
-        local_file="commonsenseqa_validation.jsonl", local_pool_file="commonsenseqa_train.jsonl",
-        read_rows=gt.commonsense_qa_rows, split_names=("train", "validation"), prompt_fields=("question", "choices"),
+        sources=("local_or_registry", "registry", "local"),
+        metric="acc,none",
+        registry_task="commonsense_qa",
+        lm_eval_yaml="commonsense_qa/default.yaml",
+        local_file="commonsenseqa_validation.jsonl",
+        local_pool_file="commonsenseqa_train.jsonl",
+        read_rows=gt.commonsense_qa_rows,
+        split_names=("train", "validation"),
+        prompt_fields=("question", "choices"),
     ),
     # The SLICE authors' task: 3 fixed chain-of-thought demonstrations, answer after "the answer is".
     "bbh_object_counting": BenchmarkSpec(
-        sources=("local_or_registry", "registry", "local"), metric="exact_match,get-answer",
-        registry_task="bbh_cot_fewshot_object_counting", lm_eval_yaml="bbh/cot_fewshot/object_counting.yaml",
-        local_file="bbh_object_counting.json", read_rows=gt.bbh_rows, split_names=("", "test"),
+        sources=("local_or_registry", "registry", "local"),
+        metric="exact_match,get-answer",
+        registry_task="bbh_cot_fewshot_object_counting",
+        lm_eval_yaml="bbh/cot_fewshot/object_counting.yaml",
+        local_file="bbh_object_counting.json",
+        read_rows=gt.bbh_rows,
+        split_names=("", "test"),
     ),
     # AlpacaEval instructions with text-davinci-003 references: the model that wrote the Stanford
     # Alpaca answers the authors scored against (the GPT-4 references are ~6x longer).
     "alpaca": BenchmarkSpec(
-        sources=("local",), metric="rouge_l,none", template="alpaca.yaml",
-        local_file="alpaca_eval_text_davinci_003_reference.json", read_rows=gt.alpaca_rows,
+        sources=("local",),
+        metric="rouge_l,none",
+        template="alpaca.yaml",
+        local_file="alpaca_eval_text_davinci_003_reference.json",
+        read_rows=gt.alpaca_rows,
         prompt_fields=("instruction", "input"),
     ),
     "synthetic_odd_one_out": BenchmarkSpec(
-        sources=("synthetic",), metric="acc,none", template="synthetic_odd_one_out.yaml"),
+        sources=("synthetic",), metric="acc,none", template="synthetic_odd_one_out.yaml"
+    ),
     "synthetic_count_items": BenchmarkSpec(
-        sources=("synthetic",), metric="exact_match,first-number", template="synthetic_count_items.yaml"),
+        sources=("synthetic",), metric="exact_match,first-number", template="synthetic_count_items.yaml"
+    ),
 }
 
 
@@ -158,8 +187,10 @@ def parse_config(gcfg: Any) -> GeneralEvalConfig:
     if not isinstance(benches_raw, Mapping):
         raise ConfigError("general_eval.benchmarks must map benchmark names to settings")
     if when != "none" and not benches_raw:
-        raise ConfigError(f"general_eval.benchmarks is empty while general_eval.when={when!r}; "
-                          f"valid benchmarks: {', '.join(BENCHMARKS)}")
+        raise ConfigError(
+            f"general_eval.benchmarks is empty while general_eval.when={when!r}; "
+            f"valid benchmarks: {', '.join(BENCHMARKS)}"
+        )
     benchmarks = tuple(_parse_benchmark(name, b) for name, b in benches_raw.items())
     return GeneralEvalConfig(
         when=when,
@@ -193,26 +224,40 @@ def _parse_benchmark(name: str, raw: Any) -> BenchmarkConfig:
     shots = _int(raw.get("shots", 5), f"{key}.shots", 1)
     task = raw.get("task")
     if task is not None and (spec.registry_task is None or not isinstance(task, str)):
-        raise ConfigError(f"general_eval.{key}.task={task!r} is invalid; only registry benchmarks "
-                          f"({', '.join(n for n, s in BENCHMARKS.items() if s.registry_task)}) take an lm-eval task name")
+        raise ConfigError(
+            f"general_eval.{key}.task={task!r} is invalid; only registry benchmarks "
+            f"({', '.join(n for n, s in BENCHMARKS.items() if s.registry_task)}) take an lm-eval task name"
+        )
     if task is not None and source != "registry":
-        raise ConfigError(f"general_eval.{key}.task={task!r} needs source=registry (local data keeps "
-                          f"the task {spec.registry_task!r} whose file it includes)")
+        raise ConfigError(
+            f"general_eval.{key}.task={task!r} needs source=registry (local data keeps "
+            f"the task {spec.registry_task!r} whose file it includes)"
+        )
     metric = raw.get("metric") or spec.metric
     if not isinstance(metric, str) or "," not in metric:
-        raise ConfigError(f"general_eval.{key}.metric={metric!r} is invalid; valid: an lm-eval result key "
-                          f"'metric,filter' such as {spec.metric!r}")
+        raise ConfigError(
+            f"general_eval.{key}.metric={metric!r} is invalid; valid: an lm-eval result key "
+            f"'metric,filter' such as {spec.metric!r}"
+        )
     file = raw.get("file")
     if file is not None and spec.read_rows is None:
         raise ConfigError(f"general_eval.{key}.file={file!r} is invalid; {name} has no data file")
     gen = raw.get("generation_kwargs") or {}
     if not isinstance(gen, Mapping):
-        raise ConfigError(f"general_eval.{key}.generation_kwargs={gen!r} is invalid; valid: a mapping "
-                          "such as {max_gen_toks: 256}")
+        raise ConfigError(
+            f"general_eval.{key}.generation_kwargs={gen!r} is invalid; valid: a mapping such as {{max_gen_toks: 256}}"
+        )
     return BenchmarkConfig(
-        name=name, source=source, gp=gp, ip=ip, shots=shots,
+        name=name,
+        source=source,
+        gp=gp,
+        ip=ip,
+        shots=shots,
         limit=_int(raw.get("limit"), f"{key}.limit", 1, allow_none=True),
-        task=task, metric=metric, file=file, generation_kwargs=dict(gen),
+        task=task,
+        metric=metric,
+        file=file,
+        generation_kwargs=dict(gen),
     )
 
 

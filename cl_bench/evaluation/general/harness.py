@@ -5,20 +5,20 @@ run_benchmarks / evaluate_general, and the GP/IP aggregation of their scores.
 lm-eval ignores `simple_evaluate(batch_size=...)` when given a model object: the batch size is
 passed to `HFLM` itself.
 """
+
 from __future__ import annotations
 
 import logging
 import random
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Mapping
 
+from ...infra.errors import ConfigError, DataError
 from .config import BENCHMARKS, GeneralEvalConfig, parse_config
 from .sources import PreparedBenchmark, prepare_benchmarks
-from ...infra.errors import ConfigError, DataError
-
 
 # batch_size=auto off CUDA: lm-eval's probe (try 64 rows of the longest request, halve on
 # out-of-memory) relies on CUDA raising out-of-memory; on the CPU an oversized batch is not
@@ -40,8 +40,12 @@ class _LmEvalNoise(logging.Filter):
     `counting_hflm` and recorded per benchmark instead of flooding the log) and the harmless
     notes about passing a model object."""
 
-    _DROPPED = ("Combined length of context", "Left truncation applied", "`pretrained` model kwarg is not of type `str`",
-                "Passed an already-initialized model")
+    _DROPPED = (
+        "Combined length of context",
+        "Left truncation applied",
+        "`pretrained` model kwarg is not of type `str`",
+        "Passed an already-initialized model",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(self._DROPPED)
@@ -102,8 +106,9 @@ def counting_hflm():
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
         def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
-            ids, mask = super().tok_batch_encode(strings, padding_side=padding_side, left_truncate_len=None,
-                                                 truncation=truncation)
+            ids, mask = super().tok_batch_encode(
+                strings, padding_side=padding_side, left_truncate_len=None, truncation=truncation
+            )
             if left_truncate_len:
                 for text, length in zip(strings, mask.sum(dim=1).tolist()):
                     if length > left_truncate_len:
@@ -226,8 +231,10 @@ def run_benchmarks(
     truncated: dict[str, dict[str, dict[str, int]]] = {"zero_shot": {}, "few_shot": {}}
     chat = cfg.apply_chat_template
     quiet = False  # lm-eval returned None here: this rank ran the requests, another one scores them
-    modes = (("zero_shot", [p for p in prepared if p.config.gp], lambda b: 0),
-             ("few_shot", [p for p in prepared if p.config.ip], lambda b: b.shots))
+    modes = (
+        ("zero_shot", [p for p in prepared if p.config.gp], lambda b: 0),
+        ("few_shot", [p for p in prepared if p.config.ip], lambda b: b.shots),
+    )
     for mode, items, shots_of in modes:
         if not items:
             continue
@@ -244,17 +251,28 @@ def run_benchmarks(
             lm_truncated.clear()
         with _lm_eval_logging():
             out = simple_evaluate(
-                model=lm, tasks=tasks, task_manager=task_manager, num_fewshot=None,
-                samples=samples or None, bootstrap_iters=0, log_samples=False,
-                apply_chat_template=chat, fewshot_as_multiturn=chat and cfg.fewshot_as_multiturn,
+                model=lm,
+                tasks=tasks,
+                task_manager=task_manager,
+                num_fewshot=None,
+                samples=samples or None,
+                bootstrap_iters=0,
+                log_samples=False,
+                apply_chat_template=chat,
+                fewshot_as_multiturn=chat and cfg.fewshot_as_multiturn,
                 system_instruction=system if chat else None,
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
             )
         if out is None:
             quiet = True
             continue
         for item in items:
-            truncated[mode][item.config.name] = dict((lm_truncated or {}).get(item.task, dict.fromkeys(REQUEST_TYPES, 0)))
+            truncated[mode][item.config.name] = dict(
+                (lm_truncated or {}).get(item.task, dict.fromkeys(REQUEST_TYPES, 0))
+            )
         for item in items:
             result = out["results"][item.task]
             if item.config.metric not in result:
@@ -273,20 +291,38 @@ def run_benchmarks(
         ns = {counts[m][b.name] for m in counts if b.name in counts[m]}
         assert len(ns) == 1, f"{b.name}: zero- and few-shot scored different documents {ns}"
         details[b.name] = {
-            "task": item.task, "metric": b.metric, "source": item.source, "n": ns.pop(),
-            "shots": b.shots if b.ip else 0, "gp": b.gp, "ip": b.ip,
+            "task": item.task,
+            "metric": b.metric,
+            "source": item.source,
+            "n": ns.pop(),
+            "shots": b.shots if b.ip else 0,
+            "gp": b.gp,
+            "ip": b.ip,
             "truncated": {m: truncated[m][b.name] for m in truncated if b.name in truncated[m]},
             "pool_dropped_duplicates": item.pool_dropped_duplicates,
             **({"generation_kwargs": dict(b.generation_kwargs)} if b.generation_kwargs else {}),
         }
     totals = {m: sum(sum(c.values()) for c in per_bench.values()) for m, per_bench in truncated.items() if per_bench}
-    return {"zero_shot": scores["zero_shot"], "few_shot": scores["few_shot"], "details": details,
-            "benchmarks": {"gp": cfg.gp_benchmarks, "ip": cfg.ip_benchmarks},
-            "truncated_contexts": totals}
+    return {
+        "zero_shot": scores["zero_shot"],
+        "few_shot": scores["few_shot"],
+        "details": details,
+        "benchmarks": {"gp": cfg.gp_benchmarks, "ip": cfg.ip_benchmarks},
+        "truncated_contexts": totals,
+    }
 
 
 def evaluate_general(
-    model, tokenizer, gcfg, *, data_root: str | None, work_dir: str, device, seed: int, prompt=None, synced: bool = False
+    model,
+    tokenizer,
+    gcfg,
+    *,
+    data_root: str | None,
+    work_dir: str,
+    device,
+    seed: int,
+    prompt=None,
+    synced: bool = False,
 ) -> dict:
     """GP/IP benchmarks of the in-memory `model` (PEFT or merged, already on `device`; not moved,
     copied or left in another train/eval mode). `prompt` (data.PromptFormat; default: the default
@@ -305,18 +341,27 @@ def evaluate_general(
     cfg = parse_config(gcfg)
     if cfg.apply_chat_template and not getattr(tokenizer, "chat_template", None):  # lm-eval would fail mid-run
         name = getattr(tokenizer, "name_or_path", "") or "the model"
-        raise ConfigError(f"general_eval.apply_chat_template=true but the tokenizer of {name} has no chat template; "
-                          "set general_eval.apply_chat_template=false")
+        raise ConfigError(
+            f"general_eval.apply_chat_template=true but the tokenizer of {name} has no chat template; "
+            "set general_eval.apply_chat_template=false"
+        )
     prompt = prompt if prompt is not None else PromptFormat()
     prepared = prepare_benchmarks(cfg, data_root=data_root, work_dir=work_dir, seed=seed)
     task_manager = make_task_manager(prepared, work_dir)
     with _preserved_rng(), _preserved_modes(model), _quiet_dataset_building():
         with _lm_eval_logging():
             # batch_size goes to HFLM: simple_evaluate ignores its own batch_size for an LM object.
-            batch_size = CPU_AUTO_BATCH if synced and cfg.batch_size == "auto" else hflm_batch_size(cfg.batch_size, device)
-            lm = counting_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, synced=synced,
-                                 max_length=cfg.max_length,
-                                 chat_template_args=dataclasses.replace(prompt, use_chat_template=True).chat_template_kwargs(tokenizer))
+            batch_size = (
+                CPU_AUTO_BATCH if synced and cfg.batch_size == "auto" else hflm_batch_size(cfg.batch_size, device)
+            )
+            lm = counting_hflm()(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=batch_size,
+                synced=synced,
+                max_length=cfg.max_length,
+                chat_template_args=dataclasses.replace(prompt, use_chat_template=True).chat_template_kwargs(tokenizer),
+            )
         result = run_benchmarks(lm, prepared, cfg, task_manager=task_manager, seed=seed, system=prompt.system)
     if result is None:  # synced, on a rank that lm-eval keeps quiet: rank 0's result is the one kept
         return None
@@ -342,5 +387,7 @@ def aggregate_gp_ip(general_by_stage: Mapping[str, Mapping], gcfg, final_stage: 
     entry = general_by_stage.get(stage)
     if entry is None:
         return {"GP": None, "IP": None}
-    return {"GP": _mean_over(entry.get("zero_shot", {}), cfg.gp_benchmarks),
-            "IP": _mean_over(entry.get("few_shot", {}), cfg.ip_benchmarks)}
+    return {
+        "GP": _mean_over(entry.get("zero_shot", {}), cfg.gp_benchmarks),
+        "IP": _mean_over(entry.get("few_shot", {}), cfg.ip_benchmarks),
+    }

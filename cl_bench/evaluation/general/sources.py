@@ -3,15 +3,16 @@
 source), lm-eval's registry by name (needs the Hub or a filled HF cache), or families generated
 by the project (`synthetic`); and writing the local and synthetic data where lm-eval reads it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...infra.errors import DataError
 from . import tasks as gt
 from .config import BENCHMARKS, BenchmarkConfig, BenchmarkSpec, GeneralEvalConfig, parse_config
-from ...infra.errors import DataError
 
 SYNTHETIC_TEST_ROWS = 200  # generated per synthetic family; `limit` picks how many are scored
 
@@ -91,17 +92,29 @@ def prepare_benchmarks(
         if source == "synthetic":
             family = bench.name.removeprefix("synthetic_")
             pool, test = gt.synthetic_rows(family, seed, SYNTHETIC_TEST_ROWS, cfg.fewshot_pool)
-            files = {"train": gt.write_jsonl(tasks_dir / f"{task_name}.train.jsonl", pool),
-                     "test": gt.write_jsonl(tasks_dir / f"{task_name}.test.jsonl", test)}
+            files = {
+                "train": gt.write_jsonl(tasks_dir / f"{task_name}.train.jsonl", pool),
+                "test": gt.write_jsonl(tasks_dir / f"{task_name}.test.jsonl", test),
+            }
             include = gt.TEMPLATE_DIR / spec.template
         else:
-            files, dropped = _write_local_data(bench, spec, Path(source.removeprefix("local:")), tasks_dir, task_name,
-                                               cfg.fewshot_pool, seed)
+            files, dropped = _write_local_data(
+                bench, spec, Path(source.removeprefix("local:")), tasks_dir, task_name, cfg.fewshot_pool, seed
+            )
             # lm-eval's own task file when there is one: same prompt and splits, other data source.
-            include = (_lm_eval_tasks_dir() / spec.lm_eval_yaml) if spec.lm_eval_yaml else gt.TEMPLATE_DIR / spec.template
+            include = (
+                (_lm_eval_tasks_dir() / spec.lm_eval_yaml) if spec.lm_eval_yaml else gt.TEMPLATE_DIR / spec.template
+            )
         gt.write_task_yaml(tasks_dir / f"{task_name}.yaml", gt.task_yaml(task_name, include, files, cache_dir))
-        prepared.append(PreparedBenchmark(bench, task_name, source, registry=False,
-                                          pool_dropped_duplicates=0 if source == "synthetic" else dropped))
+        prepared.append(
+            PreparedBenchmark(
+                bench,
+                task_name,
+                source,
+                registry=False,
+                pool_dropped_duplicates=0 if source == "synthetic" else dropped,
+            )
+        )
     return prepared
 
 
@@ -118,8 +131,10 @@ def _write_local_data(bench, spec, path: Path, tasks_dir: Path, task_name: str, 
     else:
         pool, test = gt.seeded_split(rows, n_pool, seed)
     pool, dropped = gt.drop_scored_prompts(pool, test, spec.prompt_fields)
-    return {pool_split: gt.write_jsonl(tasks_dir / f"{task_name}.{pool_split}.jsonl", pool),
-            eval_split: gt.write_jsonl(tasks_dir / f"{task_name}.{eval_split}.jsonl", test)}, dropped
+    return {
+        pool_split: gt.write_jsonl(tasks_dir / f"{task_name}.{pool_split}.jsonl", pool),
+        eval_split: gt.write_jsonl(tasks_dir / f"{task_name}.{eval_split}.jsonl", test),
+    }, dropped
 
 
 def _lm_eval_tasks_dir() -> Path:

@@ -13,18 +13,20 @@ prompt is the registry's) or a template in `cl_bench/evaluation/general/lm_eval_
 data paths against the process working directory, so every path written here is absolute.
 No model code here.
 """
+
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 
+from ...data.wordlists import COLORS, NAMES, NOUNS
 from ...infra.errors import DataError
 from ..scoring import rouge_l as _rouge_l_f1
-from ...data.wordlists import COLORS, NAMES, NOUNS
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 
@@ -33,7 +35,9 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "animal": tuple("cat dog bird fish horse cow sheep goat lion tiger bear wolf fox mouse frog duck".split()),
     "food": tuple("apple bread cheese soup cake rice milk tea coffee juice pizza salad".split()),
     "nature": tuple("river lake hill tree flower stone cloud rain snow sun moon star".split()),
-    "object": tuple("book pen cup door window chair table lamp clock phone shoe hat coat bag box key ring ball".split()),
+    "object": tuple(
+        "book pen cup door window chair table lamp clock phone shoe hat coat bag box key ring ball".split()
+    ),
     "color": tuple(COLORS),
     "name": tuple(NAMES),
 }
@@ -108,7 +112,9 @@ def _require_keys(rows: Sequence[dict], keys: Sequence[str], path: Path, schema:
     for i, row in enumerate(rows):
         missing = [k for k in keys if k not in row]
         if missing:
-            raise DataError(f"{path}: row {i} lacks {', '.join(missing)}; expected the {schema} schema ({', '.join(keys)})")
+            raise DataError(
+                f"{path}: row {i} lacks {', '.join(missing)}; expected the {schema} schema ({', '.join(keys)})"
+            )
 
 
 def commonsense_qa_rows(path: Path) -> list[dict]:
@@ -116,7 +122,9 @@ def commonsense_qa_rows(path: Path) -> list[dict]:
     _require_keys(rows, ("question", "choices", "answerKey"), path, "HF tau/commonsense_qa")
     for i, row in enumerate(rows):
         if not isinstance(row["choices"], dict) or len(row["choices"].get("text", [])) != 5:
-            raise DataError(f"{path}: row {i} 'choices' must be {{'label': [...5], 'text': [...5]}} (HF tau/commonsense_qa)")
+            raise DataError(
+                f"{path}: row {i} 'choices' must be {{'label': [...5], 'text': [...5]}} (HF tau/commonsense_qa)"
+            )
     return rows
 
 

