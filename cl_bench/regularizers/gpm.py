@@ -26,6 +26,10 @@ with B0 = 0 (vanilla LoRA) ∇A = s·B0ᵀ·G = 0 as well and the stage would no
 A ⟂ M, Q is empty, B is free and A moves only inside M⟂: the whole rank-r update lives in GPM's
 residual gradient space. project_init=false keeps the initializer's A (the literal projection).
 
+The constraint holds for what the stage adds to W, τ_t = s·(B·A − B0·A0), under any initializer:
+the pin keeps A·M = A0·M and B·Q = B0·Q, so for x = M·c, τ_t·x = s·(B − B0)·A0·M·c = 0 (A0·M·c ∈ col Q),
+an absorbed −s·B0·A0 included (with project_init, A0·M = 0 outright). Tested on τ_2 with initializer=slice.
+
 Cost per stage: one no-grad forward pass over n_samples examples at stage end plus one
 eigendecomposition of a [d_in, d_in] Gram per module; per step and module a few [r, d_in]×[d_in, k]
 and [d_out, r]×[r, q] products (the r×k SVD for Q once per stage). Memory: the bases (see InputMemory) on the training device.

@@ -4,15 +4,34 @@ Learning"): keep the new LoRA's row space orthogonal to every earlier task's.
     L = L_LM + λ1 · Σ_m Σ_{i<t} ‖A_t,m · A_i,mᵀ‖ + λ2 · Σ_m (‖A_t,m‖_F + ‖B_t,m‖_F)
 
 A [r, d_in] is the LoRA down-projection (the paper's A ∈ R^{d×r} transposed; its Eq. 7:
-O_{i,t} = A_iᵀ A_t = 0). A_i are the TRAINED A's of earlier stages, from ctx.history[i].trained
-(so after a SLICE / LoRA-GA init they include the init's A0), A_t the live adapter's.
+O_{i,t} = A_iᵀ A_t = 0), A_t the live adapter's.
+
+What is kept orthogonal: what each stage adds to W. Stage i adds τ_i = s·(B_i·A_i − B0_i·A0_i)
+(stage.StageRecord.task_vector), whose rows lie in span(A_i) + span(A0_i); with an init that
+absorbs nothing (vanilla, EVA: B0 = 0) that is span(A_i), O-LoRA's own case. An absorbing init
+(LoRA-GA, SLICE, PiSSA, MiLoRA, OLoRA, CorDA, LoRAM: W ← W − s·B0·A0) puts the part −s·B0·A0 of
+the update in span(A0), which the penalty on A alone cannot move: measured before this rule
+(`experiment=debug regularizer=o_lora regularizer.lambda_1=5.0 trainer.max_steps=48
+sequence.n_train=128`), the share of τ_t's energy in the row space of the earlier stages'
+updates was 0.63 / 0.70 / 0.74 at stages 2 / 3 / 4 with initializer=lora_ga against 0.03 / 0.06 /
+0.11 with vanilla (a random subspace: 0.06 / 0.11 / 0.17): a run labelled O-LoRA without the
+orthogonality. Hence, for every module:
+  * anchors: per earlier stage i its trained A_i, plus its absorbed init's A0_i when stage i
+    absorbed one (from ctx.history[i].init) — together they span τ_i's rows;
+  * an absorbed init of THIS stage starts off them: before the first step (begin_stage) the
+    rows of A0 are projected off the anchors' row space and rescaled to their norms
+    (linalg.project_rows, as GPM's project_init and InfLoRA's `project` design), and the absorbed
+    part is re-folded (lora.replace_start_A_), so the model is unchanged and the history records
+    the projected A0. Then span(A0) ⟂ anchors exactly and the penalty keeps A_t near it, as for a
+    vanilla init (measured after, same command: 0.014 / 0.010 / 0.008 with lora_ga).
+    With a vanilla init nothing is projected: O-LoRA's code does not touch the starting A.
 
 Which norm (`norm`):
   * `abs` (default) — Σ_jk |[A_t A_iᵀ]_jk|, what the O-LoRA code computes
-    (`torch.abs(torch.mm(lora_A, loranew_A.T)).sum()` in its uie_trainer_lora.py, verified in
-    shared/reference/anchors.md A3) and so what produced its published numbers;
+    (`torch.abs(torch.mm(lora_A, loranew_A.T)).sum()` in its uie_trainer_lora.py), and so what
+    produced its published numbers;
   * `fro_sq` — Σ_jk [A_t A_iᵀ]²_jk, the paper's Eq. 8 (‖O_{i,t}[j,k]‖² summed) and the SLICE
-    authors' reimplementation (shared/reference/slice-reference.md §3.1).
+    authors' reimplementation.
 The L2 term is that code's `torch.norm(param, p=2)` summed over the new lora_A and lora_B
 tensors: the Frobenius norm of each, NOT squared. Reductions: sums over r×r entries, over
 earlier stages and over modules. Defaults λ1 = 0.5, λ2 = 0 (O-LoRA's scripts; the SLICE
@@ -22,15 +41,11 @@ multiplied by λ1, λ2).
 Unlike O-LoRA, which keeps every earlier adapter in the forward pass, cl_bench by default folds
 them into W after each stage (merge=absorb); the earlier A's are then only the penalty's anchor,
 as in the SLICE reference. Under a branch-keeping merge (merge=gainlora: GainLoRA+O-LoRA, the
-paper's variant) an earlier stage's adapter is still in the model; if that stage's init was
-absorbed, its branch also carries the init term −s·B0·A0 in the forward pass (GainLoRA's frozen
-companion adapter), i.e. a second earlier LoRA whose A0 is not the trained A. O-LoRA constrains
-the new A against every earlier LoRA of the forward pass, so for a kept stage with an absorbed
-init the anchor is [A_i; A0_i] (A0 from ctx.history[i].init). A folded stage keeps the anchor A_i
-alone (main's behaviour). Whether stage i is kept is read off the model: its adapter name
-(history[i].adapter) is still a LoRA of the layer. No state of its own: the A's come from the
-history, which resume restores. Memory: the earlier A's, (t−1)·r·d_in float32 per module (twice
-that for kept absorbed branches), on the device.
+paper's variant) an earlier stage's adapter stays in the model, with its absorbed init as a
+frozen companion branch (A0, −B0) under the same gate: the same rows as τ_i's, so the same
+anchors. No state of its own: the A's come from the history, which resume restores, and the
+projected start is recomputed from it. Memory: the earlier A's, (t−1)·r·d_in float32 per module
+(twice that for stages with an absorbed init), on the device.
 """
 
 from __future__ import annotations
@@ -38,6 +53,8 @@ from __future__ import annotations
 import torch
 
 from ..infra.errors import ConfigError
+from ..lora import linalg
+from ..lora.layers import replace_start_A_
 from ..stage import Regularizer, StageContext
 from .base import StageDelta
 
@@ -57,17 +74,24 @@ def orthogonality(A_new: torch.Tensor, A_prev: torch.Tensor, norm: str = "abs") 
     return overlap.abs().sum() if norm == "abs" else overlap.pow(2).sum()
 
 
-def anchor_rows(history, module: str, adapters_in_model: set[str]) -> list[torch.Tensor]:
-    """The earlier A's of `module` the new A must be orthogonal to, each [r_i, d_in]: per stage
-    its trained A, plus its absorbed init's A0 when the stage's adapter is still in the model
-    (a kept branch carries −s·B0·A0 in the forward pass; see the module docstring)."""
+def anchor_rows(history, module: str) -> list[torch.Tensor]:
+    """The rows of `module` the new stage's update must be orthogonal to, each [r_i, d_in]: per
+    earlier stage its trained A, plus its absorbed init's A0 when it absorbed one (τ_i's rows lie
+    in span(A_i) + span(A0_i); see the module docstring)."""
     rows = []
     for record in history:
         rows.append(record.trained[module][0])
         init = record.init
-        if record.adapter in adapters_in_model and init is not None and module in init:
+        if init is not None and module in init:
             rows.append(init[module][0])
     return rows
+
+
+def row_basis(rows: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """Orthonormal basis [d_in, q] of the row space of `rows` [k, d_in] (float32; singular values
+    above rtol·‖rows‖_F: rounding-level directions are not a constraint)."""
+    R = rows.detach().float()
+    return linalg.range_basis(R.T, rtol * float(R.norm()))
 
 
 class OLoRA(Regularizer):
@@ -87,14 +111,21 @@ class OLoRA(Regularizer):
 
     def begin_stage(self, model: torch.nn.Module, ctx: StageContext) -> None:
         self.adapter = StageDelta(model, ctx)  # only for its live (A, B) per module
-        self.previous = (
-            {
-                name: torch.cat(anchor_rows(ctx.history, name, set(layer.lora_A))).to(ctx.device)
+        self.previous = {}
+        if not ctx.history:
+            return
+        for name in self.adapter.layers:
+            self.previous[name] = torch.cat(anchor_rows(ctx.history, name)).to(ctx.device)
+        if ctx.init_absorbed:  # −s·B0·A0 is part of this stage's update: start A0 off the anchors
+            new_A = {
+                name: linalg.project_rows(layer.lora_A[ctx.adapter].weight, row_basis(self.previous[name]))
                 for name, layer in self.adapter.layers.items()
             }
-            if ctx.history
-            else {}
-        )
+            done = replace_start_A_(model, ctx.adapter, new_A, ctx.master, True)
+            ctx.log(
+                f"stage {ctx.stage}: o_lora started the absorbed init's A off the earlier updates' rows in "
+                f"{done['modules']} modules (re-folded ‖s·B0·(A0 − A)‖_F = {done['refolded_fro']:.3g})"
+            )
 
     def loss(self, model, batch, ctx: StageContext) -> dict[str, torch.Tensor]:
         with torch.autocast(ctx.device.type, enabled=False):
