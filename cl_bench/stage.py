@@ -232,6 +232,13 @@ class Plugin:
     # Off unless a plug-in says so; the runner refuses the others at start.
     sharded_weights = False
 
+    def configure(self, plugins: Mapping[str, Plugin]) -> None:
+        """Called once by the runner after the initializer, regularizer and merge are all built
+        (`plugins`: group -> plug-in), before anything runs: a plug-in may settle a default that
+        depends on the others (reading their `name`; plug-ins never import each other) or refuse
+        a combination with a one-line ConfigError."""
+        return None
+
     def begin_stage(self, model: torch.nn.Module, ctx: StageContext) -> None:
         return None
 

@@ -398,7 +398,22 @@ def stage_threshold(threshold: float, increment: float, stage: int) -> float:
     return min(1.0, float(threshold) + float(increment) * (int(stage) - 1))
 
 
-def basis_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: float) -> tuple[torch.Tensor, dict]:
+# How a memory's basis grows (basis_update's `criterion`):
+#   energy     — GPM's paper (Saha et al. 2021, Eqs. 16, 20–22): the energy of the representation
+#                matrix R, σ_i(R)² = λ_i(C), and at every task the smallest k whose total reaches ε.
+#   covariance — the InfLoRA and GainLoRA authors' code (liangyanshuo/gainlora, cl_trainer_inflora.py
+#                and cl_trainer_gainlora_inflora.py): the SVD of the covariance C itself, its squared
+#                singular values σ_i(C)² = σ_i(R)⁴ ranking the directions (so the basis grows as GPM's
+#                on the representation C, whose Gram is C²); the first task keeps
+#                k = #{k: cumulative share < ε} (`sum(cumsum < ε)`, at least 1: one direction fewer
+#                than the smallest k reaching ε), later tasks the smallest k (the code's loop).
+#   On λ_i(C) = 1/i at d = 256: energy at ε = 0.97 keeps 213 directions, covariance at 0.995 keeps 82.
+CRITERIA = ("energy", "covariance")
+
+
+def basis_update(
+    basis: torch.Tensor | None, gram: torch.Tensor, threshold: float, criterion: str = "energy"
+) -> tuple[torch.Tensor, dict]:
     """Grow an orthonormal basis M [d, k] by the energy threshold (GPM Eqs. 16, 20–22).
 
     gram: C = R·Rᵀ [d, d] of the new task's representations R [d, n]. With ‖R‖² = tr C:
@@ -408,18 +423,25 @@ def basis_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: floa
         eigenvectors û_i, σ̂_i² (Eq. 21) are appended (Eq. 22) for the smallest k such that
         ‖Mᵀ·R‖² + Σ_{i≤k} σ̂_i² ≥ ε·‖R‖², the criterion on the TOTAL energy as in GPM (k = 0 when
         the old basis already holds a fraction ε of it).
+    criterion="covariance" (the InfLoRA/GainLoRA authors' rule, see CRITERIA above) does the same
+    with C in place of R (Gram C², directions of P·C), keeping one direction fewer on the first task.
     Only directions with σ̂² > 1e-12·‖R‖² are ever added (numerically null directions of P·C·P may
     lie inside span M), so k ≤ d − k_old. Computed in float64; returns (M_new float32 [d, k_old + k]
-    on gram's device, stats). Raises ValueError for a non-square gram, a basis of another d, or ε
-    outside [0, 1].
+    on gram's device, stats). Raises ValueError for a non-square gram, a basis of another d, ε
+    outside [0, 1] or an unknown criterion.
     """
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be square [d, d], got {tuple(gram.shape)}")
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold={threshold} is outside [0, 1]")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r}; valid: {', '.join(CRITERIA)}")
     d = gram.shape[0]
     C = gram.detach().double()
     C = 0.5 * (C + C.T)
+    if criterion == "covariance":  # the covariance as the representation: its Gram is C²
+        C = C @ C
+        C = 0.5 * (C + C.T)
     M = C.new_zeros(d, 0) if basis is None else basis.detach().to(C)
     if M.shape[0] != d:
         raise ValueError(f"basis has d={M.shape[0]} but gram has d={d}")
@@ -430,6 +452,7 @@ def basis_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: floa
         "k_added": 0,
         "k": M.shape[1],
         "threshold": float(threshold),
+        "criterion": criterion,
         "energy_old": 0.0,
         "energy_kept": 0.0,
     }
@@ -443,11 +466,8 @@ def basis_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: floa
     lam, U = torch.linalg.eigh(0.5 * (C_hat + C_hat.T))
     lam, U = lam.flip(0).clamp_min(0.0), U.flip(1)
     energy_old = max(0.0, total - float(lam.sum()))  # ‖Mᵀ R‖² = ‖R‖² − ‖R̂‖²
-    need = float(threshold) * total - energy_old
-    k = 0
-    if need > 0.0:
-        k = int((torch.cumsum(lam, 0) < need).sum()) + 1
-        k = min(k, int((lam > 1e-12 * total).sum()), d - M.shape[1])
+    first_by_code = criterion == "covariance" and not M.shape[1]  # the authors' first task: sum(cumsum < ε)
+    k = _directions_to_add(lam, float(threshold) * total - energy_old, total, d - M.shape[1], first_by_code)
     new = U[:, :k]
     if M.shape[1] and k:  # re-orthogonalise against M (removes rounding, keeps the directions)
         new = new - M @ (M.T @ new)
@@ -459,6 +479,17 @@ def basis_update(basis: torch.Tensor | None, gram: torch.Tensor, threshold: floa
         energy_kept=(energy_old + float(lam[:k].sum())) / total,
     )
     return torch.cat([M, new], dim=1).float(), stats
+
+
+def _directions_to_add(lam: torch.Tensor, need: float, total: float, room: int, below: bool = False) -> int:
+    """The smallest k with Σ_{i≤k} λ_i ≥ need (0 when need ≤ 0); below=True: #{k: Σ_{i≤k} λ_i < need},
+    at least 1 (the authors' first-task count). Never a numerically null direction (λ ≤ 1e-12·total),
+    never more than `room`."""
+    if need <= 0.0:
+        return 0
+    count = int((torch.cumsum(lam, 0) < need).sum())
+    k = max(count, 1) if below else count + 1
+    return min(k, int((lam > 1e-12 * total).sum()), room)
 
 
 def project_off(X: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

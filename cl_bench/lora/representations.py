@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..infra.errors import ConfigError
-from .linalg import basis_update, stage_threshold
+from .linalg import CRITERIA, basis_update, stage_threshold
 
 
 @dataclass
@@ -98,7 +98,8 @@ class InputMemory:
     After each stage `update` collects the finished task's inputs (n_samples training examples,
     rounded up to whole batches, drawn with ctx.make_batches and the stage seed) through the model
     as it ends the stage, and grows each basis with linalg.basis_update at ε_t =
-    linalg.stage_threshold(threshold, increment, t). Bases live on the CPU in float32:
+    linalg.stage_threshold(threshold, increment, t) under `criterion` (linalg.CRITERIA: "energy",
+    GPM's paper; "covariance", the InfLoRA/GainLoRA authors' code). Bases live on the CPU in float32:
     Σ_modules d_in·k·4 bytes, at most Σ d_in²·4 (tiny model: 28 modules, ≤ 3.5 MB; Llama-3.2-3B with
     all seven projections: ≤ 28·(6·3072² + 8192²)·4 B ≈ 14 GB if every basis filled its space;
     memory ∝ k/d_in: on the tiny model at ε = 0.97 (+0.003/task) 8% of the dimensions after one
@@ -107,14 +108,24 @@ class InputMemory:
     Shared by the gpm and inflora regularizers (and GainLoRA's gates).
     """
 
-    def __init__(self, threshold: float, increment: float, n_samples: int, batch_size: int, where: str = "regularizer"):
+    def __init__(
+        self,
+        threshold: float,
+        increment: float,
+        n_samples: int,
+        batch_size: int,
+        where: str = "regularizer",
+        criterion: str = "energy",
+    ):
         try:
             stage_threshold(threshold, increment, 1)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if int(n_samples) < 1 or int(batch_size) < 1:
             raise ConfigError(f"{where}: n_samples={n_samples} and batch_size={batch_size} must be >= 1")
-        self.threshold, self.increment = float(threshold), float(increment)
+        if criterion not in CRITERIA:
+            raise ConfigError(f"{where}: criterion={criterion!r} is invalid; valid: {', '.join(CRITERIA)}")
+        self.threshold, self.increment, self.criterion = float(threshold), float(increment), criterion
         self.n_samples, self.batch_size = int(n_samples), int(batch_size)
         self.bases: dict[str, torch.Tensor] = {}
         self.stages: list[dict] = []  # per finished stage: ε_t, basis sizes, energy kept
@@ -132,13 +143,14 @@ class InputMemory:
         eps = stage_threshold(self.threshold, self.increment, ctx.stage)
         sizes, kept = {}, []
         for name, gram in collected.grams.items():
-            M, stats = basis_update(self.bases.get(name), gram, eps)
+            M, stats = basis_update(self.bases.get(name), gram, eps, self.criterion)
             self.bases[name] = M.cpu()
             sizes[name] = stats["k"]
             kept.append(stats["energy_kept"])
         summary = {
             "stage": ctx.stage,
             "threshold": eps,
+            "criterion": self.criterion,
             "examples": collected.batches * bs,
             "k": sizes,
             "energy_kept_mean": sum(kept) / max(1, len(kept)),

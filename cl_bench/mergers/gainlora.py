@@ -31,7 +31,11 @@ Stage t, in the runner's order:
     and p_1 do not move; then M_2 holds those p_1, so p_2 does not move; M_3 holds those p_2 and
     the key moves only off M_3: G_{t,3}·p_2 = 0 throughout (up to the energy 1 − ε the memory leaves out).
   end_stage: the gate memory grows with the task's p_0, p_1, p_2 through the trained gate t
-    (representations.InputMemory, GPM Eqs. 16, 20–22 at ε_t = threshold + increment·(t − 1));
+    (representations.InputMemory at ε_t = threshold + increment·(t − 1), the authors' code's rule
+    and values: `criterion: covariance`, the SVD of the gate inputs' covariance with its squared
+    singular values (σ⁴) ranking the directions, first task sum(cumsum < ε); ε = 0.995 raised by
+    (1 − 0.995)/15 per task, its ε0 + (1 − ε0)·(t − 1)/15; `criterion: energy` is GPM's σ² rule,
+    which keeps more directions at the same ε: on λ_i = 1/i, d = 256, 249 vs 82 at ε = 0.995);
     the mean g_i of every gate on every seen task's training prompts is logged and kept.
   consolidate: gate t frozen and saved; the wrapped model is returned (train = eval).
 
@@ -49,10 +53,6 @@ Deviations from the authors' T5 code, with reasons:
   * Pooling over the prompt's tokens of a decoder-only model (T5: the encoder input), divided by
     the number of prompt tokens (the code divides by the padded length, so its g depends on the
     batch's padding). See gating.py.
-  * Thresholds: GPM's energy criterion on σ² of the representation matrix (Eqs. 16, 20–22); the
-    code takes the SVD of the covariance and thresholds its squared singular values (σ⁴), which
-    keeps fewer directions at the same ε. Defaults are the code's: ε = 0.995 raised by
-    (1 − 0.995)/15 per task (its ε0 + (1 − ε0)·(t − 1)/15).
   * After each projected step the code rescales every row of G_1, G_2 and the key back to its
     norm before the projection; for G_1, G_2 that rescale changes G_l·x on stored inputs and breaks
     Eq. 32's invariance, so we do not rescale (the key's rescale is harmless, f uses the cosine).
@@ -102,13 +102,14 @@ class GainLoRA(Merge):
         n_samples: int = 1000,
         batch_size: int = 32,
         key_init: str = "inputs",
+        criterion: str = "covariance",
     ):
         where = "merge (gainlora)"
         if key_init not in KEY_INITS:
             raise ConfigError(f"{where}: key_init={key_init!r}; valid: {', '.join(KEY_INITS)}")
         if not isinstance(hidden_dim, int) or hidden_dim < 1:
             raise ConfigError(f"{where}: hidden_dim={hidden_dim!r} must be an integer >= 1")
-        self.memory = InputMemory(threshold, threshold_increment, n_samples, batch_size, where=where)
+        self.memory = InputMemory(threshold, threshold_increment, n_samples, batch_size, where, criterion)
         self.hidden_dim, self.key_init = int(hidden_dim), key_init
         self.gates: dict[str, dict[str, torch.Tensor]] = {}  # finished stages' gate weights, by adapter
         self.branches: list[dict[str, Any]] = []  # per finished stage: adapter, companion, dropout

@@ -4,7 +4,10 @@ Memory (representations.InputMemory): per target module, an orthonormal basis M 
 the module's inputs on earlier tasks (real tokens, prompt and answer, padding excluded), built
 after each stage from n_samples training examples of the finished task through the finished
 model: Eq. 16 for the first task, Eqs. 20–22 (residual after projecting onto M, criterion on the
-total energy) after later ones, at ε_t = threshold + threshold_increment·(t − 1).
+total energy) after later ones, at ε_t = threshold + threshold_increment·(t − 1). Basis size: the
+paper's rule, the smallest k whose energy reaches ε_t, at every task (`criterion: energy`; GPM's
+code keeps one direction fewer on the first task, `sum(cumsum < ε)`); `criterion: covariance` is
+the InfLoRA/GainLoRA authors' σ⁴ rule (linalg.CRITERIA).
 
 Training on task t ≥ 2 (Eq. 18 carried to ΔW = s·B·A; linalg.gpm_lora_gradients derives it):
 once per optimizer step, after the backward and before clipping (after_backward),
@@ -60,8 +63,9 @@ class GPM(Regularizer):
         project_init: bool = True,
         project_update: bool = True,
         rtol: float = 1e-5,
+        criterion: str = "energy",
     ):
-        self.memory = InputMemory(threshold, threshold_increment, n_samples, batch_size, where="regularizer (gpm)")
+        self.memory = InputMemory(threshold, threshold_increment, n_samples, batch_size, "regularizer (gpm)", criterion)
         self.project_init, self.project_update, self.rtol = bool(project_init), bool(project_update), float(rtol)
         self._active: dict[str, dict[str, torch.Tensor]] = {}  # per module: A, B, M, Q, A0·M, B0·Q
 

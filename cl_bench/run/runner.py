@@ -58,7 +58,8 @@ log = logging.getLogger("cl_bench")
 
 
 def build_plugins(cfg) -> dict[str, Any]:
-    """Instantiate initializer, regularizer and merge from their `_target_` (validates kwargs)."""
+    """Instantiate initializer, regularizer and merge from their `_target_` (validates kwargs), then
+    let each see the others (Plugin.configure)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -73,6 +74,8 @@ def build_plugins(cfg) -> dict[str, Any]:
             raise ConfigError(
                 f"{group}: cannot build {cfg[group].get('_target_')!r}: {str(exc).splitlines()[-1]}"
             ) from None
+    for plugin in plugins.values():  # defaults that depend on the other groups; impossible combinations
+        plugin.configure(plugins)
     return plugins
 
 

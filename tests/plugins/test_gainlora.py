@@ -216,7 +216,11 @@ def staged(tiny):
     ]
     master_model = copy.deepcopy(model0)
     master = WeightMaster.attach(master_model, TARGETS)
-    plug = GainLoRA(hidden_dim=16, threshold=1.0, threshold_increment=0.0, n_samples=8, batch_size=8)
+    # ε = 1 under GPM's energy rule: every direction the gate inputs have (the authors' σ⁴ rule keeps
+    # one fewer on the first task), so Eq. 32's invariance is exact on every stored input
+    plug = GainLoRA(
+        hidden_dim=16, threshold=1.0, threshold_increment=0.0, n_samples=8, batch_size=8, criterion="energy"
+    )
     config = LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, use_rslora=True)
     history = History()
     train_cfg = OmegaConf.create(
@@ -401,7 +405,9 @@ def test_restore_rebuilds_branches_companions_and_gates_on_a_fresh_model(staged,
     plug = staged["plug"]
     state = {k: (v.clone() if torch.is_tensor(v) else json.loads(json.dumps(v))) for k, v in plug.state_dict().items()}
     assert {"gate.stage_03.key.weight", "basis.key", "branches"} <= set(state)
-    fresh = GainLoRA(hidden_dim=16, threshold=1.0, threshold_increment=0.0, n_samples=8, batch_size=8)
+    fresh = GainLoRA(
+        hidden_dim=16, threshold=1.0, threshold_increment=0.0, n_samples=8, batch_size=8, criterion="energy"
+    )
     fresh.load_state_dict(state)
     model = copy.deepcopy(tiny[0])
     live = target_linears(staged["model"], TARGETS)
@@ -449,6 +455,9 @@ E2E = [
     "merge=gainlora",
     "trainer.max_steps=4",
     "trainer.checkpoint_every_steps=2",
+    # GPM's energy rule for the gate memory: 66 directions after stage 1 here against 3 under the
+    # authors' σ⁴ rule (the default), whose leakier gate gives g_2 = 0.13 on task 1 instead of 0.02
+    "merge.criterion=energy",
 ]
 COMBOS = {
     "vanilla": [],

@@ -89,6 +89,78 @@ def test_basis_update_from_the_gram_equals_gpm_on_the_representation_matrix():
     torch.testing.assert_close(M2.T @ M2, torch.eye(M2.shape[1]), atol=1e-6, rtol=0)
 
 
+def test_the_authors_covariance_rule_keeps_82_directions_where_gpm_energy_at_097_keeps_213():
+    """λ_i(C) = 1/i at d = 256. GPM's energy rule (σ² of R) at ε = 0.97 (InfLoRA's default here
+    before): smallest k with H_k ≥ 0.97·H_256 → 213. The InfLoRA/GainLoRA authors' rule: the SVD of
+    C with its squared singular values 1/i² ranked, first task sum(cumsum < 0.995) → 82."""
+    lam = 1.0 / torch.arange(1, 257, dtype=torch.float64)
+    Q = _orthogonal(0, 256)
+    C = Q @ torch.diag(lam) @ Q.T
+    shares = torch.cumsum(lam**2, 0) / (lam**2).sum()
+    assert int((shares < 0.995).sum()) == 82  # the authors' count, by hand from the spectrum
+    assert linalg.basis_update(None, C, 0.97, "energy")[1]["k"] == 213
+    M, stats = linalg.basis_update(None, C, 0.995, "covariance")
+    assert stats["k"] == 82 and stats["criterion"] == "covariance" and _span_equal(M, Q[:, :82])
+    with pytest.raises(ValueError, match="criterion"):
+        linalg.basis_update(None, C, 0.9, "sigma4")
+
+
+def test_first_task_basis_size_by_rule_and_later_tasks_alike():
+    """C = diag(4, 3, 2, 1). energy (GPM's paper, Eq. 16): shares 0.4, 0.7, 0.9, 1 → the smallest k
+    reaching ε = 0.85 is 3 (GPM's code, sum(cumsum < ε), would keep 2). covariance: σ(C)² = 16, 9,
+    4, 1 (/30): shares 0.533, 0.833, 0.967, 1 → at ε = 0.9 the authors' first task keeps
+    sum(cumsum < 0.9) = 2 (the smallest k reaching it would be 3). A later task adds the smallest
+    k under both: M = [e0], C = diag(2, 1, 5, 2): C² = (4, 1, 25, 4)/34, old 0.118, + e2 0.853,
+    + e3 0.971 ≥ 0.9 → 2 added (the code's loop gives the same)."""
+    C = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
+    assert linalg.basis_update(None, C, 0.85, "energy")[1]["k"] == 3
+    assert linalg.basis_update(None, C, 0.9, "covariance")[1]["k"] == 2
+    assert linalg.basis_update(None, C, 0.1, "covariance")[1]["k"] == 1  # at least one direction
+    later = torch.diag(torch.tensor([2.0, 1.0, 5.0, 2.0 - 1e-6], dtype=torch.float64))
+    M, stats = linalg.basis_update(E[:, :1].float(), later, 0.9, "covariance")
+    assert stats["k_added"] == 2 and stats["energy_old"] == pytest.approx(4 / 34, rel=1e-5)
+    assert abs(float(M[2, 1])) == pytest.approx(1.0, abs=1e-6) and abs(float(M[3, 2])) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_inflora_and_gainlora_memories_follow_the_authors_rule_and_gpm_its_paper():
+    """Defaults: InfLoRA and GainLoRA's gate memory as the authors run them (ε = 0.995 raised by
+    0.005/15 per task, the covariance rule); GPM as its paper (energy)."""
+    from cl_bench.mergers.gainlora import GainLoRA
+    from cl_bench.regularizers.gpm import GPM
+    from cl_bench.run.runner import build_plugins
+    from helpers import compose
+
+    for memory in (InfLoRA().memory, GainLoRA().memory):
+        assert (memory.threshold, memory.criterion) == (0.995, "covariance")
+        assert memory.increment == pytest.approx(0.005 / 15)
+    assert (GPM().memory.threshold, GPM().memory.criterion) == (0.97, "energy")
+    for overrides in (["regularizer=inflora"], ["regularizer=inflora", "merge=gainlora"], ["merge=gainlora"]):
+        plugins = build_plugins(compose(overrides))
+        memory = (plugins["regularizer"] if overrides[0] == "regularizer=inflora" else plugins["merge"]).memory
+        assert (memory.threshold, memory.criterion) == (0.995, "covariance")
+        assert memory.increment == pytest.approx(0.005 / 15, rel=1e-6)
+    from cl_bench.infra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="criterion='sigma4'"):
+        InfLoRA(criterion="sigma4")
+
+
+def test_inflora_designs_a_from_inputs_under_gainlora_and_projects_otherwise():
+    """merge=gainlora regularizer=inflora is the authors' GainLoRA+InfLoRA trainer, which designs A
+    from the inputs at every task; their InfLoRA baseline (any other merge) projects the init's A."""
+    from cl_bench.run.runner import build_plugins
+    from helpers import compose
+
+    assert build_plugins(compose(["regularizer=inflora", "merge=gainlora"]))["regularizer"].design == "inputs"
+    assert build_plugins(compose(["regularizer=inflora"]))["regularizer"].design == "project"
+    assert (
+        build_plugins(compose(["regularizer=inflora", "regularizer.design=project", "merge=gainlora"]))[
+            "regularizer"
+        ].design
+        == "project"
+    )
+
+
 def test_threshold_schedule_and_bad_values():
     assert linalg.stage_threshold(0.97, 0.003, 1) == 0.97
     assert linalg.stage_threshold(0.97, 0.003, 3) == pytest.approx(0.976)
@@ -286,6 +358,9 @@ def test_inflora_sets_A_off_the_memory_freezes_it_and_keeps_the_absorbed_functio
     for n, (A, B) in adapter_factors(peft, "stage_02").items():
         assert float((A @ memory[n]).abs().max()) < 1e-6
         assert torch.equal(B, init[n][1])  # B starts where the initializer put it
+        if design == "inputs":  # the authors' `lora_A /= sqrt(3)` on unit singular vectors
+            torch.testing.assert_close(A.norm(dim=1), torch.full((2,), 3**-0.5), atol=1e-6, rtol=0)
+            torch.testing.assert_close(3 * A @ A.T, torch.eye(2), atol=1e-5, rtol=0)
     trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
     assert trainable and all("lora_B" in n for n in trainable) and len(trainable) == 2
 
