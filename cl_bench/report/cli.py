@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..evaluation.metrics import METRICS_AS
 from ..infra.errors import ConfigError
 from .collect import PAPER_METRICS, Report, collect
 from .document import console_text, write_document
@@ -33,11 +34,14 @@ def build_report(
     notes_file: str | Path | None = None,
     command: str | None = None,
     progress: bool | None = None,
+    metrics_as: str | None = None,
 ) -> Report:
     """The report command as one call: collect, then (with `out`) write the tables in `formats`,
     the figures under out/figures (`plots`: "all", "summary" = no per-run figures, "none"), and the
-    Markdown document (`markdown`, default out/report.md)."""
-    report = collect(paths, baseline, table_metrics, progress)
+    Markdown document (`markdown`, default out/report.md). `metrics_as`: a paper (METRICS_AS) whose
+    metric names head one more table (printed instead of the summary, and written as
+    out/metrics_as_<paper>.*)."""
+    report = collect(paths, baseline, table_metrics, progress, metrics_as)
     if out is not None:
         out = Path(out)
         report.files += write_tables(report, out, formats)
@@ -74,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics", help=f"metrics of the paper-layout table and tests shown (default {','.join(PAPER_METRICS)})"
     )
     parser.add_argument(
+        "--metrics-as",
+        choices=list(METRICS_AS),
+        help="print (and with --out write) the metrics under one paper's names, e.g. ps_lora: Acc, AAA, BWT, "
+        "FWT (vs from-scratch runs), FR (its peak rule); docs/REPRODUCIBILITY.md maps each paper's columns to ours",
+    )
+    parser.add_argument(
         "--plots",
         default="all",
         choices=PLOTS,
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             args.title,
             args.notes,
             command,
+            metrics_as=args.metrics_as,
         )
     except ConfigError as exc:
         print(f"cl_bench.report: error: {exc}", file=sys.stderr)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..evaluation.metrics import METRICS_AS, forgetting_rate_up_to_learning
 from ..infra.config_keys import NON_RESULT_KEYS
 from ..infra.errors import ConfigError
 from .labels import (
@@ -49,8 +50,10 @@ from .labels import (
 )
 
 # FWT_scratch: PS-LoRA's FWT against the independent run of the same seed (`scratch_fwt`), shown
-# only when a block holds mode=independent runs.
-METRICS = ["AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA", "GP", "IP", "FWT_scratch"]
+# only when a block holds mode=independent runs. FR_upto: PS-LoRA's FR, from each run's matrix
+# (metrics.forgetting_rate_up_to_learning); shown only under --metrics-as (NAMED_ONLY).
+METRICS = ["AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA", "GP", "IP", "FWT_scratch", "FR_upto"]
+NAMED_ONLY = ("FR_upto",)
 PAPER_METRICS = ["AP", "FP", "Fgt", "GP", "IP"]  # SLICE Tables 1-2
 SEED_KEY = "seed"
 PATH_KEYS = ("data.root", "cache.dir")
@@ -184,7 +187,20 @@ def _run_row(path: Path) -> dict[str, Any]:
         "results": res,
     }
     row.update({m: (res.get("metrics") or {}).get(m) for m in METRICS})
+    row["FR_upto"] = _fr_upto(res, cfg)
     return row
+
+
+def _fr_upto(res: dict, cfg: dict) -> float | None:
+    """PS-LoRA's FR from the run's matrix (sequential runs; a reference mode's FR, 0 by
+    construction, otherwise); None without a complete matrix."""
+    if cfg.get(MODE_KEY, "sequential") != "sequential":
+        return (res.get("metrics") or {}).get("FR")
+    matrix = res.get("matrix")
+    try:
+        return forgetting_rate_up_to_learning(matrix) if matrix else None
+    except ValueError:  # not T+1 rows of T scores
+        return None
 
 
 def expected_jobs(sweep_dir: Path) -> int | None:
@@ -635,6 +651,7 @@ class Report:
     metrics: list[str]  # metrics with at least one value
     table_metrics: list[str]  # metrics of the paper-layout table
     files: list[Path] = field(default_factory=list)
+    metrics_as: str | None = None  # a paper of evaluation.metrics.METRICS_AS: its names for the tables
 
     @property
     def not_complete(self) -> pd.DataFrame:
@@ -642,10 +659,17 @@ class Report:
 
 
 def collect(
-    paths: list[str], baseline: str | None = None, table_metrics: list[str] | None = None, progress: bool | None = None
+    paths: list[str],
+    baseline: str | None = None,
+    table_metrics: list[str] | None = None,
+    progress: bool | None = None,
+    metrics_as: str | None = None,
 ) -> Report:
-    """Everything the report shows, computed from the run dirs (no files written).
-    Raises ConfigError when no run is found or the baseline is invalid."""
+    """Everything the report shows, computed from the run dirs (no files written). `metrics_as`:
+    a paper whose metric names the named table uses (METRICS_AS). Raises ConfigError when no run
+    is found, or the baseline or paper is invalid."""
+    if metrics_as is not None and metrics_as not in METRICS_AS:
+        raise ConfigError(f"--metrics-as: unknown {metrics_as!r}; valid: {', '.join(METRICS_AS)}")
     found = find_runs(paths)
     if not found.results and not found.no_results:
         raise ConfigError(f"no results.json below {', '.join(paths)}")
@@ -657,7 +681,7 @@ def collect(
     runs = label_experiments(runs)
     runs["FWT_scratch"] = scratch_fwt(runs)
     experiments = mark_baseline(aggregate(runs), baseline)
-    metrics = [m for m in METRICS if not experiments.empty and experiments[m].notna().any()]
+    metrics = [m for m in METRICS if m not in NAMED_ONLY and not experiments.empty and experiments[m].notna().any()]
     wanted = table_metrics or PAPER_METRICS
     unknown = [m for m in wanted if m not in METRICS]
     if unknown:
@@ -665,4 +689,6 @@ def collect(
     table_metrics = [m for m in wanted if m in metrics]
     paired = paired_tests(runs, experiments, metrics)
     notes = duplicates(runs) + unexpected_differences(runs)
-    return Report(runs, experiments, paired, projection_records(runs), notes, baseline, metrics, table_metrics)
+    return Report(
+        runs, experiments, paired, projection_records(runs), notes, baseline, metrics, table_metrics, [], metrics_as
+    )

@@ -12,7 +12,17 @@ import numpy as np
 
 from .collect import STATES, Report
 from .stats import fmt_p
-from .tables import cell, is_number, markdown, paired_text, paper_table, projection_text, status_text, summary_text
+from .tables import (
+    cell,
+    is_number,
+    markdown,
+    named_tables,
+    paired_text,
+    paper_table,
+    projection_text,
+    status_text,
+    summary_text,
+)
 
 # ---- the reading: computed sentences, never typed --------------------------------------------------
 # +1: higher is better; -1: lower is better (Fgt, FR: forgetting).
@@ -148,6 +158,9 @@ def write_document(
     if report.baseline:
         lines += ["## Reading (computed from the runs)", ""] + reading_lines(report) + [""]
     lines += ["## All metrics", "", markdown(summary_text(report)), ""]
+    if report.metrics_as:
+        _, text, caption = named_tables(report)
+        lines += [f"## Under {report.metrics_as}'s names", "", caption + ".", "", markdown(text), ""]
     if report.baseline:
         lines += [
             "## Paired tests over seeds",
@@ -202,6 +215,9 @@ def console_text(report: Report) -> str:
     lines = []
     if report.experiments.empty:
         lines.append("(no complete run)")
+    elif report.metrics_as:  # the paper's names instead of ours
+        _, text, caption = named_tables(report)
+        lines += [caption, markdown(text)]
     else:
         lines.append(markdown(summary_text(report)))
     ex = report.experiments

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..evaluation.metrics import METRICS_AS
 from .collect import METRICS, Report
 from .labels import natural_key
 from .stats import fmt_p
@@ -106,6 +107,38 @@ def paper_table(report: Report) -> tuple[pd.DataFrame, str]:
     else:
         caption = f"Mean ± std over seeds; n = {n_text}."
     return table, caption
+
+
+def named_columns(paper: str) -> str:
+    """'AP = our FP, FT = our FR': how a paper's headers map to ours (METRICS_AS)."""
+    return ", ".join(f"{theirs} = our {ours}" for theirs, ours in METRICS_AS[paper].items())
+
+
+def named_tables(report: Report) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The --metrics-as table: one row per experiment (block, method, n), one column per metric of
+    the paper, headed by the paper's name for it (METRICS_AS[report.metrics_as]) and computed from
+    the same matrices as ours. Returns (numbers for CSV: mean, std and Δ per column; text cells,
+    Δ rows vs the baseline when there is one; caption)."""
+    names = METRICS_AS[report.metrics_as]
+    ex = report.experiments
+    text_rows, number_rows = [], []
+    for _, r in ex.iterrows():
+        head = {"block": r["block"], "method": r["label"], "n": int(r["n"])}
+        if report.baseline:
+            head["row"] = ROLE_TEXT[r["role"]]
+        text_rows.append({**head, **{theirs: cell(*_value_cols(r, ours)) for theirs, ours in names.items()}})
+        numbers = dict(head)
+        for theirs, ours in names.items():
+            numbers.update({theirs: r[ours], f"{theirs}_std": r[f"{ours}_std"], f"{theirs}_delta": r[f"{ours}_delta"]})
+        number_rows.append(numbers)
+    head_cols = ["block", "method", "n"] + (["row"] if report.baseline else [])
+    text = pd.DataFrame(text_rows, columns=head_cols + list(names))
+    number_cols = head_cols + [f"{t}{suffix}" for t in names for suffix in ("", "_std", "_delta")]
+    caption = (
+        f"Metrics under the names of {report.metrics_as} ({named_columns(report.metrics_as)}): mean ± std over seeds"
+        + (f"; Δ rows vs {report.baseline}" if report.baseline else "")
+    )
+    return pd.DataFrame(number_rows, columns=number_cols), text, caption
 
 
 def paired_text(report: Report) -> pd.DataFrame:
@@ -256,8 +289,8 @@ def latex(df: pd.DataFrame, caption: str, label: str, index: bool = False) -> st
 
 
 def write_tables(report: Report, out: Path, formats: tuple[str, ...]) -> list[Path]:
-    """runs.csv always; summary, table_paper, paired_tests (with a baseline) and projection (when
-    recorded) in each of `formats`."""
+    """runs.csv always; summary, table_paper, paired_tests (with a baseline), projection (when
+    recorded) and metrics_as_<paper> (with --metrics-as) in each of `formats`."""
     out.mkdir(parents=True, exist_ok=True)
     files = []
 
@@ -290,6 +323,9 @@ def write_tables(report: Report, out: Path, formats: tuple[str, ...]) -> list[Pa
             False,
         ),
     }
+    if report.metrics_as:
+        numbers, text, cap = named_tables(report)
+        tables[f"metrics_as_{report.metrics_as}"] = (numbers, text, cap, False)
     for name, (numbers, text, cap, index) in tables.items():
         if name == "paired_tests" and not report.baseline:
             continue

@@ -391,3 +391,72 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     assert "--format: unknown pdf; valid: csv, md, tex" in capsys.readouterr().err
     assert main([str(tmp_path), "--markdown", str(tmp_path / "x.md")]) == 2
     assert "--markdown needs --out" in capsys.readouterr().err
+
+
+# ---- each paper's metric names (--metrics-as) ------------------------------------------------------
+# R rows 0..3 (before training, after stages 1..3), tasks 1..3; task 1 peaks at stage 2, after it was learned.
+HAND_R = [[10.0, 20.0, 30.0], [60.0, 25.0, 35.0], [75.0, 70.0, 40.0], [40.0, 50.0, 80.0]]
+HAND_SIZES = [100, 100, 200]
+# the from-scratch scores (mode=independent: row i = the base model trained on task i alone)
+SCRATCH_R = [[10.0, 20.0, 30.0], [65.0, None, None], [None, 72.0, None], [None, None, 85.0]]
+HAND = {  # paper: {its column: value by hand}
+    # AP = (60 + 70 + 80)/3; FP = (40 + 50 + 80)/3; Fgt = AP − FP
+    "slice": {"AP": 70.0, "FP": 170 / 3, "Fgt": 70.0 - 170 / 3},
+    # Acc = (40·100 + 50·100 + 80·200)/400; AAA = (60 + (75 + 70)/2 + 170/3)/3; BWT = ((40 − 60) + (50 − 70))/2;
+    # FWT = ((70 − 72) + (80 − 85))/2 against the from-scratch diagonal; FR = ((60 − 40) + (70 − 50))/2: the peak
+    # of task 1 over the stages up to its own (60), not its later 75
+    "ps_lora": {"Acc": 62.5, "AAA": (60 + 72.5 + 170 / 3) / 3, "BWT": -20.0, "FWT": -3.5, "FR": 20.0},
+    # AP = the mean after the last task; FT = ((75 − 40) + (70 − 50))/2, the peak after learning (ours, FR)
+    "gainlora": {"AP": 170 / 3, "FT": 27.5},
+    "o_lora": {"AP": 170 / 3, "FT": 27.5},
+    "trace": {"OP": 170 / 3, "BWT": -20.0},
+}
+
+
+def _hand_runs(root):
+    from cl_bench.evaluation.metrics import compute_cl_metrics, compute_mode_metrics
+
+    tasks = {"sequence__tasks": ["a", "b", "c"]}
+    body = {"matrix": HAND_R, "eval_sizes": HAND_SIZES, "tasks": ["a", "b", "c"]}
+    write_run(root / "seq", 1, compute_cl_metrics(HAND_R, HAND_SIZES), results=body, **tasks)
+    scratch = {"matrix": SCRATCH_R, "eval_sizes": HAND_SIZES, "tasks": ["a", "b", "c"]}
+    metrics = compute_mode_metrics(SCRATCH_R, HAND_SIZES, "independent")
+    write_run(root / "scratch", 1, metrics, results=scratch, mode="independent", **tasks)
+
+
+@pytest.mark.parametrize("paper", list(HAND))
+def test_metrics_as_prints_and_writes_each_papers_names_from_the_same_matrix(tmp_path, capsys, paper):
+    _hand_runs(tmp_path / "runs")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "runs"), "--metrics-as", paper, "--out", str(out), "--plots", "none"]) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("|") and "method" in line)
+    columns = [c.strip() for c in header.strip("|").split("|")][3:]  # block, method, n, then theirs
+    assert columns == list(HAND[paper]) + (["GP", "IP"] if paper == "slice" else [])
+    table = pd.read_csv(out / f"metrics_as_{paper}.csv")
+    row = table[table["method"] == "Vanilla"].iloc[0]
+    for column, value in HAND[paper].items():
+        assert row[column] == pytest.approx(value, abs=1e-9), (paper, column)
+        assert f"{value:.2f}" in printed
+    assert (out / f"metrics_as_{paper}.md").exists() and (out / f"metrics_as_{paper}.tex").exists()
+
+
+def test_metrics_as_unknown_paper_is_a_one_line_error(tmp_path, capsys):
+    _hand_runs(tmp_path)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--metrics-as", "gpm"])
+    assert "invalid choice: 'gpm'" in capsys.readouterr().err
+
+
+def test_the_docs_mapping_section_is_the_code_table():
+    """docs/REPRODUCIBILITY.md's 'Each paper's metric names and ours' lists exactly METRICS_AS."""
+    from cl_bench.evaluation.metrics import METRICS_AS
+    from helpers import REPO
+
+    documented = set()
+    for line in (REPO / "docs" / "REPRODUCIBILITY.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 3 and cells[0].strip("`") in METRICS_AS:
+            theirs, ours = (c.split(", ") for c in cells[1:3])
+            documented |= {(cells[0].strip("`"), t, o) for t, o in zip(theirs, ours, strict=True)}
+    assert documented == {(p, t, o) for p, cols in METRICS_AS.items() for t, o in cols.items()}
