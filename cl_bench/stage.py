@@ -268,6 +268,13 @@ class Regularizer(Plugin):
 
     name = "none"
     sharded_weights = True  # the hooks see LoRA factors, activations and data only
+    # May re-set the stage's starting A in begin_stage (InfLoRA, GPM's project_init, O-LoRA under an
+    # absorbed init): in a composite it begins first, and two such parts cannot compose.
+    sets_start_A = False
+
+    def adds_loss_terms(self) -> bool:
+        """Whether `loss` may return terms computed on the batch (trainer.layout=pack has no mask for them)."""
+        return type(self).loss is not Regularizer.loss
 
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx: StageContext

@@ -69,6 +69,10 @@ class GPM(Regularizer):
         self.project_init, self.project_update, self.rtol = bool(project_init), bool(project_update), float(rtol)
         self._active: dict[str, dict[str, torch.Tensor]] = {}  # per module: A, B, M, Q, A0·M, B0·Q
 
+    @property
+    def sets_start_A(self) -> bool:
+        return self.project_init
+
     def begin_stage(self, model: torch.nn.Module, ctx: StageContext) -> None:
         """Project the starting A (project_init) and fix, per module, the stage-start A0·M, Q, B0·Q.
 

@@ -67,6 +67,7 @@ INPUTS_ROW_NORM = 1.0 / math.sqrt(3.0)  # the authors' `lora_A /= sqrt(3)` on un
 
 class InfLoRA(Regularizer):
     name = "inflora"
+    sets_start_A = True  # InfLoRA owns A
 
     def __init__(
         self,

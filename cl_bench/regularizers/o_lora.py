@@ -98,6 +98,7 @@ class OLoRA(Regularizer):
     """O-LoRA's orthogonality (and L2) terms; see the module docstring."""
 
     name = "o_lora"
+    sets_start_A = True  # an absorbed init's A0 starts off the earlier updates
 
     def __init__(self, lambda_1: float = 0.5, lambda_2: float = 0.0, norm: str = "abs"):
         for key, value in (("lambda_1", lambda_1), ("lambda_2", lambda_2)):

@@ -29,17 +29,25 @@ def _class(config: dict, group: str) -> str | None:
     return None if target is None else str(target).rsplit(".", 1)[-1]
 
 
+def _classes(config: dict, group: str) -> list[str]:
+    """The group's plug-in class, or the classes of a composite's parts in order (regularizer=[a,b])."""
+    cls = _class(config, group)
+    parts = (config.get(group) or {}).get("parts")
+    if cls == "Composite" and isinstance(parts, dict):
+        return [str(p.get("_target_", "?")).rsplit(".", 1)[-1] for p in parts.values() if isinstance(p, dict)]
+    return [] if cls is None else [cls]
+
+
 def method_of(config: dict) -> str:
     """The method's name: the initializer class, + the regularizer and merge when not the
-    defaults (e.g. "Vanilla", "Slice", "Vanilla+Replay", "LoraGA+TiesMerge"); a reference mode
-    replaces a Vanilla initializer ("Multitask", "Independent", "Multitask+LoraGA")."""
+    defaults (e.g. "Vanilla", "Slice", "Vanilla+Replay", "LoraGA+TiesMerge"; several regularizers
+    in one run: "Vanilla+PSLoss+OLoRA"); a reference mode replaces a Vanilla initializer
+    ("Multitask", "Independent", "Multitask+LoraGA")."""
     init = _class(config, "initializer") or "?"
     mode = MODE_LABELS.get(str(config.get(MODE_KEY, "sequential")))
     parts = [init] if mode is None else [mode] if init == "Vanilla" else [mode, init]
     for group, default in DEFAULT_PLUGINS.items():
-        cls = _class(config, group)
-        if cls is not None and cls != default:
-            parts.append(cls)
+        parts += [cls for cls in _classes(config, group) if cls != default]
     return "+".join(parts)
 
 

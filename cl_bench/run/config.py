@@ -145,7 +145,8 @@ def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
             raise ConfigError(f"{arg} lists several values; add --multirun to run one job per value")
         if key in groups:
             valid = group_choices(key, dirs)
-            for choice in value.split(","):  # multirun sweeps list several
+            # multirun sweeps list several; [a,b] selects several configs of the group at once
+            for choice in value.strip("[]").split(","):
                 if choice not in valid:
                     hint = _did_you_mean(choice, valid)
                     raise ConfigError(

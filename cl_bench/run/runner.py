@@ -45,6 +45,7 @@ from ..lora.layers import (
     target_linears,
     validate_rank,
 )
+from ..regularizers.composite import normalize_config as normalize_regularizers
 from ..stage import PLUGIN_GROUPS, History, Models, StageContext, StageRecord, adapter_name, stage_seed
 from ..train.trainer import check_layout, layout_of, steps_per_stage, train_stage
 from . import config as config_checks
@@ -63,6 +64,7 @@ def build_plugins(cfg) -> dict[str, Any]:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    normalize_regularizers(cfg)  # regularizer=[a,b]: one Composite node (regularizers/composite.py)
     plugins = {}
     for group in PLUGIN_GROUPS:
         try:
@@ -93,6 +95,7 @@ class Runner:
     and W&B, before the kill points."""
 
     def __init__(self, cfg, run_dir: Path, job: Job | None = None, observers: Sequence[Observer] = ()):
+        normalize_regularizers(cfg)  # before the config is recorded: regularizer=[a,b] as one Composite node
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.job = job or Job()  # preemption safe points and exit hooks (infra/jobs.py)

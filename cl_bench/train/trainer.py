@@ -116,7 +116,7 @@ def layout_of(cfg) -> Layout:
 def check_layout(layout: Layout, regularizer: Regularizer) -> None:
     """Packed batches have no attention mask: a regularizer that runs its own loss on the batch
     could not run them. ConfigError before any work."""
-    if layout.name == "pack" and type(regularizer).loss is not Regularizer.loss:
+    if layout.name == "pack" and regularizer.adds_loss_terms():
         raise ConfigError(
             f"trainer.layout=pack cannot be used with regularizer {regularizer.name!r}, which adds "
             "loss terms on the batch; use trainer.layout=group (same speed class, padded batches)"
