@@ -148,16 +148,32 @@ def dare(
     return disjoint_merge(stacked * lam, mask)
 
 
-def magmax(taus: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Elementwise magnitude maximum (PS-LoRA Eq. 5, after MagMax, Marczak et al. 2024):
-    ΔW_[1:t] = M(ΔW_[1:t−1], ΔW_t) with [M(X, Y)]_ij = Y_ij if |Y_ij| ≥ |X_ij| else X_ij.
+MAGMAX_VECTORS = ("per_stage", "cumulative")
 
-    Unrolled, each entry takes the value of the τ_i of largest |value|; on equal magnitudes the
-    later stage wins (the ≥ of Eq. 5). Hand-written: PEFT has no magnitude-max merge
-    (its magnitude_prune trims, it does not select across task vectors).
+
+def magmax(taus: Sequence[torch.Tensor], vectors: str = "per_stage") -> torch.Tensor:
+    """Elementwise magnitude maximum over task vectors, in two forms (`vectors`):
+
+      per_stage (PS-LoRA Eq. 5): ΔW_[1:t] = M(ΔW_[1:t−1], ΔW_t) with [M(X, Y)]_ij = Y_ij if
+        |Y_ij| ≥ |X_ij| else X_ij over the per-stage deltas ΔW_i = τ_i; unrolled, each entry takes
+        the value of the τ_i of largest |value|.
+      cumulative (MagMax, Marczak et al., ECCV 2024, §3): after sequential fine-tuning the task
+        vectors are θ_i − θ_0 = Σ_{j≤i} τ_j (the model after task i minus the pre-trained one), and
+        each parameter takes the value of largest magnitude among them.
+    On equal magnitudes the later one wins (the ≥ of Eq. 5). Hand-written: PEFT has no
+    magnitude-max merge (its magnitude_prune trims, it does not select across task vectors).
+    Raises ValueError for an unknown `vectors`.
     """
     _check(taus)
-    merged = taus[0].clone()
-    for tau in taus[1:]:
-        merged = torch.where(tau.abs() >= merged.abs(), tau, merged)
+    if vectors not in MAGMAX_VECTORS:
+        raise ValueError(f"vectors={vectors!r}; valid: {', '.join(MAGMAX_VECTORS)}")
+    candidates = taus
+    if vectors == "cumulative":
+        running, candidates = taus[0].clone(), []
+        for i, tau in enumerate(taus):
+            running = running if i == 0 else running + tau
+            candidates.append(running)
+    merged = candidates[0].clone()
+    for vector in candidates[1:]:
+        merged = torch.where(vector.abs() >= merged.abs(), vector, merged)
     return merged

@@ -10,6 +10,7 @@ to rebuild its models on resume goes into `state_dict()`; `restore` rebuilds the
 
 `TaskVectorMerge` is the shared shape of the merges whose evaluated model is W0 + X(τ_1..τ_t)
 for a pure function X (task arithmetic, average, TIES, DARE, MagMax): a subclass only names X.
+X of one task vector is the identity (`TaskVectorMerge.merged`): the merge applies from t = 2.
 """
 
 from __future__ import annotations
@@ -105,8 +106,17 @@ class TaskVectorMerge(Merge):
 
     # ---- the math (subclasses) ---------------------------------------------------------
     def merge(self, taus: list[torch.Tensor], stages: list[int], module: str) -> torch.Tensor:
-        """X(τ_1..τ_t) of one module; `stages` are the τ's stage numbers (seeds of random merges)."""
+        """X(τ_1..τ_t) of one module for t ≥ 2; `stages` are the τ's stage numbers (seeds of random merges)."""
         raise NotImplementedError
+
+    def merged(self, taus: list[torch.Tensor], stages: list[int], module: str) -> torch.Tensor:
+        """X(τ_1..τ_t), with X(τ_1) = τ_1: a merge of one task vector is the identity. There is nothing
+        to merge after stage 1 (merging resolves interference between task vectors), so the model
+        after stage 1 is W0 + τ_1 under every merge, and R[1, ·] (hence R[1, 1] in AP) is measured on
+        the trained model, not on a TIES-trimmed, DARE-dropped or λ-scaled τ_1; X applies from t = 2."""
+        if len(taus) == 1:
+            return taus[0].clone()
+        return self.merge(taus, stages, module)
 
     # ---- deltas of the two models --------------------------------------------------------
     @staticmethod
@@ -114,7 +124,7 @@ class TaskVectorMerge(Merge):
         return [r.task_vector(module).to(device) for r in history]
 
     def eval_delta(self, history, module, device=None) -> torch.Tensor:
-        return self.merge(self._taus(history, module, device), [r.stage for r in history], module)
+        return self.merged(self._taus(history, module, device), [r.stage for r in history], module)
 
     def train_delta(self, history, module, device=None) -> torch.Tensor:
         if self.train_on == "merged":
@@ -181,7 +191,7 @@ class TaskVectorMerge(Merge):
         for name in history[-1].modules:
             weight = linears[name].weight
             taus = self._taus(history, name, weight.device)
-            merged = self.merge(taus, [r.stage for r in history], name)
+            merged = self.merged(taus, [r.stage for r in history], name)
             norm += float(merged.double().pow(2).sum())
             exact = ctx.master.value(name, weight).float()
             eval_linears[name].weight.copy_(exact + (merged - merges.task_sum(taus)))

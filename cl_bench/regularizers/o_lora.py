@@ -38,6 +38,12 @@ earlier stages and over modules. Defaults λ1 = 0.5, λ2 = 0 (O-LoRA's scripts; 
 reference uses λ = 0.5 and no L2 term). The terms are logged as `orth` and `l2` (already
 multiplied by λ1, λ2).
 
+Per-stage λ: `lambda_1` and `lambda_2` take a number (every stage) or a list with one value per
+stage, stage t using entry t (the authors' long-sequence script, cmnfriend/O-LoRA
+logs_and_outputs/long_olora/hyparam.sh, sets λ1 = 0, 0.5 ×8, 5 ×6 and λ2 = 0, 0, 0, 0, 0.1, 0.1,
+0.3, 0, 0.1, 0, 0, 0.1, 0, 0.1, 0.3 over its 15 tasks). A list shorter than the sequence is refused
+at the start of stage 1, before any training.
+
 Unlike O-LoRA, which keeps every earlier adapter in the forward pass, cl_bench by default folds
 them into W after each stage (merge=absorb); the earlier A's are then only the penalty's anchor,
 as in the SLICE reference. Under a branch-keeping merge (merge=gainlora: GainLoRA+O-LoRA, the
@@ -50,6 +56,9 @@ projected start is recomputed from it. Memory: the earlier A's, (t−1)·r·d_in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from ..infra.errors import ConfigError
@@ -59,6 +68,14 @@ from ..stage import Regularizer, StageContext
 from .base import StageDelta
 
 NORMS = ("abs", "fro_sq")
+
+
+def _schedule(key: str, value: Any) -> list[float]:
+    """A λ as a list: [v] for a number, the values of a per-stage list; each a number >= 0."""
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in values):
+        raise ConfigError(f"regularizer.{key}={value!r} must be a number >= 0 or a list of them, one per stage")
+    return [float(v) for v in values]
 
 
 def orthogonality(A_new: torch.Tensor, A_prev: torch.Tensor, norm: str = "abs") -> torch.Tensor:
@@ -100,17 +117,29 @@ class OLoRA(Regularizer):
     name = "o_lora"
     sets_start_A = True  # an absorbed init's A0 starts off the earlier updates
 
-    def __init__(self, lambda_1: float = 0.5, lambda_2: float = 0.0, norm: str = "abs"):
-        for key, value in (("lambda_1", lambda_1), ("lambda_2", lambda_2)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"regularizer.{key}={value!r} must be a number >= 0")
+    def __init__(
+        self, lambda_1: float | Sequence[float] = 0.5, lambda_2: float | Sequence[float] = 0.0, norm: str = "abs"
+    ):
+        self.schedule = {key: _schedule(key, value) for key, value in (("lambda_1", lambda_1), ("lambda_2", lambda_2))}
         if norm not in NORMS:
             raise ConfigError(f"regularizer.norm={norm!r} is invalid; valid: {', '.join(NORMS)}")
-        self.lambda_1, self.lambda_2, self.norm = float(lambda_1), float(lambda_2), norm
+        self.norm = norm
+        self.lambda_1, self.lambda_2 = (self.schedule[k][0] for k in ("lambda_1", "lambda_2"))  # stage 1's
         self.adapter: StageDelta | None = None
         self.previous: dict[str, torch.Tensor] = {}
 
+    def _set_stage_lambdas(self, ctx: StageContext) -> None:
+        """λ1, λ2 of stage ctx.stage; a list shorter than the sequence is refused at stage 1."""
+        for key, values in self.schedule.items():
+            if len(values) > 1 and len(values) < len(ctx.tasks):
+                raise ConfigError(
+                    f"regularizer.{key} lists {len(values)} values for {len(ctx.tasks)} stages; give one per stage or a number"
+                )
+        pick = lambda values: values[ctx.stage - 1] if len(values) > 1 else values[0]  # noqa: E731
+        self.lambda_1, self.lambda_2 = pick(self.schedule["lambda_1"]), pick(self.schedule["lambda_2"])
+
     def begin_stage(self, model: torch.nn.Module, ctx: StageContext) -> None:
+        self._set_stage_lambdas(ctx)
         self.adapter = StageDelta(model, ctx)  # only for its live (A, B) per module
         self.previous = {}
         if not ctx.history:

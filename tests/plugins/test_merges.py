@@ -136,6 +136,49 @@ def test_magmax_keeps_the_larger_magnitude_later_stage_on_ties_by_hand():
     assert torch.equal(merges.magmax([t1]), t1)
 
 
+def test_magmax_as_marczak_et_al_define_it_takes_the_largest_cumulative_task_vector_by_hand():
+    """MagMax (ECCV 2024): the task vectors of sequential fine-tuning are θ_i − θ_0 = τ_1 + ... + τ_i.
+    τ = [1, −2], [−3, 1], [1, 2]: cumulative [1, −2], [−2, −1], [−1, 1] → per entry the largest
+    |value|: [−2, −2]. PS-LoRA's per-stage form over the τ_i themselves: [−3, 2] (2 ties −2: the later)."""
+    taus = [T([[1.0, -2.0]]), T([[-3.0, 1.0]]), T([[1.0, 2.0]])]
+    assert torch.equal(merges.magmax(taus, "cumulative"), T([[-2.0, -2.0]]))
+    assert torch.equal(merges.magmax(taus, "per_stage"), T([[-3.0, 2.0]]))
+    assert torch.equal(merges.magmax(taus), merges.magmax(taus, "per_stage"))  # the default: PS-LoRA's
+    assert torch.equal(MagMax(vectors="cumulative").merge(taus, [1, 2, 3], "m"), T([[-2.0, -2.0]]))
+    with pytest.raises(ConfigError, match="merge.vectors='sum'.*per_stage, cumulative"):
+        MagMax(vectors="sum")
+
+
+ONE_STAGE = {  # every task-vector merge, with knobs that would change a lone τ_1
+    "ties": lambda: Ties(density=0.2),
+    "dare": lambda: Dare(p=0.9, seed=3),
+    "task_arithmetic": lambda: TaskArithmetic(lam=0.5),
+    "average": Average,
+    "magmax_cumulative": lambda: MagMax(vectors="cumulative"),
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_STAGE))
+def test_a_merge_of_one_task_vector_is_the_identity_and_merges_from_stage_2(name):
+    """After stage 1 there is nothing to merge: the evaluated (and, train_on=merged, trained) model is
+    W0 + τ_1 under every merge (TIES at density 0.2 would otherwise score R[1,1] on a trimmed τ_1)."""
+    taus = _random_taus(2)
+    records = [
+        StageRecord(i + 1, f"t{i}", adapter_name(i + 1), lambda t=t: ({"m": (torch.eye(5), t)}, None, {"m": 1.0}))
+        for i, t in enumerate(taus)
+    ]
+    merge = ONE_STAGE[name]()
+    tau1 = records[0].task_vector("m")
+    assert torch.equal(merge.eval_delta(records[:1], "m"), tau1)
+    merge.train_on = "merged"
+    assert torch.equal(merge.train_delta(records[:1], "m"), tau1)
+    both = [r.task_vector("m") for r in records]
+    assert torch.equal(merge.eval_delta(records, "m"), merge.merge(both, [1, 2], "m"))
+    assert not torch.allclose(merge.eval_delta(records, "m"), both[0] + both[1])  # a merge from t = 2
+    if name in ("ties", "dare", "task_arithmetic"):  # as written, X would change a lone τ_1
+        assert not torch.equal(merge.merge([tau1], [1], "m"), tau1)
+
+
 def test_knobs_are_checked_with_one_line_errors():
     for build, key in [
         (lambda: Ties(density=0.0), "merge.density"),

@@ -235,6 +235,36 @@ def test_o_lora_starts_an_absorbed_init_off_every_earlier_update_and_anchors_the
         assert torch.equal(layer.lora_A[ADAPTER].weight, before[m])
 
 
+def test_o_lora_lambdas_follow_a_per_stage_schedule():
+    """The authors' long-sequence script sets λ1, λ2 per task: stage t uses entry t of a list."""
+    model = _wrapped()
+    modules = list(_modules(model))
+    history = _history(modules)
+    tasks = [_task(n) for n in "abc"]
+    reg = OLoRA(lambda_1=[0.0, 0.5, 5.0], lambda_2=[0.0, 0.1, 0.3])
+    layers = _modules(model)
+    with torch.no_grad():
+        orth = sum(float((layers[m].lora_A[ADAPTER].weight @ history[0].trained[m][0].T).abs().sum()) for m in modules)
+    for stage, (l1, l2) in ((2, (0.5, 0.1)), (3, (5.0, 0.3))):
+        ctx = _ctx(history, stage=stage, previous=tasks[: stage - 1], current=tasks[stage - 1])
+        ctx.tasks = tasks
+        reg.begin_stage(model, ctx)
+        terms = reg.loss(model, {}, ctx)
+        assert (reg.lambda_1, reg.lambda_2) == (l1, l2)
+        assert float(terms["orth"].detach()) == pytest.approx(l1 * orth, rel=1e-5)
+    short = OLoRA(lambda_1=[0.0, 0.5])
+    ctx = _ctx(History(), stage=1, previous=[], current=tasks[0])
+    ctx.tasks = tasks
+    with pytest.raises(ConfigError, match="regularizer.lambda_1 lists 2 values for 3 stages"):
+        short.begin_stage(model, ctx)
+    with pytest.raises(ConfigError, match="regularizer.lambda_2"):
+        OLoRA(lambda_2=[0.1, -1.0])
+    from cl_bench.run.runner import build_plugins
+
+    built = build_plugins(compose(["regularizer=o_lora", "regularizer.lambda_1=[0,0.5,0.5,5]"]))["regularizer"]
+    assert built.schedule["lambda_1"] == [0.0, 0.5, 0.5, 5.0]
+
+
 # ------------------------------------------------------------------ EWC
 def test_ewc_penalty_by_hand_and_zero_at_the_anchor():
     F = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
