@@ -1,4 +1,4 @@
-"""CL metrics over the results matrix, exactly as shared/DESIGN.md §4.
+"""CL metrics over the results matrix, exactly as defined in docs/design.md §7.
 
 R has rows 0..T (row 0 = before training, row i = after stage i) and columns for tasks 1..T
 (column j-1 holds task j). Scores in percent. A metric whose cells are missing (None) is None:

@@ -9,10 +9,10 @@ O_{i,t} = A_iᵀ A_t = 0). A_i are the TRAINED A's of earlier stages, from ctx.h
 
 Which norm (`norm`):
   * `abs` (default) — Σ_jk |[A_t A_iᵀ]_jk|, what the O-LoRA code computes
-    (`torch.abs(torch.mm(lora_A, loranew_A.T)).sum()` in its uie_trainer_lora.py, verified in
-    shared/reference/anchors.md A3) and so what produced its published numbers;
+    (`torch.abs(torch.mm(lora_A, loranew_A.T)).sum()` in its uie_trainer_lora.py, GitHub
+    cmnfriend/O-LoRA) and so what produced its published numbers;
   * `fro_sq` — Σ_jk [A_t A_iᵀ]²_jk, the paper's Eq. 8 (‖O_{i,t}[j,k]‖² summed) and the SLICE
-    authors' reimplementation (shared/reference/slice-reference.md §3.1).
+    authors' reimplementation (cl_lora/cl_methods/o_lora.py in RamiroNB/slice).
 The L2 term is that code's `torch.norm(param, p=2)` summed over the new lora_A and lora_B
 tensors: the Frobenius norm of each, NOT squared. Reductions: sums over r×r entries, over
 earlier stages and over modules. Defaults λ1 = 0.5, λ2 = 0 (O-LoRA's scripts; the SLICE

@@ -7,7 +7,7 @@ complete, pending (requeued after preemption/timeout, or not started), incomplet
 killed), interrupted, failed, missing (job dir without results.json) or unreadable. Only complete
 runs enter the numbers; all others are listed with their status, never dropped silently.
 
-Grouping (issue 17). Two runs belong to the same experiment when their resolved configs agree on
+Grouping. Two runs belong to the same experiment when their resolved configs agree on
 every key except the seed, paths and keys that do not change results (progress, verbose, logger,
 cache, threads). An experiment's numbers are mean ± sample std over its distinct seeds; reruns of
 one seed are duplicates, listed and counted once (their mean). Experiments are arranged in blocks

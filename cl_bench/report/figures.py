@@ -4,7 +4,7 @@ Used by the W&B tracker (images per run) and by the report (files). Every functi
 `matplotlib.figure.Figure` directly (Agg canvas, no pyplot): nothing global is touched, no
 backend is switched, no figure registry grows across the jobs of one process.
 
-Scores and metrics are in percent (0..100), as in results.json (shared/DESIGN.md §3, §4).
+Scores and metrics are in percent (0..100), as in results.json (docs/design.md §6, §7).
 Figures follow the SLICE paper (arXiv 2605.12752): R heatmaps (Fig. 3), the stability-plasticity
 plane FP vs AP (Fig. 1), metrics across alpha (Fig. 4).
 """

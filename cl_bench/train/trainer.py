@@ -11,7 +11,7 @@ divided by the trained tokens of the whole optimizer step (HF's `num_items_in_ba
 batch 16 × accum 1 and 8 × 2 and 4 × 4 of the same examples give the same gradient; the
 logged "lm" is the per-token mean over the step.
 
-What makes it fast without changing what is trained (issue 14; each is exact up to float
+What makes it fast without changing what is trained (each is exact up to float
 rounding unless its config doc says otherwise):
 * `StepBatcher` builds each step on the host, apart from the step itself: which examples (a pure
   function of the seed and the step, so resume needs only the step) and how they become forward

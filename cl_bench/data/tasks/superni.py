@@ -44,7 +44,7 @@ NI_METRIC = {EM: "ni_exact_match", RL: "ni_rouge_l"}
 
 # Task -> metric by output kind: EM where the answer is a label, number, letter, word or a
 # fixed-format string with one right answer; ROUGE-L where it is free text or a span list that
-# deserves partial credit. (*) = checked against the sample files in shared/data/superni.
+# deserves partial credit. (*) = checked against real SuperNI task files (their outputs).
 METRIC_TABLE: dict[str, str] = {
     # --- label / number / short answer -------------------------------------------------------
     "task002_quoref_answer_generation": EM,  # (*) short entity span from the passage
@@ -120,8 +120,8 @@ METRIC_TABLE: dict[str, str] = {
     "task1729_personachat_generate_next": RL,  # (*) dialogue response
 }
 
-# The SLICE authors' category per task (their task_sequences.py registry; slice-reference.md §10.2,
-# §10.3): classification -> exact match, generation -> ROUGE-L. Their NI360 (a response generation
+# The SLICE authors' category per task (their cl_lora/task_sequences.py registry, RamiroNB/slice):
+# classification -> exact match, generation -> ROUGE-L. Their NI360 (a response generation
 # task) is registered as classification, and NI141/NI163/NI002 as generation: kept as they scored them.
 _PAPER_EM = "195 1343 1310 1292 363 231 220 224 273 360 1510 088 092 119 199 209 286 325 327 513 517 828 1332 1346 1429"
 _PAPER_RL = (
