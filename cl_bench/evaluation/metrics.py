@@ -104,7 +104,7 @@ def compute_cl_metrics(R: Matrix, sizes: Sequence[int]) -> dict[str, float | Non
 
 
 def compute_mode_metrics(R: Matrix, sizes: Sequence[int], mode: str = "sequential") -> dict[str, float | None]:
-    """The metrics of a run mode (cl_bench/modes.py). `sequential`: compute_cl_metrics on the
+    """The metrics of a run mode (cl_bench/run/modes.py). `sequential`: compute_cl_metrics on the
     T+1 rows. `multitask`: R has 2 rows (before, after joint training); `independent`: T+1 rows,
     row i = the base model trained on task i alone. For both, the score of task j once learned is
     s_j (multitask R[1, j], independent R[j, j]) and never changes afterwards, so

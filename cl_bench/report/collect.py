@@ -18,7 +18,7 @@ apart from the seed) but whose configs differ are flagged: different code defaul
 
 Layout (SLICE paper, Table 1). With --baseline METHOD the baseline row of each block is absolute
 and every other row is Δ = mean(method) − mean(baseline), ± the method's std over seeds; the paired
-tests (cl_bench/stats.py) compare method and baseline seed by seed.
+tests (cl_bench/report/stats.py) compare method and baseline seed by seed.
 
 The command itself (files written, options) is cl_bench/report/cli.py.
 """

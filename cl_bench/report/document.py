@@ -31,7 +31,7 @@ BETTER = {
 }
 READING_METRICS = ("FP", "Fgt", "AP")  # the claim: stability (FP), forgetting, plasticity (AP)
 ALPHA = 0.05
-# Rows of the run modes (cl_bench/modes.py): read as reference points, not as methods that help or hurt.
+# Rows of the run modes (cl_bench/run/modes.py): read as reference points, not as methods that help or hurt.
 REFERENCE_ROWS = {"Multitask": "the joint-training upper bound", "Independent": "each task from the base model"}
 
 

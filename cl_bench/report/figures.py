@@ -72,7 +72,7 @@ def _fmt_metric(metrics: Mapping[str, Any], key: str) -> str:
 
 def learned_scores(R: np.ndarray) -> np.ndarray:
     """Each task's score right after it was trained: R[j, j] (rows 0..T), or the joint row of a
-    multitask run (R has 2 rows, cl_bench/modes.py). Shape (T,)."""
+    multitask run (R has 2 rows, cl_bench/run/modes.py). Shape (T,)."""
     if R.shape[0] == 2 and R.shape[1] > 1:
         return R[1].astype(float)
     return np.array([R[j + 1, j] for j in range(R.shape[1])], dtype=float)

@@ -9,7 +9,7 @@ Formats read (first match wins, every path tried is reported when none matches):
     targets) when no local file exists.
 
 Prompt = Definition + "\\n\\n" + "Input: " + input (the chat template is applied later, in
-cl_bench/data.py); target (trained on) = the first reference output; every reference output is kept
+cl_bench/data/prompts.py); target (trained on) = the first reference output; every reference output is kept
 on the example and scoring takes the best one. Split: with a separate test file, eval = seed-shuffled
 test examples and train = the training file; otherwise eval is held out of the one file by
 `split_examples`. Training examples whose prompt also occurs in eval are dropped (duplicated
@@ -162,7 +162,7 @@ def metric_kind(task: str, override: str | None = None) -> str:
         return METRIC_TABLE[task]
     except KeyError:
         raise DataError(
-            f"SuperNI task {task!r} has no metric in cl_bench/tasks/superni.py METRIC_TABLE; add it there "
+            f"SuperNI task {task!r} has no metric in cl_bench/data/tasks/superni.py METRIC_TABLE; add it there "
             f"(exact_match for labels/short answers, rouge_l for free text) or set "
             f"`metrics: {{{task}: exact_match|rouge_l}}` in the sequence YAML"
         ) from None
