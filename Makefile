@@ -41,7 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python -m cl_bench.mine --bench
 	$(BIN)/python -m cl_bench.branch_cost
 
-# The SLICE claim on the embedded benchmark (issue 12 §3; README "The SLICE claim"): both sweeps
+# The SLICE claim on the embedded benchmark (README "The SLICE claim"): both sweeps
 # (66 jobs, 2 at a time, resumable: rerun to continue), then docs/results.md from their run dirs.
 claim: $(STAMP)
 	$(BIN)/python -m cl_bench -m --config-dir . --config-name multirun experiment=slice_claim hydra/launcher=local_jobs

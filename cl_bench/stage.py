@@ -21,10 +21,10 @@ as it); it is, for stage t:
      says whether W absorbed s·B0·A0. A plug-in may re-set the starting A here if it keeps the
      function (lora.replace_start_A_ re-folds an absorbed init); the runner reads the absorbed
      init factors for the history only after begin_stage, so the record is what training started from
-  4. train (training.train_stage); per optimizer step:
+  4. train (train/trainer.py); per optimizer step:
        the step's examples = for each of its grad_accum micro-batches, batch_size examples of
        this task + regularizer.extra_examples(ctx, step, micro); trainer.layout lays them out as
-       M forward passes (M = grad_accum under layout=pad; batching.py), and for each:
+       M forward passes (M = grad_accum under layout=pad; train/layouts.py), and for each:
        loss  = LM loss (summed over trained tokens, divided by the trained tokens of the WHOLE
                step) + Σ_k regularizer.loss(model, batch, ctx)[k] / M   (ctx.grad_accum = M here)
        loss.backward()
@@ -228,7 +228,7 @@ class Plugin:
 
     name = "none"
     # Runs with distributed=fsdp, where every target weight is a DTensor holding a block of rows on
-    # each rank (lora.py: change weights only through master.fold_, read one with lora.full_weight).
+    # each rank (lora/layers.py: change weights only through master.fold_, read one with lora.full_weight).
     # Off unless a plug-in says so; the runner refuses the others at start.
     sharded_weights = False
 

@@ -1,6 +1,7 @@
 """Shared fixtures: single-threaded torch, the tiny model (built once per cache), the real data samples
-(../shared/data beside the repository; tests that need them skip cleanly without). Helpers that are
-not fixtures (compose, run_cli, FAST) live in tests/helpers/."""
+(helpers.SHARED_DATA: an optional data folder in README's layout beside the repository; tests that
+need them skip cleanly without). Helpers that are not fixtures (compose, run_cli, FAST) live in
+tests/helpers/."""
 
 from __future__ import annotations
 
@@ -44,5 +45,5 @@ def tiny(tiny_model_dir):
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data samples not found at {SHARED_DATA} (../shared/data beside the repo)")
+        pytest.skip(f"real data samples not found at {SHARED_DATA} (an optional data folder in README's layout)")
     return SHARED_DATA

@@ -1,5 +1,5 @@
 """`python -m cl_bench.bench` (`make bench`): what each phase of a stage costs, and how cl_bench
-compares with the SLICE authors' recipe (shared/reference/slice-reference.md §9), side by side
+compares with the SLICE authors' recipe (the settings of their released code), side by side
 in one run.
 
 Phases, per model: gradient capture, projection + SVD + absorption (SLICE at stage 1 and at
@@ -25,8 +25,8 @@ previous variant freed and the allocator kept: the first variant of a child is t
 
 Timing: min over `--repeats` interleaved repeats where noted (a shared machine drifts), all on
 the thread count printed at the top (`--threads`, default: the CPUs this process may use).
-Data: SuperNI samples from --data-root (default $CL_BENCH_DATA, else ../shared/data beside the
-repo); without them, generated mixed-length tasks, and the table says so.
+Data: SuperNI samples from --data-root (default $CL_BENCH_DATA, else a folder shared/data next to
+the repository checkout); without them, generated mixed-length tasks, and the table says so.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def device_peak_tflops(device: torch.device) -> tuple[str, float | None]:
 
 
 def targets(rows: list[dict], peak: float | None, models: list[str], n_train: int) -> list[dict]:
-    """The issue's done-when ratios, from rows of this run."""
+    """The bench's target ratios, from rows of this run."""
     out = []
 
     def find(model, phase, pred=lambda r: True):
@@ -232,6 +232,6 @@ def print_summary(rows: list[dict], goals: list[dict], notes: list[str], cuda: b
         ],
         "training detail (same steps, same initial adapter)",
     )
-    print_table(goals, ["model", "target", "goal", "measured", "ok", "note"], "targets (issue 14)")
+    print_table(goals, ["model", "target", "goal", "measured", "ok", "note"], "targets")
     for note in notes:
         print(f"note: {note}")

@@ -1,6 +1,6 @@
 """Token-level data: prompts through the chat template, labels, truncation, batching.
 
-Rules (shared/DESIGN.md §5): exactly one BOS; the answer's end token is a training target;
+Rules (docs/design.md §8): exactly one BOS; the answer's end token is a training target;
 the prompt is masked from the loss (configurable); inputs are truncated (in the middle, so the
 instruction head and the assistant header survive), targets never are.
 
@@ -33,7 +33,7 @@ DEFAULT_DATE_STRING = "26 Jul 2024"
 DATE_FORMAT = "%d %b %Y"  # how Llama-3.x templates print the date ("26 Jul 2024")
 PROMPT_FORMATS = ("chat_template", "slice_paper")
 
-# The SLICE authors' hand-written Llama-3 prompt (slice-reference.md §4.1): user turn(s) and the
+# The SLICE authors' hand-written Llama-3 prompt (their cl_lora/load_dataset.py): user turn(s) and the
 # assistant header, no system block unless a system message is configured.
 SLICE_PAPER_TEMPLATE = (
     "{{- '<|begin_of_text|>' }}"

@@ -4,7 +4,7 @@ Built once per recipe and cached: BPE tokenizer trained with `tokenizers` on a g
 `LlamaConfig` model, a short pretraining run on the same corpus, saved with `save_pretrained`.
 Everything downstream loads it through `from_pretrained`.
 
-The corpus makes a base model with something to forget and something to fight (issue 12):
+The corpus makes a base model with something to forget and something to fight:
 - plain text that carries the synthetic skills' features (reviews that end in their polarity,
   numbers with their parity, sentences with colors), so LoRA stages can learn those skills;
 - chat turns: generic ones (arithmetic, greetings, "X or Y?" questions answered with one of the

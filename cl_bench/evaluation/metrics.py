@@ -1,4 +1,4 @@
-"""CL metrics over the results matrix, exactly as shared/DESIGN.md §4.
+"""CL metrics over the results matrix, exactly as defined in docs/design.md §7.
 
 R has rows 0..T (row 0 = before training, row i = after stage i) and columns for tasks 1..T
 (column j-1 holds task j). Scores in percent. A metric whose cells are missing (None) is None:
@@ -113,7 +113,7 @@ def compute_cl_metrics(R: Matrix, sizes: Sequence[int]) -> dict[str, float | Non
 
 
 def compute_mode_metrics(R: Matrix, sizes: Sequence[int], mode: str = "sequential") -> dict[str, float | None]:
-    """The metrics of a run mode (cl_bench/modes.py). `sequential`: compute_cl_metrics on the
+    """The metrics of a run mode (cl_bench/run/modes.py). `sequential`: compute_cl_metrics on the
     T+1 rows. `multitask`: R has 2 rows (before, after joint training); `independent`: T+1 rows,
     row i = the base model trained on task i alone. For both, the score of task j once learned is
     s_j (multitask R[1, j], independent R[j, j]) and never changes afterwards, so

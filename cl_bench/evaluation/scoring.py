@@ -36,8 +36,8 @@ The natural-instructions rules (SuperNI tasks; O-LoRA's CL benchmark scorer is t
   track re-tokenizes with GPT-2 BPE; we tokenize by script instead (same as rouge_l), stemming the
   Latin words.
 
-The SLICE authors' rules (evaluation.protocol=slice_paper; RamiroNB/slice cl_lora/eval.py,
-shared/reference/slice-reference.md §5.1), first reference only:
+The SLICE authors' rules (evaluation.protocol=slice_paper; as their code, RamiroNB/slice
+cl_lora/eval.py, scores), first reference only:
 - slice_exact_match: equality after lowercase, strip, whitespace collapse.
 - slice_rouge_l: LCS F1 over whitespace tokens of the same normalization, no stemming (a Chinese
   sentence is one token); 0 when either side has no token.

@@ -2,12 +2,12 @@
 
 The continuation starts at the *padded* input length, the same for every row of a batch
 (the SLICE authors' code cut at each row's unpadded length, leaking prompt tails into the
-predictions of every row but the longest; shared/reference/slice-reference.md §5.1).
+predictions of every row but the longest, so its scores depended on the batch; docs/design.md §8).
 
 Each prediction is scored against every reference of its example by the task's metric under the
 configured evaluation.protocol (TaskData.metric_for; scoring.score takes the best reference).
 
-Speed (issue 14): prompts are tokenized once and batched by token length (longest first, so an
+Speed: prompts are tokenized once and batched by token length (longest first, so an
 out-of-memory shows on the first batch); generation stops for the whole batch once every row has
 emitted an end token (the tokenizer's and the model's generation-config ones); a task scored by
 exact match generates at most its longest reference in tokens + `reference_margin` new tokens

@@ -1,4 +1,4 @@
-"""The one place that knows about ranks: data-parallel runs through torch.distributed (issue 15).
+"""The one place that knows about ranks: data-parallel runs through torch.distributed.
 
 `python -m cl_bench ...` is one process (`Dist()`: rank 0 of 1, every collective a no-op).
 `torchrun --nproc-per-node N -m cl_bench distributed=ddp ...`, `accelerate launch -m cl_bench ...`

@@ -13,9 +13,9 @@ examples give the same gradient, as in training.
 The model runs in eval mode (dropout off): the capture estimates the loss gradient at the
 current weights, and eval mode keeps it deterministic and therefore cacheable.
 
-Speed (issue 14): the examples of all capture batches are re-cut by length (batching.regroup: no
+Speed: the examples of all capture batches are re-cut by length (train/layouts.regroup: no
 forward pass holds more tokens than the largest given batch, far less padding), the LM head runs
-only at trained positions (stage.causal_lm_loss), and the loss is read once at the end, not per
+only at trained positions (train/loss.causal_lm_loss), and the loss is read once at the end, not per
 batch. None of it changes the result beyond float rounding.
 
 Sharded base (distributed=fsdp): a sharded weight gets no gradient of its own (FSDP would

@@ -1,10 +1,10 @@
 """The merge seam: after stage t's training, decide the model stage t+1 trains on and the model
 that is evaluated (they may differ, and either may stay PEFT-wrapped).
 
-A merge is a thin plug-in over pure tensor functions (cl_bench/merges.py). At `consolidate`,
+A merge is a thin plug-in over pure tensor functions (cl_bench/lora/task_vectors.py). At `consolidate`,
 ctx.history already holds stage t, so the task vectors τ_1..τ_t are
 `ctx.history.task_vectors(module)` (exactly recomputed from the stage files, also after resume).
-Weights change only through the one fold, `ctx.master.fold_(name, layer, Δ)` (lora.py), which
+Weights change only through the one fold, `ctx.master.fold_(name, layer, Δ)` (lora/layers.py), which
 keeps float32 masters of low-precision weights. Everything the merge needs beyond the history
 to rebuild its models on resume goes into `state_dict()`; `restore` rebuilds them.
 

@@ -5,7 +5,7 @@ so that it outputs 0 on them. The LoRA factors themselves train freely (or under
 GainLoRA+InfLoRA is regularizer=inflora, GainLoRA+O-LoRA is regularizer=o_lora).
 
 Models (merges/base.py): after stage t the model stays PEFT-wrapped with branches stage_01..stage_t,
-all active and frozen, each scaled per example by its gate (cl_bench/gating.py):
+all active and frozen, each scaled per example by its gate (cl_bench/lora/gating.py):
     y = W·x + Σ_{i≤t} g_i(prompt)·τ_i·x,    τ_i = s·B_i·A_i − s·B0_i·A0_i (the stage's task vector)
 It is the evaluated model and the model stage t+1 starts from (the runner adds branch t+1 beside
 the others, lora.add_adapter). W is never changed (but see absorbing initializers below).

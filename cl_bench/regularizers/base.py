@@ -16,7 +16,7 @@ Who calls what, when (the full stage order is in cl_bench/stage.py):
 (after_backward and after_step are hooks of the shared Plugin base, cl_bench/stage.py: the loop
 calls them for initializer, regularizer and merge alike.)
 
-Normalisation of loss terms (issue: exact gradient accumulation). An optimizer step is
+Normalisation of loss terms (exact under any gradient accumulation). An optimizer step is
 `ctx.grad_accum` forward passes (micro-batches). The LM loss of a micro-batch is the sum of its
 trained-token losses divided by the number of trained tokens in the WHOLE step, so any split of
 the same examples into micro-batches gives the same gradient. Each term returned by `loss` is

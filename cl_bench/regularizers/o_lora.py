@@ -28,10 +28,10 @@ orthogonality. Hence, for every module:
 
 Which norm (`norm`):
   * `abs` (default) — Σ_jk |[A_t A_iᵀ]_jk|, what the O-LoRA code computes
-    (`torch.abs(torch.mm(lora_A, loranew_A.T)).sum()` in its uie_trainer_lora.py), and so what
-    produced its published numbers;
+    (`torch.abs(torch.mm(lora_A, loranew_A.T)).sum()` in its uie_trainer_lora.py, GitHub
+    cmnfriend/O-LoRA) and so what produced its published numbers;
   * `fro_sq` — Σ_jk [A_t A_iᵀ]²_jk, the paper's Eq. 8 (‖O_{i,t}[j,k]‖² summed) and the SLICE
-    authors' reimplementation.
+    authors' reimplementation (cl_lora/cl_methods/o_lora.py in RamiroNB/slice).
 The L2 term is that code's `torch.norm(param, p=2)` summed over the new lora_A and lora_B
 tensors: the Frobenius norm of each, NOT squared. Reductions: sums over r×r entries, over
 earlier stages and over modules. Defaults λ1 = 0.5, λ2 = 0 (O-LoRA's scripts; the SLICE

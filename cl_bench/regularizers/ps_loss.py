@@ -1,4 +1,4 @@
-"""PS-LoRA's parameter-stability loss (shared/papers/ps-lora-parameter-stability.txt, Eq. 4).
+"""PS-LoRA's parameter-stability loss (PS-LoRA paper, "Stability Matters", Eq. 4; docs/design.md §9).
 
     L_s = Σ_m Σ_jk [ΔW_t]²_jk · (1 − tanh(α·[ΔW_t]_jk) · tanh(α·[P]_jk)),   P = Σ_{i<t} ΔW_i,
     L   = L_f + λ·L_s                                                   (§3.3, Algorithm 1)

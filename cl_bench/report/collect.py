@@ -7,7 +7,7 @@ complete, pending (requeued after preemption/timeout, or not started), incomplet
 killed), interrupted, failed, missing (job dir without results.json) or unreadable. Only complete
 runs enter the numbers; all others are listed with their status, never dropped silently.
 
-Grouping (issue 17). Two runs belong to the same experiment when their resolved configs agree on
+Grouping. Two runs belong to the same experiment when their resolved configs agree on
 every key except the seed, paths and keys that do not change results (progress, verbose, logger,
 cache, threads). An experiment's numbers are mean ± sample std over its distinct seeds; reruns of
 one seed are duplicates, listed and counted once (their mean). Experiments are arranged in blocks
@@ -18,7 +18,7 @@ apart from the seed) but whose configs differ are flagged: different code defaul
 
 Layout (SLICE paper, Table 1). With --baseline METHOD the baseline row of each block is absolute
 and every other row is Δ = mean(method) − mean(baseline), ± the method's std over seeds; the paired
-tests (cl_bench/stats.py) compare method and baseline seed by seed.
+tests (cl_bench/report/stats.py) compare method and baseline seed by seed.
 
 The command itself (files written, options) is cl_bench/report/cli.py.
 """

@@ -4,7 +4,7 @@ Used by the W&B tracker (images per run) and by the report (files). Every functi
 `matplotlib.figure.Figure` directly (Agg canvas, no pyplot): nothing global is touched, no
 backend is switched, no figure registry grows across the jobs of one process.
 
-Scores and metrics are in percent (0..100), as in results.json (shared/DESIGN.md §3, §4).
+Scores and metrics are in percent (0..100), as in results.json (docs/design.md §6, §7).
 Figures follow the SLICE paper (arXiv 2605.12752): R heatmaps (Fig. 3), the stability-plasticity
 plane FP vs AP (Fig. 1), metrics across alpha (Fig. 4).
 """
@@ -72,7 +72,7 @@ def _fmt_metric(metrics: Mapping[str, Any], key: str) -> str:
 
 def learned_scores(R: np.ndarray) -> np.ndarray:
     """Each task's score right after it was trained: R[j, j] (rows 0..T), or the joint row of a
-    multitask run (R has 2 rows, cl_bench/modes.py). Shape (T,)."""
+    multitask run (R has 2 rows, cl_bench/run/modes.py). Shape (T,)."""
     if R.shape[0] == 2 and R.shape[1] > 1:
         return R[1].astype(float)
     return np.array([R[j + 1, j] for j in range(R.shape[1])], dtype=float)

@@ -13,7 +13,7 @@ METHOD_GROUPS = ("initializer", "regularizer", "merge")
 # Plug-in classes that are the plain sequential-LoRA defaults (conf/config.yaml): not named in a
 # method label. Any other regularizer or merge is ("Vanilla+Replay").
 DEFAULT_PLUGINS = {"regularizer": "Regularizer", "merge": "Absorb"}
-# The run mode (cl_bench/modes.py) is part of the method: a multitask or independent run is a row
+# The run mode (cl_bench/run/modes.py) is part of the method: a multitask or independent run is a row
 # beside the methods ("Multitask", "Independent"), not a block of its own.
 MODE_KEY = "mode"
 MODE_LABELS = {"multitask": "Multitask", "independent": "Independent"}

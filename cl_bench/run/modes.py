@@ -1,9 +1,9 @@
-"""Run modes: the sequential CL run and the two reference points every CL table has (issue 12 §2).
+"""Run modes: the sequential CL run and the two reference points every CL table has.
 
 `mode=` (conf/config.yaml) chooses what a stage trains on and from which model:
 
   sequential   one LoRA stage per task, in order, each on the model the last stage left (the CL
-               run; results.json as in shared/DESIGN.md §3, T+1 rows).
+               run; results.json as in docs/design.md §6, T+1 rows).
   multitask    ONE stage on the union of every task's training split (the joint-training upper
                bound). results.json: `matrix` has 2 rows, row 0 = before training, row 1 = after
                joint training (every task evaluated); `stages` has one entry whose task is
@@ -13,7 +13,7 @@
   independent  one stage per task, each trained from the BASE model (no carry-over): row i of R is
                the model W0 + τ_i evaluated on every task (only the diagonal with
                evaluation.full_matrix=false). R[i,i] is "a_scratch,i", the from-scratch score of
-               PS-LoRA's FWT (shared/papers/ps-lora-parameter-stability.txt, App. A.2). Each stage
+               PS-LoRA's FWT (PS-LoRA paper, App. A.2). Each stage
                sees no previous task (ctx.previous = [], as stage 1 does).
 
 Metrics of the two reference modes (cl_bench.evaluation.metrics.compute_mode_metrics): the trained system is

@@ -1,7 +1,7 @@
 """How the examples of one optimizer step become forward passes (micro-batches).
 
 Every layout below gives the same step gradient, because the LM loss of each forward pass is its
-summed token loss divided by the trained tokens of the WHOLE step (training.py, HF's
+summed token loss divided by the trained tokens of the WHOLE step (train/trainer.py, HF's
 `num_items_in_batch`): only float summation order changes. So the layout is a speed and memory
 choice, never a change of the training data or of the optimizer steps.
 

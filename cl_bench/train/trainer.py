@@ -11,12 +11,12 @@ divided by the trained tokens of the whole optimizer step (HF's `num_items_in_ba
 batch 16 × accum 1 and 8 × 2 and 4 × 4 of the same examples give the same gradient; the
 logged "lm" is the per-token mean over the step.
 
-What makes it fast without changing what is trained (issue 14; each is exact up to float
+What makes it fast without changing what is trained (each is exact up to float
 rounding unless its config doc says otherwise):
 * `StepBatcher` builds each step on the host, apart from the step itself: which examples (a pure
   function of the seed and the step, so resume needs only the step) and how they become forward
-  passes (batching.py: `trainer.layout` pad | group | pack; group by default).
-* The LM head and the loss run only at trained positions (stage.causal_lm_loss).
+  passes (train/layouts.py: `trainer.layout` pad | group | pack; group by default).
+* The LM head and the loss run only at trained positions (train/loss.causal_lm_loss).
 * No host synchronisation per step: loss terms, the gradient norm and the finite flag stay on
   the device and are read every `trainer.log_every_steps` steps, before each checkpoint and at
   the end. The NaN guard still stops the stage cleanly: with the fused AdamW, a non-finite step is
@@ -100,7 +100,7 @@ def steps_per_stage(n_examples: int, cfg, tasks: int = 1) -> int:
 
 
 def layout_of(cfg) -> Layout:
-    """The trainer config's batching.Layout (ConfigError on bad values)."""
+    """The trainer config's layouts.Layout (ConfigError on bad values)."""
     name = str(cfg.get("layout", "group"))
     cap, overhead = cfg.get("max_tokens_per_forward"), cfg.get("forward_overhead_tokens", 128)
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
@@ -140,7 +140,7 @@ class StepBatcher:
     `items(step)` (the configured micro-batches: batch_size examples of the task in seeded order
     plus the regularizer's extra examples) is a pure function of (ctx.seed, step), so a resumed
     stage sees the same data and a distributed launcher can shard it; `build(step)` lays them out
-    as forward passes (batching.Layout).
+    as forward passes (layouts.Layout).
     """
 
     def __init__(

@@ -166,7 +166,7 @@ def tiny_model(request):
 @pytest.mark.slow
 def test_end_to_end_mining_on_sample_tasks(tmp_path, tiny_model, monkeypatch):
     if not (SHARED_DATA / "superni").is_dir():
-        pytest.skip(f"real SuperNI samples not found at {SHARED_DATA}/superni (the ../shared checkout is absent)")
+        pytest.skip(f"real SuperNI samples not found at {SHARED_DATA}/superni (an optional data folder)")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     pool = ["088", "090", "363", "243", "141", "task611_mutual_multi_turn_dialogue"]
     out = tmp_path / "mined"

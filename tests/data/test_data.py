@@ -91,7 +91,7 @@ def test_batches_are_seeded_and_come_from_train_only(tiny):
             assert prompt not in eval_prompts
 
 
-# ------------------------------------------------------------------ prompts do not follow the calendar (issue 9, item 5)
+# ------------------------------------------------------------------ prompts do not follow the calendar
 
 # Llama-3.x's pattern (a date_string variable, strftime_now as the fallback) and a template that
 # calls strftime_now directly.
@@ -185,7 +185,7 @@ def test_system_message_and_the_slice_authors_format(tiny):
         "<s><|system|>\nBe brief.</s>\n<|user|>\n"
     )
     assert render_prompt_text(tok, EX, False) == EX.prompt
-    # The authors' hand-written Llama-3 prompt: no system block, no date (slice-reference.md §4.1).
+    # The authors' hand-written Llama-3 prompt: no system block, no date (their cl_lora/load_dataset.py).
     assert render_prompt_text(tok, EX, PromptFormat(format="slice_paper")) == (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
         + EX.prompt

@@ -95,7 +95,7 @@ def test_cl_benchmark_orders_follow_ps_lora_table_9():
 
 def test_sample_sequences_load_from_the_shared_samples():
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared samples not found at {SHARED_DATA} (the ../shared checkout is absent)")
+        pytest.skip(f"shared samples not found at {SHARED_DATA} (an optional data folder)")
     from cl_bench.data.tasks import load_sequence
 
     for name in ("ni_samples", "standard_order1"):

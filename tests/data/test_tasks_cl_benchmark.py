@@ -18,9 +18,7 @@ SC_INSTRUCTION = "What is the sentiment of the following paragraph? Choose one f
 @pytest.fixture(scope="module")
 def shared_data() -> Path:
     if not (SHARED_DATA / "cl_benchmark").is_dir():
-        pytest.skip(
-            f"real CL-benchmark samples not found at {SHARED_DATA}/cl_benchmark (the ../shared checkout is absent)"
-        )
+        pytest.skip(f"real CL-benchmark samples not found at {SHARED_DATA}/cl_benchmark (an optional data folder)")
     return SHARED_DATA
 
 

@@ -18,7 +18,7 @@ SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 @pytest.fixture(scope="module")
 def shared_data() -> Path:
     if not (SHARED_DATA / "superni").is_dir():
-        pytest.skip(f"real SuperNI samples not found at {SHARED_DATA}/superni (the ../shared checkout is absent)")
+        pytest.skip(f"real SuperNI samples not found at {SHARED_DATA}/superni (an optional data folder)")
     return SHARED_DATA
 
 
@@ -351,7 +351,7 @@ def test_end_to_end_run_on_real_samples(shared_data, tiny_model_dir, tmp_path):
     assert {r["id"] for r in records} <= test_ids  # scored examples come from the test file
 
 
-# ------------------------------------------------------------------------ official scoring (issue 9)
+# ------------------------------------------------------------------------ official scoring
 
 
 def test_task002_every_reference_scores_by_the_official_rules(shared_data):

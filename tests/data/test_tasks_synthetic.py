@@ -1,5 +1,5 @@
 """The synthetic families and the embedded model's pretraining corpus: the properties the benchmark
-design rests on (issue 12)."""
+design rests on."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def _cfg(benchmarks: dict, **top) -> dict:
     }
 
 
-# Invented rows in HF Rowan/hellaswag's schema (no HellaSwag sample is shipped in shared/data).
+# Invented rows in HF Rowan/hellaswag's schema (the real-data sample folder holds no HellaSwag file).
 def _hellaswag_rows(n: int) -> list[dict]:
     rng = random.Random(7)
     acts = ["Making tea", "Washing a car", "Painting a fence", "Walking a dog", "Baking bread"]

@@ -1,4 +1,4 @@
-"""CL metrics against matrices computed by hand (shared/DESIGN.md §4)."""
+"""CL metrics against matrices computed by hand (docs/design.md §7)."""
 
 import pytest
 

@@ -145,7 +145,7 @@ def test_score_rejects_unknown_metric_and_keywords():
         score("exact_match", "a", "a", refs=["a"])
 
 
-# ------------------------------------------------------------------ natural-instructions rules (issue 9, item 2)
+# ------------------------------------------------------------------ natural-instructions rules
 
 
 def test_normalize_answer_is_the_natural_instructions_rule():

@@ -52,19 +52,25 @@ def _fork_server() -> subprocess.Popen:
 
 
 def run_cli(
-    args: list[str], timeout: int = 600, env_extra: dict | None = None, cwd: Path | None = None
+    args: list[str],
+    timeout: int = 600,
+    env_extra: dict | None = None,
+    cwd: Path | None = None,
+    module: str = "cl_bench",
 ) -> subprocess.CompletedProcess:
-    """`python -m cl_bench ARGS` in its own process, as from a shell (exit code, stdout, stderr,
-    environment). The process is forked from a server that imported torch/transformers/Hydra once
-    (tests/cli_batch.py): the same run, ~6 s of imports cheaper."""
+    """`python -m cl_bench ARGS` (or `python -m MODULE ARGS`, e.g. module="cl_bench.report") in its
+    own process, as from a shell (exit code, stdout, stderr, environment). The process is forked from
+    a server that imported torch/transformers/Hydra once (tests/helpers/cli_batch.py): the same run,
+    ~6 s of imports cheaper."""
     import json
 
     env = dict(os.environ, **(env_extra or {}))
     server = _fork_server()
-    server.stdin.write(json.dumps({"argv": args, "env": env, "timeout": timeout, "cwd": str(cwd or REPO)}) + "\n")
+    request = {"argv": args, "env": env, "timeout": timeout, "cwd": str(cwd or REPO), "module": module}
+    server.stdin.write(json.dumps(request) + "\n")
     server.stdin.flush()
     reply = json.loads(server.stdout.readline())
-    return subprocess.CompletedProcess(["cl_bench", *args], reply["returncode"], reply["stdout"], reply["stderr"])
+    return subprocess.CompletedProcess([module, *args], reply["returncode"], reply["stdout"], reply["stderr"])
 
 
 def run_cli_batch(arg_lists: list[list[str]], timeout: int = 600) -> list[subprocess.CompletedProcess]:

@@ -6,7 +6,7 @@ and forks a child per command line, so each still gets its own process (exit cod
 environment, working dir, Hydra's global state, SIGKILL) exactly as from a shell.
 
 Usage: python tests/cli_batch.py --serve: one JSON request a line on stdin ({"argv", "env",
-"timeout", "cwd"}), one JSON result {"returncode", "stdout", "stderr"} a line on stdout, a fork per
+"timeout", "cwd", "module": default "cl_bench"}), one JSON result {"returncode", "stdout", "stderr"} a line on stdout, a fork per
 request (tests/conftest.py run_cli).
 """
 
@@ -20,7 +20,13 @@ import tempfile
 
 
 def _child(
-    argv: list[str], out_fd: int, err_fd: int, env: dict | None = None, timeout: int = 0, cwd: str | None = None
+    argv: list[str],
+    out_fd: int,
+    err_fd: int,
+    env: dict | None = None,
+    timeout: int = 0,
+    cwd: str | None = None,
+    module: str = "cl_bench",
 ) -> None:
     os.dup2(out_fd, 1)
     if cwd:
@@ -35,9 +41,14 @@ def _child(
     sys.argv = ["cl_bench", *argv]
     code = 0
     try:
-        from cl_bench.__main__ import main
+        if module == "cl_bench":
+            from cl_bench.__main__ import main
 
-        main()
+            main()
+        else:  # `python -m <module>`: its __main__ block (a package's __main__.py), as from a shell
+            import runpy
+
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # noqa: BLE001 - reported like an uncaught exception in a shell
@@ -61,11 +72,13 @@ def _preimport() -> None:
     import cl_bench.run.runner  # noqa: F401
 
 
-def run_forked(argv: list[str], env: dict | None = None, timeout: int = 0, cwd: str | None = None) -> dict:
+def run_forked(
+    argv: list[str], env: dict | None = None, timeout: int = 0, cwd: str | None = None, module: str = "cl_bench"
+) -> dict:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         pid = os.fork()
         if pid == 0:
-            _child(argv, out.fileno(), err.fileno(), env, timeout, cwd)
+            _child(argv, out.fileno(), err.fileno(), env, timeout, cwd, module)
         _, status = os.waitpid(pid, 0)
         out.seek(0)
         err.seek(0)
@@ -83,7 +96,13 @@ def serve() -> None:
         request = json.loads(line)
         replies.write(
             json.dumps(
-                run_forked(request["argv"], request["env"], int(request.get("timeout") or 0), request.get("cwd"))
+                run_forked(
+                    request["argv"],
+                    request["env"],
+                    int(request.get("timeout") or 0),
+                    request.get("cwd"),
+                    request.get("module") or "cl_bench",
+                )
             )
             + "\n"
         )

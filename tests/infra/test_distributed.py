@@ -1,4 +1,4 @@
-"""distributed=ddp|fsdp (issue 15): the arithmetic of data parallelism in-process (a step's and a
+"""distributed=ddp|fsdp: the arithmetic of data parallelism in-process (a step's and a
 capture's rank shares add up to the one-process gradient; the sharded capture's activation-side
 gradient is the weight gradient; row shards of a model state go back together), then real 2-process
 torchrun jobs (gloo, CPU) of each kind, killed with SIGKILL mid-stage-2 and resumed, against one process.

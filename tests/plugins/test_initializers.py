@@ -477,7 +477,7 @@ def test_slice_c_multirun_reuses_the_stage1_capture(request, tmp_path):
     assert "cache hit" in (proc.stdout + proc.stderr) or any("cache hit" in p.read_text() for p in sweep.rglob("*.log"))
 
 
-# --------------------------------------------------------------------------- scales (issue 9, items 7 and 8)
+# --------------------------------------------------------------------------- scales
 @pytest.mark.parametrize("rslora, adjust", [(True, True), (True, False), (False, True)])
 def test_eva_rank_redistribution_keeps_the_configured_scaling_per_module(base_model, rslora, adjust):
     """rho = 2 moves rank between modules. adjust_scaling_factors: every module keeps the configured

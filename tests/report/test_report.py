@@ -1,5 +1,5 @@
-"""The report command: grouping (issue 17), the paper layout with Δ rows, paired tests, run states,
-flags, and every table and figure file it writes (issue 13)."""
+"""The report command: grouping, the paper layout with Δ rows, paired tests, run states,
+flags, and every table and figure file it writes."""
 
 import json
 import math

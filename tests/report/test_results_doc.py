@@ -1,4 +1,4 @@
-"""docs/results.md as the report command writes it (issue 12 §3): regenerated from small hand-written
+"""docs/results.md as the report command writes it: regenerated from small hand-written
 results.json files, its numbers checked against those inputs; the reference modes sit beside the
 methods; the reading section is computed (verdicts, p-values, projection) and the notes file is kept."""
 

@@ -1,4 +1,4 @@
-"""Run modes (issue 12 §2): multitask (one joint stage) and independent (every stage from the base
+"""Run modes: multitask (one joint stage) and independent (every stage from the base
 model) — their results.json shape, metrics, training budget, refusals, and resume after a crash."""
 
 from __future__ import annotations

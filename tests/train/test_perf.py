@@ -1,4 +1,4 @@
-"""Issue 14: the speed options that claim to be exact are exact, and the fast paths keep the
+"""The speed options that claim to be exact are exact, and the fast paths keep the
 guarantees of the slow ones (NaN guard, end tokens, thread defaults). Speed itself is measured by
 `make bench`, never here; so are whole-run identities (layout group vs pad, init cache off / miss /
 hit: the bench's exactness phase), which would cost a minute of runs here."""

@@ -123,7 +123,7 @@ def _step_grads(model, bs, regularizer=None):
     return grads, terms
 
 
-# ------------------------------------------------------------------ exact accumulation (issue 9.1)
+# ------------------------------------------------------------------ exact accumulation
 class ParamAndTokenTerms(Regularizer):
     """A parameter penalty (once per step) and a per-token term normalised by token_mean_term."""
 
@@ -309,7 +309,7 @@ def test_task_vector_is_the_trained_delta_net_of_the_absorbed_init(tmp_path):
         history.append(record)  # stage 1 again
 
 
-# ------------------------------------------------------------------ the fold, bf16 master (issue 9.4)
+# ------------------------------------------------------------------ the fold, bf16 master
 def _absorb_stage(model, master, update_scale, seed):
     """Stage 2 of the test: a fresh adapter with s·B·A ≈ update_scale·|W|, absorbed."""
     torch.manual_seed(seed)
@@ -395,7 +395,7 @@ def base_weight_of(model, name):
     return target_linears(model, TARGETS)[name].weight.detach()
 
 
-# ------------------------------------------------------------------ LR warmup (issue 9.10)
+# ------------------------------------------------------------------ LR warmup
 @pytest.mark.parametrize("total,ratio", [(10, 0.3), (6, 0.03), (1, 0.03), (33, 0.1), (8, 0.0)])
 def test_lr_schedule_is_hf_linear_warmup(total, ratio):
     model = torch.nn.Linear(2, 2)

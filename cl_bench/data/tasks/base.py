@@ -23,7 +23,7 @@ VALID_METRICS = (
     "slice_rouge_l",
 )
 # evaluation.protocol: `per_task` scores each task by its family's (official) metric;
-# `slice_paper` by the SLICE authors' metric for it (shared/reference/slice-reference.md §5.1).
+# `slice_paper` by the SLICE authors' metric for it (their cl_lora/eval.py; docs/design.md §8).
 PROTOCOLS = ("per_task", "slice_paper")
 # The authors' evaluator scored label-like tasks by exact match and the rest by ROUGE-L; tasks
 # they never ran (CL benchmark, synthetic, unregistered SuperNI tasks) map by the kind of answer.

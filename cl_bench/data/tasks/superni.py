@@ -9,7 +9,7 @@ Formats read (first match wins, every path tried is reported when none matches):
     targets) when no local file exists.
 
 Prompt = Definition + "\\n\\n" + "Input: " + input (the chat template is applied later, in
-cl_bench/data.py); target (trained on) = the first reference output; every reference output is kept
+cl_bench/data/prompts.py); target (trained on) = the first reference output; every reference output is kept
 on the example and scoring takes the best one. Split: with a separate test file, eval = seed-shuffled
 test examples and train = the training file; otherwise eval is held out of the one file by
 `split_examples`. Training examples whose prompt also occurs in eval are dropped (duplicated
@@ -44,7 +44,7 @@ NI_METRIC = {EM: "ni_exact_match", RL: "ni_rouge_l"}
 
 # Task -> metric by output kind: EM where the answer is a label, number, letter, word or a
 # fixed-format string with one right answer; ROUGE-L where it is free text or a span list that
-# deserves partial credit. (*) = checked against the sample files in shared/data/superni.
+# deserves partial credit. (*) = checked against real SuperNI task files (their outputs).
 METRIC_TABLE: dict[str, str] = {
     # --- label / number / short answer -------------------------------------------------------
     "task002_quoref_answer_generation": EM,  # (*) short entity span from the passage
@@ -120,8 +120,8 @@ METRIC_TABLE: dict[str, str] = {
     "task1729_personachat_generate_next": RL,  # (*) dialogue response
 }
 
-# The SLICE authors' category per task (their task_sequences.py registry; slice-reference.md §10.2,
-# §10.3): classification -> exact match, generation -> ROUGE-L. Their NI360 (a response generation
+# The SLICE authors' category per task (their cl_lora/task_sequences.py registry, RamiroNB/slice):
+# classification -> exact match, generation -> ROUGE-L. Their NI360 (a response generation
 # task) is registered as classification, and NI141/NI163/NI002 as generation: kept as they scored them.
 _PAPER_EM = "195 1343 1310 1292 363 231 220 224 273 360 1510 088 092 119 199 209 286 325 327 513 517 828 1332 1346 1429"
 _PAPER_RL = (
@@ -162,7 +162,7 @@ def metric_kind(task: str, override: str | None = None) -> str:
         return METRIC_TABLE[task]
     except KeyError:
         raise DataError(
-            f"SuperNI task {task!r} has no metric in cl_bench/tasks/superni.py METRIC_TABLE; add it there "
+            f"SuperNI task {task!r} has no metric in cl_bench/data/tasks/superni.py METRIC_TABLE; add it there "
             f"(exact_match for labels/short answers, rouge_l for free text) or set "
             f"`metrics: {{{task}: exact_match|rouge_l}}` in the sequence YAML"
         ) from None

@@ -7,7 +7,7 @@ wipe it just by taking that vocabulary over. A `*_flip` family asks about the sa
 reworded instruction that inverts the answer: it shares its base family's vocabulary and
 conflicts with it.
 
-The embedded tiny model (cl_bench/tiny_model.py) sees some families in its chat pretraining, never
+The embedded tiny model (cl_bench/data/tiny_model.py) sees some families in its chat pretraining, never
 the flips: KNOWN_FAMILIES answered correctly 70% of the time (never with a prompt of a task pool),
 so the base model knows those skills and a flip's base-model gradient points against its base
 family's (the conflict SLICE detects); FORMAT_FAMILIES answered with a random label, so the base

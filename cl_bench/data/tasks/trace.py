@@ -11,7 +11,7 @@ Metrics are TRACE's official ones: accuracy for the multiple-choice and numeric 
 option letter for C-STANCE/FOMC/ScienceQA; the number for NumGLUE), ROUGE-L for MeetingBank,
 edit similarity for Py150 and SARI for 20Minuten (source = the paragraph being simplified).
 Under evaluation.protocol=slice_paper every TRACE task is scored as the SLICE authors did: their
-ROUGE-L (scoring.slice_rouge_l), multiple-choice and numeric tasks included (slice-reference.md §5.1).
+ROUGE-L (scoring.slice_rouge_l), multiple-choice and numeric tasks included (their cl_lora/eval.py).
 """
 
 from __future__ import annotations
