@@ -77,15 +77,6 @@ def forgetting_from_peak(R, T):
 
 
 @_guard
-def forgetting_rate_up_to_learning(R, T):
-    """FR as PS-LoRA (App. A.2) writes it: mean_{i<T} (max_{1≤j≤i} R[j, i] − R[T, i]), the peak of
-    task i over the stages up to and including the one that learned it (a_{i,j}, j ≤ i). Ours, FR,
-    takes the peak over the stages after it is learned (i ≤ j < T): a task that peaks later counts
-    its later peak there, not here."""
-    return fmean(max(_cell(R, j, i) for j in range(1, i + 1)) - _cell(R, T, i) for i in range(1, T))
-
-
-@_guard
 def weighted_final_accuracy(R, T, sizes: Sequence[int]):
     """Acc = mean_j R[T, j] weighted by test-set size."""
     if len(sizes) != T:
@@ -139,16 +130,3 @@ def compute_mode_metrics(R: Matrix, sizes: Sequence[int], mode: str = "sequentia
     acc = sum(float(v) * n for v, n in zip(learned, sizes)) / sum(sizes)
     zero_if_sequence = 0.0 if T > 1 else None  # BWT/FR average over j < T: no term at T = 1
     return {**none, "AP": mean, "FP": mean, "Fgt": 0.0, "BWT": zero_if_sequence, "FR": zero_if_sequence, "Acc": acc}
-
-
-# Each paper's column headers, in its order, and the metric of ours each one is (keys of
-# compute_cl_metrics, plus FWT_scratch: PS-LoRA's FWT against the from-scratch scores of a
-# mode=independent run, and FR_upto: forgetting_rate_up_to_learning). The one table behind
-# `python -m cl_bench.report --metrics-as PAPER`; docs/REPRODUCIBILITY.md prints it with sources.
-METRICS_AS: dict[str, dict[str, str]] = {
-    "slice": {"AP": "AP", "FP": "FP", "Fgt": "Fgt", "GP": "GP", "IP": "IP"},  # SLICE §4, App. D
-    "ps_lora": {"Acc": "Acc", "AAA": "AAA", "BWT": "BWT", "FWT": "FWT_scratch", "FR": "FR_upto"},  # App. A.2
-    "gainlora": {"AP": "FP", "FT": "FR"},  # AP: mean score after the last task; FT: drop from the peak
-    "o_lora": {"AP": "FP", "FT": "FR"},  # as GainLoRA's tables report O-LoRA
-    "trace": {"OP": "FP", "BWT": "BWT"},  # TRACE's overall performance after the last task, backward transfer
-}

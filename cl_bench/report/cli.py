@@ -12,11 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..evaluation.metrics import METRICS_AS
 from ..infra.errors import ConfigError
 from .collect import PAPER_METRICS, Report, collect
 from .document import console_text, write_document
 from .figure_files import write_figures
+from .paper_names import METRICS_AS
 from .tables import FORMATS, write_tables
 
 PLOTS = ("all", "summary", "none")

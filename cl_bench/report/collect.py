@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..evaluation.metrics import METRICS_AS, forgetting_rate_up_to_learning
 from ..infra.config_keys import NON_RESULT_KEYS
 from ..infra.errors import ConfigError
 from .labels import (
@@ -48,10 +47,11 @@ from .labels import (
     natural_key,
     short_names,
 )
+from .paper_names import METRICS_AS, forgetting_rate_up_to_learning
 
 # FWT_scratch: PS-LoRA's FWT against the independent run of the same seed (`scratch_fwt`), shown
 # only when a block holds mode=independent runs. FR_upto: PS-LoRA's FR, from each run's matrix
-# (metrics.forgetting_rate_up_to_learning); shown only under --metrics-as (NAMED_ONLY).
+# (paper_names.forgetting_rate_up_to_learning); shown only under --metrics-as (NAMED_ONLY).
 METRICS = ["AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA", "GP", "IP", "FWT_scratch", "FR_upto"]
 NAMED_ONLY = ("FR_upto",)
 PAPER_METRICS = ["AP", "FP", "Fgt", "GP", "IP"]  # SLICE Tables 1-2
@@ -651,7 +651,7 @@ class Report:
     metrics: list[str]  # metrics with at least one value
     table_metrics: list[str]  # metrics of the paper-layout table
     files: list[Path] = field(default_factory=list)
-    metrics_as: str | None = None  # a paper of evaluation.metrics.METRICS_AS: its names for the tables
+    metrics_as: str | None = None  # a paper of paper_names.METRICS_AS: its names for the tables
 
     @property
     def not_complete(self) -> pd.DataFrame:

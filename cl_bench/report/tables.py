@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..evaluation.metrics import METRICS_AS
 from .collect import METRICS, Report
 from .labels import natural_key
+from .paper_names import METRICS_AS
 from .stats import fmt_p
 
 FORMATS = ("csv", "md", "tex")

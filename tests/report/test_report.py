@@ -450,7 +450,7 @@ def test_metrics_as_unknown_paper_is_a_one_line_error(tmp_path, capsys):
 
 def test_the_docs_mapping_section_is_the_code_table():
     """docs/REPRODUCIBILITY.md's 'Each paper's metric names and ours' lists exactly METRICS_AS."""
-    from cl_bench.evaluation.metrics import METRICS_AS
+    from cl_bench.report.paper_names import METRICS_AS
     from helpers import REPO
 
     documented = set()
