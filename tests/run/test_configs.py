@@ -11,7 +11,6 @@ paths are only opened when a run starts. A new YAML is covered without touching 
 from __future__ import annotations
 
 import pytest
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cl_bench.run import config as config_checks
@@ -42,7 +41,11 @@ def compose():
 
 
 def _build_plugins(cfg) -> dict[str, Plugin]:
-    plugins = {group: instantiate(cfg[group]) for group in PLUGIN_GROUPS}
+    """As the runner builds them: instantiated from `_target_` (a regularizer list selection first
+    rewritten as one composite, each plug-in then told of the others)."""
+    from cl_bench.run.runner import build_plugins
+
+    plugins = build_plugins(cfg)
     for group, plugin in plugins.items():
         assert isinstance(plugin, Plugin), f"{group}: {cfg[group]._target_} does not derive from stage.Plugin"
     return plugins
