@@ -244,13 +244,15 @@ def validate(cfg: Any) -> None:
 def module_shapes(
     model_path: str, target_modules: list[str], trust_remote_code: bool = False
 ) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) per target Linear, from the model config alone (meta device: no weights)."""
+    """(d_out, d_in) per target Linear, from the model config alone (meta device: no weights).
+    ConfigError for a target tied to the input embeddings (lora.layers.refuse_tied_targets)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..lora.layers import target_linears
+    from ..lora.layers import refuse_tied_targets, target_linears
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    refuse_tied_targets(model, target_modules)
     return {name: (m.out_features, m.in_features) for name, m in target_linears(model, target_modules).items()}
