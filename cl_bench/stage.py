@@ -231,6 +231,9 @@ class Plugin:
     # each rank (lora.py: change weights only through master.fold_, read one with lora.full_weight).
     # Off unless a plug-in says so; the runner refuses the others at start.
     sharded_weights = False
+    # Reads one value per row of a training batch (GainLoRA's gates pool each row's prompt): a row
+    # of trainer.layout=pack holds several examples, so the runner refuses that layout at start.
+    per_row = False
 
     def begin_stage(self, model: torch.nn.Module, ctx: StageContext) -> None:
         return None

@@ -118,7 +118,7 @@ class Runner:
         self.mode = modes.check_mode(cfg.get("mode", "sequential"))
         modes.check_plugins(self.mode, self.initializer, self.regularizer, self.merger, cfg.initializer)
         self.stage_tasks = modes.stage_tasks(self.mode, self.tasks)
-        check_layout(layout_of(cfg.trainer), self.regularizer)
+        check_layout(layout_of(cfg.trainer), self.plugins.values())  # pack: not with per-row plug-ins
         self.general_eval = None  # lm-eval is imported only when general capability is measured
         if str(cfg.general_eval.get("when", "none")) != "none":
             from ..evaluation import general as general_eval

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,14 +113,23 @@ def layout_of(cfg) -> Layout:
         raise ConfigError(f"trainer.layout={name!r} is invalid; valid: pad, group, pack") from None
 
 
-def check_layout(layout: Layout, regularizer: Regularizer) -> None:
-    """Packed batches have no attention mask: a regularizer that runs its own loss on the batch
-    could not run them. ConfigError before any work."""
-    if layout.name == "pack" and type(regularizer).loss is not Regularizer.loss:
-        raise ConfigError(
-            f"trainer.layout=pack cannot be used with regularizer {regularizer.name!r}, which adds "
-            "loss terms on the batch; use trainer.layout=group (same speed class, padded batches)"
-        )
+def check_layout(layout: Layout, plugins: Plugin | Iterable[Plugin]) -> None:
+    """Packed rows hold several examples and no attention mask: a regularizer that runs its own
+    loss on the batch could not run them, and a plug-in that reads one value per row
+    (`Plugin.per_row`: GainLoRA's gates) would mix examples. ConfigError before any work."""
+    if layout.name != "pack":
+        return
+    for plugin in [plugins] if isinstance(plugins, Plugin) else plugins:
+        if isinstance(plugin, Regularizer) and type(plugin).loss is not Regularizer.loss:
+            raise ConfigError(
+                f"trainer.layout=pack cannot be used with regularizer {plugin.name!r}, which adds "
+                "loss terms on the batch; use trainer.layout=group (same speed class, padded batches)"
+            )
+        if plugin.per_row:
+            raise ConfigError(
+                f"trainer.layout=pack cannot be used with {plugin.name!r}, which reads one value per batch row "
+                "(a packed row holds several examples); use trainer.layout=group (same speed class, padded batches)"
+            )
 
 
 @dataclass
@@ -360,13 +369,13 @@ class Trainer:
         self.total = int(cfg.total_steps)
         self.dist = ctx.dist or Dist()
         self.batcher = StepBatcher(encoder, ctx, regularizer, cfg, self.total, self.dist)
-        check_layout(self.batcher.layout, regularizer)
+        self.plugins = (regularizer,) if plugins is None else tuple(plugins)
+        check_layout(self.batcher.layout, self.plugins)
         self.params = list(trainable_parameters(model).values())
         self.autocast = (
             self.device.type == "cuda" and bool(cfg.get("autocast_bf16", True)) and torch.cuda.is_bf16_supported()
         )
         self.checkpoint_every = int(cfg.get("checkpoint_every_steps") or 0)
-        self.plugins = (regularizer,) if plugins is None else tuple(plugins)
         self.log_every = max(1, int(cfg.get("log_every_steps") or 1))
         self.deferred = is_fused(self.opt)  # the device skips a bad step itself; read the flag at log points only
         self.bad = torch.zeros((), device=self.device)  # sticky: 1 once any step was non-finite
