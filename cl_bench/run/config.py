@@ -241,6 +241,27 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"data.root={root!r} is not a directory; point it at the folder holding the benchmark data")
 
 
+def check_prompt_budget(truncation: dict[str, dict], ev: Any, max_positions: int) -> None:
+    """ConfigError when the evaluation prompt budget (the model's positions minus
+    evaluation.max_new_tokens, capped by evaluation.max_prompt_len) cannot hold some task's chat
+    template and instruction (`longest_head` of data.prompts.prompt_truncation): its prompts would be
+    cut into the instruction (or be 2 tokens long) and the run would score garbage as `complete`."""
+    for task, stats in truncation.items():
+        budget, head = stats["eval"]["budget"], stats["eval"]["longest_head"]
+        if budget > head:
+            continue
+        new, cap = int(ev.max_new_tokens), int(ev.max_prompt_len)
+        if cap <= max_positions - new:
+            key, valid = f"evaluation.max_prompt_len={cap}", f"evaluation.max_prompt_len >= {head + 1}"
+        else:
+            key, valid = f"evaluation.max_new_tokens={new}", f"evaluation.max_new_tokens <= {max_positions - head - 1}"
+        raise ConfigError(
+            f"{key} leaves evaluated prompts {budget} tokens (model positions {max_positions}, "
+            f"evaluation.max_new_tokens={new}, evaluation.max_prompt_len={cap}), but task {task!r} needs "
+            f"{head} for its chat template and instruction alone; valid: {valid}"
+        )
+
+
 def module_shapes(
     model_path: str, target_modules: list[str], trust_remote_code: bool = False
 ) -> dict[str, tuple[int, int]]:

@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..data.models import load_model, model_unavailable, resolve_device, resolve_model_path
-from ..data.prompts import TrainingEncoder, prompt_format
+from ..data.prompts import TrainingEncoder, prompt_format, prompt_truncation
 from ..data.tasks import evaluation_record, load_sequence, split_stats
 from ..evaluation.baselines import baselines
 from ..evaluation.metrics import compute_mode_metrics
@@ -51,7 +51,7 @@ from . import config as config_checks
 from . import modes
 from .observers import KillPoints, Observer, Observers, ProgressObserver, TrackerObserver
 from .store import RunStore
-from .summary import format_summary
+from .summary import format_summary, truncation_lines
 from .sync import share_init_factors, share_started_adapter
 
 log = logging.getLogger("cl_bench")
@@ -179,6 +179,9 @@ class Runner:
         self.encoder = TrainingEncoder(
             self.tokenizer, min(int(tr.max_len), max_pos), bool(tr.mask_prompt), prompt_format(ev)
         )
+        # what truncation will cut, per task; ConfigError when the instruction cannot fit at evaluation
+        self.prompt_truncation = prompt_truncation(self.encoder, self.tasks, self.max_prompt_len, ev.limit)
+        config_checks.check_prompt_budget(self.prompt_truncation, ev, max_pos)
         self.targets = list(cfg.lora.target_modules)
         self.master = WeightMaster.attach(model, self.targets)  # before any weight changes
         # independent: every stage starts from W0, kept exactly (a CPU copy of the target weights)
@@ -243,6 +246,9 @@ class Runner:
 
     def _run_stages(self) -> None:
         model = self.load_model()
+        self.results["prompt_truncation"] = self.prompt_truncation
+        for line in truncation_lines(self.results):
+            log.warning(line)
         self.observers.before_run(self.results)
         done, n_stages = len(self.results["stages"]), len(self.stage_tasks)
         self.trained = self.store.trained_through(done, n_stages)  # a crash may have hit the evaluation of stage done+1

@@ -48,6 +48,9 @@ class Example:
     # Extra fields a metric may need (e.g. SARI needs the source sentence).
     source: str | None = None
     references: tuple[str, ...] = ()
+    # [start, end) characters of `prompt` holding the task's input (data/prompts.py cuts only there
+    # when a prompt is too long); None: the whole prompt is input (no separate instruction known).
+    input_span: tuple[int, int] | None = None
 
     @property
     def all_references(self) -> tuple[str, ...]:
