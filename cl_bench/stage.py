@@ -31,7 +31,7 @@ as it); it is, for stage t:
      then after_backward(model, ctx) of initializer, regularizer, merge   # once, after the
          step's last backward (gradient projection: GPM, GainLoRA's gates)
      then clip, optimizer step, then after_step(model, ctx) of the three (parameter projection:
-     GPM's and GainLoRA's exact form under Adam), scheduler step (HF's linear warmup/decay); the
+     GPM's and GainLoRA's exact form under Adam), scheduler step (linear warm-up/decay, train/trainer.lr_factor); the
      in-stage checkpoint (every checkpoint_every_steps) also holds every plug-in's state_dict()
      and every trainable parameter of the model (a merge's gates included)
   5. end_stage(peft_model, ctx)     initializer, then regularizer, then merge

@@ -31,6 +31,7 @@ rounding unless its config doc says otherwise):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -48,6 +49,8 @@ from ..stage import Plugin, Regularizer, StageContext
 from .layouts import Layout
 from .loss import causal_lm_loss, logits_mask, trained_tokens
 
+log = logging.getLogger("cl_bench")
+
 
 @dataclass
 class TrainState:
@@ -62,14 +65,10 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 
 def build_optimizer(model, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and HF's linear schedule: warmup from 0 over ceil(warmup_ratio·total) steps (HF
-    Trainer's count), then linear decay to 0 at `total_steps` (transformers'
-    get_linear_schedule_with_warmup itself, so the two cannot drift apart).
+    """AdamW and a linear warm-up / linear decay schedule over `total_steps` (`lr_factor`).
 
     `cfg.fused_adamw` (default true): torch's fused kernel where the parameters' device has one
     (CUDA, CPU); else the foreach kernel. The two differ by float rounding only."""
-    from transformers import get_linear_schedule_with_warmup
-
     params = list(trainable_parameters(model).values())
     kwargs = dict(lr=float(cfg.lr), weight_decay=float(cfg.weight_decay), betas=(0.9, 0.999))
     opt = None
@@ -81,8 +80,25 @@ def build_optimizer(model, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_s
     if opt is None:
         opt = torch.optim.AdamW(params, **kwargs)
     total = max(1, int(cfg.total_steps))
-    warmup = int(math.ceil(float(cfg.warmup_ratio) * total))
-    return opt, get_linear_schedule_with_warmup(opt, warmup, total)
+    warmup = warmup_steps(cfg, total)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, warmup, total))
+
+
+def warmup_steps(cfg, total: int) -> int:
+    """ceil(warmup_ratio · total), HF Trainer's count of warm-up steps."""
+    return int(math.ceil(float(cfg.warmup_ratio) * total))
+
+
+def lr_factor(k: int, warmup: int, total: int) -> float:
+    """The learning rate of 0-based step k, as a fraction of trainer.lr: (k+1)/(w+1) for the w
+    warm-up steps, then linear decay (total−k)/(total−w) (1 at step w, 1/(total−w) at the last).
+
+    Unlike HF's get_linear_schedule_with_warmup (k/w: its first step runs at lr 0 and trains
+    nothing, so a one-step stage would end with every B still 0) every step trains; after the
+    warm-up the two are the same, and without warm-up identical."""
+    if k < warmup:
+        return (k + 1) / (warmup + 1)
+    return max(0.0, (total - k) / max(1, total - warmup))
 
 
 def is_fused(opt: torch.optim.Optimizer) -> bool:
@@ -363,6 +379,17 @@ class Trainer:
         self.model, self.ctx, self.cfg, self.regularizer = model, ctx, cfg, regularizer
         self.task, self.device = ctx.current, ctx.device
         self.opt, self.sched = build_optimizer(model, cfg)
+        warmup = warmup_steps(cfg, max(1, int(cfg.total_steps)))
+        if warmup and warmup >= int(cfg.total_steps):
+            log.warning(
+                "stage %d (%s): all %d steps are warm-up (trainer.warmup_ratio=%s): the learning rate peaks at "
+                "%.3g of trainer.lr; lower trainer.warmup_ratio or train more steps",
+                ctx.stage,
+                ctx.current.name,
+                int(cfg.total_steps),
+                cfg.warmup_ratio,
+                lr_factor(warmup - 1, warmup, warmup),
+            )
         if optimizer_state is not None:
             self.opt.load_state_dict(optimizer_state["optimizer"])
             self.sched.load_state_dict(optimizer_state["scheduler"])
