@@ -39,6 +39,7 @@ def load_sequence(seq: Any, root: str | None, seed: int) -> list[TaskData]:
     unknown = sorted(set(overrides) - {str(t) for t in seq.tasks})
     if unknown:
         raise ConfigError(f"sequence.metrics names tasks not in sequence.tasks: {', '.join(unknown)}")
+    check_distinct(module, [str(t) for t in seq.tasks])
     tasks, errors = [], []
     for name in map(str, seq.tasks):
         kwargs = {"metric": overrides[name]} if name in overrides else {}
@@ -64,6 +65,24 @@ def load_sequence(seq: Any, root: str | None, seed: int) -> list[TaskData]:
         )
         raise DataError(errors[0][1] + more)
     return tasks
+
+
+def check_distinct(module, names: list[str]) -> None:
+    """ConfigError when two entries of sequence.tasks are one task under two spellings (SST-2 and
+    sst2, task363 and task363_sst2_polarity_classification): compared as the family resolves them."""
+    resolve = getattr(module, "resolve_task_name", None)
+    seen: dict[str, str] = {}
+    for name in names:
+        try:
+            identity = resolve(name) if resolve else name
+        except DataError:  # an unknown name: loading it says so
+            identity = name
+        if identity in seen:
+            spelled = f"{seen[identity]!r} and {name!r}" if seen[identity] != name else f"{name!r} twice"
+            raise ConfigError(
+                f"sequence.tasks={names} lists task {identity!r} twice ({spelled}); valid: distinct tasks"
+            )
+        seen[identity] = name
 
 
 def split_stats(tasks: list[TaskData]) -> dict[str, dict[str, int]]:
