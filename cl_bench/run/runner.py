@@ -111,6 +111,9 @@ class Runner:
         torch.set_num_threads(threads)
         log.info("torch CPU threads: %d (%s)", threads, why)
         self.tasks = load_sequence(cfg.sequence, cfg.data.get("root"), int(cfg.seed))
+        for task in self.tasks:  # e.g. an empty test file: evaluated on held-out training examples instead
+            if task.info.get("notice"):
+                log.warning("task %s: %s", task.name, task.info["notice"])
         self.plugins = build_plugins(cfg)
         self.initializer, self.regularizer, self.merger = (self.plugins[g] for g in PLUGIN_GROUPS)
         self.dist.check_plugins(self.plugins, cfg)  # distributed=fsdp: the plug-ins that work on sharded weights

@@ -128,6 +128,10 @@ def format_summary(results: dict[str, Any], run_dir: str | Path | None = None) -
     if projection:
         lines.append("gradient projection at init:")
         lines.extend(projection)
+    notices = [f"{t}: {st['notice']}" for t, st in (results.get("split_stats") or {}).items() if st.get("notice")]
+    if notices:
+        lines.append("data notes:")
+        lines.extend(f"  {n}" for n in notices)
     cut = truncation_lines(results)
     if cut:
         lines.append("truncated prompts (only the input field is cut, unless said):")

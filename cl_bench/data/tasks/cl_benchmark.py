@@ -148,7 +148,7 @@ def load_task(name: str, *, root: str | None, n_train: int | None, n_eval: int, 
             if eval_file:
                 test_pool, skipped_eval = read_split(eval_file, task, instruction, labels)
                 skipped += skipped_eval
-            train, evaluated, info = split_for_task(train_pool, test_pool, n_train, n_eval, seed)
+            train, evaluated, info = split_for_task(train_pool, test_pool, n_train, n_eval, seed, eval_file)
             info.update(
                 group=GROUPS[task], instructions=str(config_path) if config_path else None, skipped_unlabelled=skipped
             )
