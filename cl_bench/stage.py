@@ -234,6 +234,11 @@ class Plugin:
     # Reads one value per row of a training batch (GainLoRA's gates pool each row's prompt): a row
     # of trainer.layout=pack holds several examples, so the runner refuses that layout at start.
     per_row = False
+    # Needs its targets as plain nn.Linear when it runs (PEFT's own data-driven preprocessing: EVA,
+    # CorDA, PEFT's LoRA-GA) / keeps earlier stages' adapters in the model (GainLoRA's branches).
+    # The runner refuses the pair at start (run/config.check_plugin_pairs): it would fail in stage 2.
+    plain_targets = False
+    keeps_adapters = False
 
     def begin_stage(self, model: torch.nn.Module, ctx: StageContext) -> None:
         return None

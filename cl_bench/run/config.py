@@ -241,6 +241,19 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"data.root={root!r} is not a directory; point it at the folder holding the benchmark data")
 
 
+def check_plugin_pairs(plugins: dict[str, Any]) -> None:
+    """ConfigError for plug-ins that cannot run together (stage.Plugin's flags): an initializer whose
+    PEFT preprocessing needs plain Linear targets beside a merge that keeps earlier adapters in the
+    model would finish stage 1 and die in stage 2 with PEFT's error."""
+    init, merge = plugins["initializer"], plugins["merge"]
+    if init.plain_targets and merge.keeps_adapters:
+        raise ConfigError(
+            f"initializer={init.name} cannot be used with merge={merge.name}: PEFT's {init.name} needs a model with no "
+            f"other adapter (plain Linear targets, one active adapter) and {merge.name} keeps every earlier stage's "
+            "adapter in it (stage 2 would fail); valid with it: initializer=vanilla, lora_ga, slice, loram, milora, pissa, olora"
+        )
+
+
 def check_prompt_budget(truncation: dict[str, dict], ev: Any, max_positions: int) -> None:
     """ConfigError when the evaluation prompt budget (the model's positions minus
     evaluation.max_new_tokens, capped by evaluation.max_prompt_len) cannot hold some task's chat

@@ -116,6 +116,7 @@ class Runner:
                 log.warning("task %s: %s", task.name, task.info["notice"])
         self.plugins = build_plugins(cfg)
         self.initializer, self.regularizer, self.merger = (self.plugins[g] for g in PLUGIN_GROUPS)
+        config_checks.check_plugin_pairs(self.plugins)  # e.g. PEFT's EVA beside GainLoRA's kept adapters
         self.dist.check_plugins(self.plugins, cfg)  # distributed=fsdp: the plug-ins that work on sharded weights
         # sequential | multitask (one joint stage) | independent (each stage from the base model): modes.py
         self.mode = modes.check_mode(cfg.get("mode", "sequential"))
