@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from ..data.models import load_model, model_unavailable, resolve_device, resolve_model_path
 from ..data.prompts import TrainingEncoder, prompt_format, prompt_truncation
-from ..data.tasks import evaluation_record, load_sequence, split_stats
+from ..data.tasks import data_fingerprint, evaluation_record, load_sequence, split_stats
 from ..evaluation.baselines import baselines
 from ..evaluation.metrics import compute_mode_metrics
 from ..evaluation.seen import evaluate_task
@@ -155,6 +155,8 @@ class Runner:
             "stages": [],
             "eval_sizes": [len(t.eval[: self.cfg.evaluation.limit or None]) for t in self.tasks],
             "split_stats": split_stats(self.tasks),
+            # what was trained and evaluated on, by content: a resume from another data.root compares it
+            "data": {"root": self.config.get("data", {}).get("root"), "fingerprint": data_fingerprint(self.tasks)},
             "evaluation": evaluation_record(self.tasks, str(self.cfg.evaluation.protocol)),
             "config": self.config,
             "versions": package_versions(),
@@ -221,7 +223,7 @@ class Runner:
             ]
         )
         with self.store.lock():
-            previous = self.store.load_results(self.config)
+            previous = self.store.load_results(self.config, data_fingerprint(self.tasks))
             if previous and previous.get("complete"):
                 log.info("run in %s is already complete; not redoing it", self.run_dir)
                 self.results = previous
@@ -570,5 +572,6 @@ def run(cfg, run_dir: str | Path, stream=None, observers: Sequence[Observer] = (
     """Run (or resume) the job `cfg` in `run_dir`; returns results.json's content.
     `stream`: where cl_bench's progress bars go (the console's stderr; default sys.stderr).
     `observers`: extra run/observers.Observer instances, told of every moment of the run."""
+    config_checks.validate(cfg)  # one line for a bad value (seed=abc too) before anything runs
     with job_scope(int(cfg.seed)) as job:  # nothing leaks into the next job of this process
         return Runner(cfg, Path(run_dir), job, observers).run(stream)

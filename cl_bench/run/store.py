@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..infra.config_keys import NON_RESULT_KEYS
+from ..infra.config_keys import flatten, result_changing
 from ..infra.distributed import Dist
 from ..infra.errors import ConfigError, RunDirError
 from ..infra.files import atomic_save_tensors, atomic_write_json, write_jsonl
@@ -119,21 +119,35 @@ class RunLock:
             self.fh.close()
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def config_differences(old: dict, new: dict) -> list[str]:
+    """The result-changing keys (infra/config_keys.result_changing) whose values differ."""
     # `mode` came after the first runs: a config without it is a sequential run
     old, new = {"mode": "sequential", **old}, {"mode": "sequential", **new}
-    a = {k: v for k, v in _flatten(old).items() if k.split(".")[0] not in NON_RESULT_KEYS}
-    b = {k: v for k, v in _flatten(new).items() if k.split(".")[0] not in NON_RESULT_KEYS}
+    a = {k: v for k, v in _leaves(old).items() if result_changing(k, old)}
+    b = {k: v for k, v in _leaves(new).items() if result_changing(k, new)}
     return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
+def _leaves(config: dict) -> dict[str, Any]:
+    return {k: v for k, v in flatten(config).items() if not isinstance(v, dict) or not v}
+
+
+class ConfigMismatch(ConfigError):
+    """A run dir that holds a run of another config: `keys` differ (old and new values kept for the
+    message a multirun gives, __main__.py)."""
+
+    def __init__(self, run_dir: Path, keys: list[str], old: dict, new: dict):
+        self.run_dir, self.keys = Path(run_dir), keys
+        self.old, self.new = _leaves(old), _leaves(new)
+        shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+        super().__init__(
+            f"run dir {run_dir} holds a run with a different config (keys: {shown}); use another hydra.run.dir"
+        )
+
+    def changes(self, limit: int = 4) -> str:
+        """'key: old -> new' for the first `limit` differing keys."""
+        absent = "<absent>"
+        return ", ".join(f"{k}: {self.old.get(k, absent)} -> {self.new.get(k, absent)}" for k in self.keys[:limit])
 
 
 class StageFiles:
@@ -211,15 +225,22 @@ class RunStore:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc.msg}); move it away to start afresh") from None
 
-    def load_results(self, config: dict) -> dict | None:
+    def load_results(self, config: dict, data_fingerprint: str | None = None) -> dict | None:
         """results.json of an earlier run in this dir, after checking it holds the same config
-        (ConfigError naming the differing keys otherwise)."""
+        (the result-changing keys, infra/config_keys) and, when both record it, the same data by
+        content (data.root may differ); ConfigMismatch naming the differing keys otherwise."""
         previous = self.read_results()
-        diff = config_differences(previous.get("config", {}), config) if previous is not None else []
+        if previous is None:
+            return None
+        diff = config_differences(previous.get("config", {}), config)
         if diff:
-            shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+            raise ConfigMismatch(self.dir, diff, previous.get("config", {}), config)
+        recorded = (previous.get("data") or {}).get("fingerprint")
+        if recorded and data_fingerprint and recorded != data_fingerprint:
+            was = (previous.get("data") or {}).get("root")
             raise ConfigError(
-                f"run dir {self.dir} holds a run with a different config (keys: {shown}); use another hydra.run.dir"
+                f"run dir {self.dir} was trained on other data (data.root={was!r} then, other examples now); "
+                "point data.root at the same data or use another hydra.run.dir"
             )
         return previous
 

@@ -85,6 +85,19 @@ def check_distinct(module, names: list[str]) -> None:
         seen[identity] = name
 
 
+def data_fingerprint(tasks: list[TaskData]) -> str:
+    """SHA-256 of what a run trains and evaluates on (every task's name, metric and examples, in
+    order): the identity of the data, wherever its folder lies (a resume compares it, not data.root)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for t in tasks:
+        rows = [[ex.id, ex.prompt, ex.target, list(ex.all_references)] for ex in (*t.train, *t.eval)]
+        digest.update(json.dumps([t.name, t.metric, len(t.train), rows], ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
 def split_stats(tasks: list[TaskData]) -> dict[str, dict[str, int]]:
     """results.json `split_stats`: {task: {"train", "eval", "dropped_duplicates"}}."""
     return {t.name: t.split_stats for t in tasks}
@@ -102,6 +115,7 @@ __all__ = [
     "split_examples",
     "split_stats",
     "evaluation_record",
+    "data_fingerprint",
     "load_sequence",
     "family_module",
     "FAMILIES",
