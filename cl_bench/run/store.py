@@ -145,9 +145,14 @@ class ConfigMismatch(ConfigError):
         )
 
     def changes(self, limit: int = 4) -> str:
-        """'key: old -> new' for the first `limit` differing keys."""
-        absent = "<absent>"
-        return ", ".join(f"{k}: {self.old.get(k, absent)} -> {self.new.get(k, absent)}" for k in self.keys[:limit])
+        """'key: old -> new' for the first `limit` differing keys (plug-in classes by their name)."""
+
+        def shown(config: dict, key: str) -> str:
+            value = config.get(key, "<absent>")
+            return value.rsplit(".", 1)[-1] if key.endswith("._target_") and isinstance(value, str) else str(value)
+
+        more = f" and {len(self.keys) - limit} more" if len(self.keys) > limit else ""
+        return ", ".join(f"{k}: {shown(self.old, k)} -> {shown(self.new, k)}" for k in self.keys[:limit]) + more
 
 
 class StageFiles:
