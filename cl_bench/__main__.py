@@ -80,6 +80,23 @@ def _resume_hint(run_dir: str, multirun: bool) -> str:
     return f"rerun the same command with {key}={where} to resume"
 
 
+def _in_sweep(exc: BaseException, hydra_cfg) -> BaseException:
+    """A sweep job whose dir holds another config: Hydra numbers a sweep's jobs by the order of the
+    values given, so a rerun that lists them in another order meets job 0 with another job's run.
+    Say so, naming the sweep dir, instead of the one-run advice (another hydra.run.dir)."""
+    from .infra.errors import ConfigError
+    from .run.store import ConfigMismatch
+
+    if not isinstance(exc, ConfigMismatch):
+        return exc
+    sweep, job = hydra_cfg.sweep.dir, hydra_cfg.job.get("num", "?")
+    return ConfigError(
+        f"sweep dir {sweep}: job {job} ({exc.run_dir}) holds a run with other values ({exc.changes()}); Hydra "
+        "numbers a sweep's jobs by the order of its values, so rerun with the values in the first run's order "
+        "to resume that sweep, or use another hydra.sweep.dir"
+    )
+
+
 def _join_launch(argv: list[str]) -> int:
     """Under torchrun / accelerate launch with N > 1 processes: join the process group, share rank
     0's time stamp (the default run dir) and keep ranks > 0 off the console, out of .hydra/ and in
@@ -177,7 +194,7 @@ def main() -> None:
             print(f"cl_bench: interrupted during {failure.where}; {hint}", file=sys.stderr)
             sys.exit(failure.exit_code)
         if failure is not None:
-            _fail(failure)
+            _fail(_in_sweep(failure, hydra_cfg) if hydra_cfg.mode == RunMode.MULTIRUN else failure)
 
     try:
         app()

@@ -31,7 +31,7 @@ as it); it is, for stage t:
      then after_backward(model, ctx) of initializer, regularizer, merge   # once, after the
          step's last backward (gradient projection: GPM, GainLoRA's gates)
      then clip, optimizer step, then after_step(model, ctx) of the three (parameter projection:
-     GPM's and GainLoRA's exact form under Adam), scheduler step (HF's linear warmup/decay); the
+     GPM's and GainLoRA's exact form under Adam), scheduler step (linear warm-up/decay, train/trainer.lr_factor); the
      in-stage checkpoint (every checkpoint_every_steps) also holds every plug-in's state_dict()
      and every trainable parameter of the model (a merge's gates included)
   5. end_stage(peft_model, ctx)     initializer, then regularizer, then merge
@@ -231,6 +231,14 @@ class Plugin:
     # each rank (lora/layers.py: change weights only through master.fold_, read one with lora.full_weight).
     # Off unless a plug-in says so; the runner refuses the others at start.
     sharded_weights = False
+    # Reads one value per row of a training batch (GainLoRA's gates pool each row's prompt): a row
+    # of trainer.layout=pack holds several examples, so the runner refuses that layout at start.
+    per_row = False
+    # Needs its targets as plain nn.Linear when it runs (PEFT's own data-driven preprocessing: EVA,
+    # CorDA, PEFT's LoRA-GA) / keeps earlier stages' adapters in the model (GainLoRA's branches).
+    # The runner refuses the pair at start (run/config.check_plugin_pairs): it would fail in stage 2.
+    plain_targets = False
+    keeps_adapters = False
 
     def configure(self, plugins: Mapping[str, Plugin]) -> None:
         """Called once by the runner after the initializer, regularizer and merge are all built

@@ -1,8 +1,13 @@
 """Token-level data: prompts through the chat template, labels, truncation, batching.
 
 Rules (docs/design.md §8): exactly one BOS; the answer's end token is a training target;
-the prompt is masked from the loss (configurable); inputs are truncated (in the middle, so the
-instruction head and the assistant header survive), targets never are.
+the prompt is masked from the loss (configurable); targets are never truncated. A prompt too long
+for its budget loses tokens from the middle of its INPUT field only (`Example.input_span`: the
+task's input, e.g. SuperNI's "Input: ..." or a CL-benchmark sentence; the whole user message for
+families without one), never the chat template (system block, role headers, the assistant header)
+nor the task definition: `encode_prompt` finds the field's tokens through the tokenizer's offsets,
+`fit_prompt` cuts them. Only when the field alone cannot absorb the cut is the rest cut in the
+middle as well (counted as "instruction" cuts, per task in results.json `prompt_truncation`).
 
 Prompts render deterministically (`PromptFormat`, config `evaluation.prompt`): chat templates that
 print today's date (Llama-3.x writes "Today Date: <date>" into a system block of every prompt,
@@ -209,10 +214,78 @@ def target_ids(tokenizer, target: str) -> list[int]:
 
 
 def truncate_middle(ids: list[int], budget: int) -> list[int]:
+    """The first min(_HEAD_KEEP, budget // 2) and the last tokens of `ids`, `budget` in all."""
     if len(ids) <= budget:
         return ids
     head = min(_HEAD_KEEP, budget // 2)
     return ids[:head] + ids[len(ids) - (budget - head) :]
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    """A rendered prompt's token ids and the token range [cut_from, cut_to) of its input field,
+    the only tokens a truncation may drop (cut_from == cut_to: none known)."""
+
+    ids: list[int]
+    cut_from: int
+    cut_to: int
+
+    @property
+    def head(self) -> int:
+        """Tokens that must survive any cut: template, definition, the field's neighbours."""
+        return len(self.ids) - (self.cut_to - self.cut_from)
+
+
+def _input_chars(text: str, example: Example) -> tuple[int, int] | None:
+    """Character range of the example's input field in the rendered prompt `text` (None: not found)."""
+    user = [m for m in example.messages or () if m.get("role") == "user"]
+    content = str(user[-1].get("content", "")) if user else example.prompt
+    start, end = example.input_span if (example.input_span and not user) else (0, len(content))
+    stripped = content.strip()  # templates may trim the message
+    at = text.rfind(stripped) if stripped else -1
+    if at < 0:
+        return None
+    lead = len(content) - len(content.lstrip())
+    return at + max(0, start - lead), at + min(len(stripped), end - lead)
+
+
+def encode_prompt(tokenizer, example: Example, fmt: PromptFormat | bool = True) -> PromptIds:
+    """`render_prompt_ids` with the token range of the input field (`_input_chars`, through the
+    fast tokenizer's offsets; a tokenizer without offsets gives an empty range)."""
+    text = render_prompt_text(tokenizer, example, fmt)
+    chars = _input_chars(text, example) if getattr(tokenizer, "is_fast", False) else None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=chars is not None)
+    ids = list(enc["input_ids"])
+    offsets = list(enc["offset_mapping"]) if chars is not None else [(0, 0)] * len(ids)
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        while len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+            ids.pop(0)
+            offsets.pop(0)
+        if _adds_bos(tokenizer) and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+            offsets.insert(0, (0, 0))
+    if chars is None:
+        return PromptIds(ids, 0, 0)
+    a, b = chars
+    inside = [i for i, (s, e) in enumerate(offsets) if e > s and s >= a and e <= b]
+    return PromptIds(ids, inside[0], inside[-1] + 1) if inside else PromptIds(ids, 0, 0)
+
+
+def fit_prompt(prompt: PromptIds, budget: int) -> tuple[list[int], str | None]:
+    """(ids of at most `budget` tokens, what was cut: None | "input" | "instruction").
+
+    "input": tokens from the middle of the input field only (its start and end survive);
+    "instruction": the field alone could not absorb the cut (or is unknown), so it went whole and
+    the rest was cut in the middle as well (truncate_middle)."""
+    ids, a, b = prompt.ids, prompt.cut_from, prompt.cut_to
+    excess = len(ids) - budget
+    if excess <= 0:
+        return ids, None
+    if b - a >= excess:
+        keep = b - a - excess
+        return ids[: a + keep // 2] + ids[b - (keep - keep // 2) :], "input"
+    return truncate_middle(ids[:a] + ids[b:], budget), "instruction"
 
 
 @dataclass
@@ -220,18 +293,19 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     prompt_truncated: bool
+    instruction_cut: bool = False  # the cut went beyond the input field (fit_prompt's "instruction")
 
 
 def encode_for_training(
     tokenizer, example: Example, max_len: int, mask_prompt: bool = True, fmt: PromptFormat | bool = True
 ) -> Encoded:
-    prompt = render_prompt_ids(tokenizer, example, fmt)
+    prompt = encode_prompt(tokenizer, example, fmt)
     answer = target_ids(tokenizer, example.target)
     # The target is never cut; the prompt keeps at least a small budget even for long targets.
-    budget = max(max_len - len(answer), min(len(prompt), 2 * _HEAD_KEEP))
-    cut = truncate_middle(prompt, budget)
+    budget = max(max_len - len(answer), min(len(prompt.ids), 2 * _HEAD_KEEP))
+    cut, how = fit_prompt(prompt, budget)
     labels = ([-100] * len(cut) if mask_prompt else list(cut)) + answer
-    return Encoded(cut + answer, labels, len(cut) < len(prompt))
+    return Encoded(cut + answer, labels, how is not None, how == "instruction")
 
 
 def collate_training(encoded: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -258,8 +332,13 @@ def encode_prompts_left_padded(
     tokenizer, examples: Sequence[Example], max_prompt_len: int, fmt: PromptFormat | bool = True
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompt batch for generation; every row ends at the same position."""
-    rows = [truncate_middle(render_prompt_ids(tokenizer, ex, fmt), max_prompt_len) for ex in examples]
+    rows = [prompt_row(tokenizer, ex, max_prompt_len, fmt) for ex in examples]
     return left_padded(rows, pad_id_of(tokenizer))
+
+
+def prompt_row(tokenizer, example: Example, budget: int, fmt: PromptFormat | bool = True) -> list[int]:
+    """The prompt ids generation sees: at most `budget` tokens, cut inside the input field."""
+    return fit_prompt(encode_prompt(tokenizer, example, fmt), budget)[0]
 
 
 def left_padded(rows: Sequence[list[int]], pad: int) -> dict[str, torch.Tensor]:
@@ -334,3 +413,33 @@ class TrainingEncoder:
         order = [pool[i] for _ in range(epochs) for i in torch.randperm(n, generator=gen).tolist()]
         for b in range(n_batches):
             yield self.batch(task, order[b * batch_size : (b + 1) * batch_size], device)
+
+
+def prompt_truncation(
+    encoder: TrainingEncoder, tasks: Sequence[TaskData], eval_budget: int, limit: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """results.json `prompt_truncation`: per task, how many training prompts (at trainer.max_len,
+    beside their answers) and evaluated prompts (at `eval_budget` tokens, the first `limit`) lose
+    tokens of their input field only ("input_cut") or beyond it ("instruction_cut"), and
+    `longest_head`: the most tokens an evaluated prompt holds outside its input field (template +
+    instruction), which the evaluation budget must exceed."""
+    out = {}
+    for task in tasks:
+        train = encoder.encode_task(task)
+        prompts = [encode_prompt(encoder.tokenizer, ex, encoder.prompt) for ex in task.eval[: limit or None]]
+        cuts = [fit_prompt(p, eval_budget)[1] for p in prompts]
+        out[task.name] = {
+            "train": {
+                "prompts": len(train),
+                "input_cut": sum(e.prompt_truncated and not e.instruction_cut for e in train),
+                "instruction_cut": sum(e.instruction_cut for e in train),
+            },
+            "eval": {
+                "prompts": len(prompts),
+                "input_cut": cuts.count("input"),
+                "instruction_cut": cuts.count("instruction"),
+                "budget": eval_budget,
+                "longest_head": max((p.head for p in prompts), default=0),
+            },
+        }
+    return out

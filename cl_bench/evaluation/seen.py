@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data.prompts import PromptFormat, left_padded, pad_id_of, render_prompt_ids, target_ids, truncate_middle
+from ..data.prompts import PromptFormat, left_padded, pad_id_of, prompt_row, target_ids
 from ..data.tasks.base import Example, TaskData
 from .scoring import score
 
@@ -88,7 +88,7 @@ def generate(
     prompt: PromptFormat | bool = True,
 ) -> list[str]:
     """Greedy predictions for `examples` as one batch (decoded, special tokens dropped, stripped)."""
-    rows = [truncate_middle(render_prompt_ids(tokenizer, ex, prompt), max_prompt_len) for ex in examples]
+    rows = [prompt_row(tokenizer, ex, max_prompt_len, prompt) for ex in examples]
     conts = _generate_rows(model, tokenizer, rows, max_new_tokens=max_new_tokens, device=device)
     return [tokenizer.decode(c, skip_special_tokens=True).strip() for c in conts]
 
@@ -128,7 +128,7 @@ def evaluate_task(
     metric = task.metric_for(protocol)
     examples = task.eval[:limit] if limit else task.eval
     start = time.perf_counter()
-    rows = [truncate_middle(render_prompt_ids(tokenizer, ex, prompt), max_prompt_len) for ex in examples]
+    rows = [prompt_row(tokenizer, ex, max_prompt_len, prompt) for ex in examples]
     # Similar lengths per batch waste less compute on padding; results are put back in order.
     order = sorted(range(len(examples)), key=lambda i: (-len(rows[i]), i))
     margin = reference_margin if metric in WHOLE_ANSWER_METRICS else None

@@ -11,6 +11,10 @@ class ConfigError(CLBenchError):
     """A config value or group choice is invalid."""
 
 
+class RunDirError(ConfigError):
+    """A file of a run dir is damaged (truncated, empty, not what it should hold)."""
+
+
 class DataError(CLBenchError):
     """A data file is missing or malformed."""
 

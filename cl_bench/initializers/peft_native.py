@@ -110,6 +110,7 @@ class LoraGAPeft(_PeftNative):
     """
 
     name = "lora_ga_peft"
+    plain_targets = True  # PEFT preprocesses plain Linear targets (stage.Plugin)
     init_lora_weights = "lora_ga"
     DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
     SCALES = ("stable", "weight_svd", "gd_scale", "unit")
@@ -206,6 +207,7 @@ class EVA(_PeftNative):
     """
 
     name = "eva"
+    plain_targets = True  # PEFT preprocesses plain Linear targets (stage.Plugin)
     init_lora_weights = "eva"
     absorbs = False
 
@@ -315,6 +317,7 @@ class CorDA(_PeftNative):
     """
 
     name = "corda"
+    plain_targets = True  # PEFT preprocesses plain Linear targets (stage.Plugin)
     init_lora_weights = "corda"
     METHODS = ("ipm", "kpm")
     CALIBRATIONS = ("current", "previous")

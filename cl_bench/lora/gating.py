@@ -15,13 +15,19 @@ Gate architecture (survey slides, Eqs. 23–25; details from the authors' T5 cod
           both vectors; f(0) = 0, so k_i ⟂ p_L gives g_i = 0 exactly, whatever the norms)
 The paper's slides give G_{i,l} ∈ ℝ^{n×n}; the authors' code uses d → h → d (h = 100), as here.
 
-Pooling: only the PROMPT's real tokens. At generation the gate must see what the model sees
-before answering, and training must give the same g (teacher forcing would otherwise let the
-answer tokens choose their own branch). A forward with `labels` pools the tokens with label
-−100 and attention 1 (the prompt under trainer.mask_prompt=true); a forward without labels (the
-prefill of generation, lm-eval) pools every real token, which is then the prompt. Decoding
-steps with a non-empty KV cache see one new token: they reuse the gates of their prefill
-(computed once per `generate`, never re-pooled). Deviation from the authors' code: it divides
+Pooling: only the PROMPT's real tokens, in every path that calls the model. At generation the
+gate must see what the model sees before answering, and training and scoring must give the same g
+(teacher forcing would otherwise let the answer tokens choose their own branch, and lm-eval's
+multiple choice would compare differently gated models). Which tokens are the prompt, in order:
+  * `prompt_tokens(model, mask)` around the forward (the caller knows): the training loss and the
+    gradient captures (train/loss.py: label −100 under trainer.mask_prompt=true; their forward
+    carries no labels, only the positions whose logits are kept), lm-eval's loglikelihood
+    requests (each row's context, never its continuation or right padding: harness.py);
+  * a forward with `labels`: the tokens with label −100 and attention 1;
+  * a forward with an attention mask or a KV cache but no labels: every real token (the prefill
+    of generation, whose input is the prompt); decoding steps with a non-empty KV cache see one new token and reuse
+    the gates of their prefill (computed once per `generate`, never re-pooled);
+  * neither (a bare `model(ids)`): refused (RuntimeError), so a new path cannot pool an answer. Deviation from the authors' code: it divides
 the masked sum by the padded length (the gate input then depends on how much padding the batch
 has); we divide by the number of prompt tokens, so g does not depend on batching.
 
@@ -37,6 +43,8 @@ with autocast off, so g on stored inputs stays 0 to float32 rounding.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -161,6 +169,7 @@ class GatedBranches(nn.Module):
         self.gates = nn.ModuleDict()
         self.branches: dict[str, str] = {}
         self.values: dict[str, torch.Tensor] | None = None
+        self.prompt: torch.Tensor | None = None  # [batch, seq] bool set by `prompt_tokens`
         self._handles: dict[str, list] = {}
 
     @classmethod
@@ -223,18 +232,53 @@ class GatedBranches(nn.Module):
             self.values = {}
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
-        if ids is not None:
-            p0 = pooled_prompt(module.get_input_embeddings(), ids, mask, labels)
-        else:
-            embeds = kwargs["inputs_embeds"]
-            if mask is None:
-                mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-            p0 = masked_mean(embeds.detach(), prompt_mask(mask, labels))
-        self.values = self.gate_values(p0)
+        with torch.no_grad():
+            x = module.get_input_embeddings()(ids) if ids is not None else kwargs["inputs_embeds"].detach()
+        self.values = self.gate_values(masked_mean(x, self._prompt_of(x, kwargs)))
         return None
+
+    def _prompt_of(self, x: torch.Tensor, kwargs) -> torch.Tensor:
+        """[batch, seq] bool: the prompt tokens of a forward's input x [batch, seq, d] (module doc)."""
+        mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
+        if self.prompt is not None:
+            if tuple(self.prompt.shape) != tuple(x.shape[:2]):
+                raise RuntimeError(f"gates: prompt mask {tuple(self.prompt.shape)} for an input {tuple(x.shape[:2])}")
+            prompt = self.prompt.to(x.device).bool()
+            return prompt & mask.bool() if mask is not None else prompt
+        if mask is None and labels is None and kwargs.get("past_key_values") is None:
+            # (transformers drops an all-ones mask from a generation prefill; it always has a cache)
+            raise RuntimeError(
+                "gates: a forward with neither attention_mask, labels, a KV cache (generation) nor "
+                "prompt_tokens(): the gates cannot tell the prompt from the answer"
+            )
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        return prompt_mask(mask, labels)
 
     def gate_values(self, p0: torch.Tensor) -> dict[str, torch.Tensor]:
         """{gate name: g [batch] float32} for pooled prompts p0 [batch, d]."""
         with torch.autocast(p0.device.type, enabled=False):
             return {name: gate(p0) for name, gate in self.gates.items()}
+
+
+def gate_bank(model) -> GatedBranches | None:
+    """The GatedBranches of `model` through torch.compile, DDP and PEFT wrappers (None: no gates)."""
+    while hasattr(model, "_orig_mod") or (hasattr(model, "no_sync") and hasattr(model, "module")):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return GatedBranches.of(model)
+
+
+@contextmanager
+def prompt_tokens(model, mask: torch.Tensor | Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Inside the block the gates of `model` pool exactly the tokens of `mask` [batch, seq] (true =
+    a prompt token; and'ed with the forward's attention mask), whatever the forward is given.
+    `mask` may be a callable, called only when the model has gates. No gates: nothing happens."""
+    bank = gate_bank(model)
+    if bank is None or not bank.gates:
+        yield
+        return
+    bank.prompt = mask() if callable(mask) else mask
+    try:
+        yield
+    finally:
+        bank.prompt = None

@@ -88,6 +88,27 @@ def target_linears(model: torch.nn.Module, target_modules: Iterable[str]) -> dic
     return out
 
 
+def tied_targets(model: torch.nn.Module, target_modules: Iterable[str]) -> list[str]:
+    """Target Linears whose weight IS the input embedding matrix (a tied LM head: SmolLM2,
+    Llama-3.2-1B/3B). A fold into such a weight would change the input embeddings too."""
+    embeddings = getattr(unwrapped(model).get_input_embeddings(), "weight", None)
+    return [n for n, lin in target_linears(model, target_modules).items() if lin.weight is embeddings]
+
+
+def refuse_tied_targets(model: torch.nn.Module, target_modules: Iterable[str]) -> None:
+    """ConfigError when a target shares its weight with the input embeddings (`tied_targets`):
+    every fold (absorbed init, merge=absorb, task-vector merges) would also move the embedding
+    of every token, a silent change of the model's input side."""
+    tied = tied_targets(model, target_modules)
+    if tied:
+        leaf = tied[0].split(".")[-1]
+        raise ConfigError(
+            f"lora.target_modules includes {leaf}, whose weight is tied to the input embeddings "
+            f"(tie_word_embeddings=true): folding a LoRA into it would change the embeddings too; "
+            f"remove {leaf} from lora.target_modules"
+        )
+
+
 def base_weight(layer: LoraLinear) -> torch.Tensor:
     """The frozen base weight of a LoRA layer (the Parameter itself, possibly [d_in, d_out])."""
     return layer.get_base_layer().weight
@@ -239,6 +260,9 @@ class WeightMaster:
     @classmethod
     @torch.no_grad()
     def attach(cls, model: torch.nn.Module, target_modules: Iterable[str]) -> WeightMaster:
+        """ConfigError for a target tied to the input embeddings (`refuse_tied_targets`)."""
+        target_modules = list(target_modules)
+        refuse_tied_targets(model, target_modules)
         master = cls()
         for name, linear in target_linears(model, target_modules).items():
             if linear.weight.dtype != torch.float32:

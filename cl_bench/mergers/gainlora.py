@@ -93,6 +93,8 @@ COMPANION = "{}_init"  # the frozen adapter that holds a branch's absorbed init 
 
 class GainLoRA(Merge):
     name = "gainlora"
+    per_row = True  # one gate value per batch row: trainer.layout=pack is refused (stage.Plugin)
+    keeps_adapters = True  # every stage's branch stays in the model (stage.Plugin)
 
     def __init__(
         self,

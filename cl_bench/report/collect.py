@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..infra.config_keys import NON_RESULT_KEYS
+from ..infra.config_keys import result_changing
 from ..infra.errors import ConfigError
 from .labels import (
     METHOD_GROUPS,
@@ -56,7 +56,6 @@ METRICS = ["AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA", "GP", "IP", "FWT
 NAMED_ONLY = ("FR_upto",)
 PAPER_METRICS = ["AP", "FP", "Fgt", "GP", "IP"]  # SLICE Tables 1-2
 SEED_KEY = "seed"
-PATH_KEYS = ("data.root", "cache.dir")
 ABSENT = "<absent>"
 # Subtrees whose keys come with the choice of sequence or method (a SLICE knob is absent from a
 # vanilla run): shown only when they differ between runs of one sequence and method.
@@ -110,8 +109,10 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def _ignored(key: str) -> bool:
-    return key == SEED_KEY or key in PATH_KEYS or key.split(".")[0] in NON_RESULT_KEYS
+def _ignored(key: str, config: dict | None = None) -> bool:
+    """The seed, and every key that cannot change results (infra/config_keys: one classification
+    for the report's grouping and a resume's config check)."""
+    return key == SEED_KEY or not result_changing(key, config)
 
 
 def run_state(results: dict) -> str:
@@ -317,7 +318,7 @@ def _value(config: dict, key: str) -> str:
 def experiment_keys(runs: pd.DataFrame) -> list[str]:
     """Config keys whose value differs between at least two runs (seed, paths and non-result
     keys excluded): together they say which experiment a run belongs to."""
-    keys = sorted({k for cfg in runs["config"] for k in cfg if not _ignored(k)})
+    keys = sorted({k for cfg in runs["config"] for k in cfg if not _ignored(k, cfg)})
     return [k for k in keys if len({_value(cfg, k) for cfg in runs["config"]}) > 1]
 
 
@@ -391,13 +392,15 @@ def unexpected_differences(runs: pd.DataFrame) -> list[str]:
     lines = []
     readable = runs[runs["config"].map(bool)]
     ident = [
-        (seq, method, tuple(sorted(o for o in ov if _override_key(o) != SEED_KEY and not _ignored(_override_key(o)))))
-        for seq, method, ov in zip(readable["sequence"], readable["method"], readable["overrides"])
+        (seq, method, tuple(sorted(o for o in ov if not _ignored(_override_key(o), cfg))))
+        for seq, method, ov, cfg in zip(
+            readable["sequence"], readable["method"], readable["overrides"], readable["config"]
+        )
     ]
     for key, group in readable.groupby(pd.Series(ident, index=readable.index), sort=False):
         if len(group) < 2:
             continue
-        keys = sorted({k for c in group["config"] for k in c if not _ignored(k) and not is_method_key(k)})
+        keys = sorted({k for c in group["config"] for k in c if not _ignored(k, c) and not is_method_key(k)})
         differing = []
         for k in keys:
             counts = pd.Series([_value(c, k) for c in group["config"]]).value_counts()

@@ -166,6 +166,94 @@ def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
             raise ConfigError(
                 f"unknown key {key!r}{_did_you_mean(key, paths) or '; add it with +' + key + '=... if it is new'}"
             )
+        if head in PLUGIN_GROUPS_OF_CONF and "." in key:
+            _check_choice_key(key, argv, dirs)
+
+
+PLUGIN_GROUPS_OF_CONF = ("initializer", "regularizer", "merge")  # groups whose keys depend on the choice
+
+
+def _check_choice_key(key: str, argv: list[str], dirs: list[Path]) -> None:
+    """`initializer.c=0.5` needs an initializer that has `c`: Hydra's own error for it is several
+    lines whose advice (+initializer.c=...) then fails to build the plug-in."""
+    import yaml
+
+    group, sub = key.split(".", 1)
+    for choice in _chosen(group, argv, dirs) or ():
+        keys = set()
+        for d in dirs:
+            path = d / group / f"{choice}.yaml"
+            if path.is_file():
+                keys |= set(yaml.safe_load(path.read_text()) or {})
+        if sub.split(".")[0] not in keys:
+            owners = [c for c in group_choices(group, dirs) if sub.split(".")[0] in _yaml_keys(dirs, group, c)]
+            raise ConfigError(
+                f"{key} is not a key of {group}={choice}"
+                + (f" (it is one of {group}={', '.join(owners)})" if owners else "")
+                + f"; valid keys of {group}={choice}: {', '.join(sorted(keys - {'_target_'})) or 'none'}"
+            )
+
+
+def _yaml_keys(dirs: list[Path], group: str, choice: str) -> set[str]:
+    import yaml
+
+    return {
+        k
+        for d in dirs
+        if (d / group / f"{choice}.yaml").is_file()
+        for k in yaml.safe_load((d / group / f"{choice}.yaml").read_text()) or {}
+    }
+
+
+def _chosen(group: str, argv: list[str], dirs: list[Path]) -> list[str] | None:
+    """The choices of `group` this command line composes (several in a sweep): its own override,
+    else what the presets given set (`override /group: X`), else config.yaml's default. None when
+    that is not known here (another --config-name, a preset that sweeps it): Hydra decides."""
+    import yaml
+
+    if any(a in ("-cn", "--config-name") or a.startswith("--config-name=") for a in argv):
+        return None
+    given = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if "=" in a and not a.startswith(("-", "+", "~"))}
+    if group in given:
+        return given[group].split(",")
+    for preset in ("experiment/method", "experiment"):
+        if preset in given:
+            found = [_preset_choice(group, preset, value, dirs) for value in given[preset].split(",")]
+            if any(f is None for f in found):
+                return None
+            if any(f for f in found):
+                return sorted({c for f in found for c in (f or [_default(group, dirs)])})
+    main = yaml.safe_load((dirs[0] / "config.yaml").read_text()) or {}
+    return [_default(group, dirs)] if main else None
+
+
+def _default(group: str, dirs: list[Path]) -> str:
+    import yaml
+
+    main = yaml.safe_load((dirs[0] / "config.yaml").read_text()) or {}
+    return next(str(d[group]) for d in main.get("defaults", []) if isinstance(d, dict) and group in d)
+
+
+def _preset_choice(group: str, preset: str, value: str, dirs: list[Path], depth: int = 0) -> list[str] | None:
+    """[X] when preset `value` (or a preset it extends) sets `override /group: X`; [] when it does
+    not; None when it sweeps the group (hydra.sweeper.params) or cannot be read."""
+    import yaml
+
+    path = next((d / preset / f"{value}.yaml" for d in dirs if (d / preset / f"{value}.yaml").is_file()), None)
+    if path is None or depth > 8:
+        return None
+    node = yaml.safe_load(path.read_text()) or {}
+    params = ((node.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    if group in params or "experiment/method" in params:
+        return None
+    for entry in node.get("defaults") or []:
+        if isinstance(entry, dict) and f"override /{group}" in entry:
+            return [str(entry[f"override /{group}"])]
+        if isinstance(entry, str) and entry != "_self_":
+            inner = _preset_choice(group, preset, entry, dirs, depth + 1)
+            if inner != []:
+                return inner
+    return []
 
 
 def _require(cond: bool, key: str, value: Any, valid: str) -> None:
@@ -173,85 +261,73 @@ def _require(cond: bool, key: str, value: Any, valid: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid; valid: {valid}")
 
 
-def _positive_int(cfg, key: str, allow_zero: bool = False) -> None:
-    value = cfg
-    for part in key.split("."):
-        value = value[part]
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    _require(ok, key, value, "an integer >= 0" if allow_zero else "an integer >= 1")
-
-
 def validate(cfg: Any) -> None:
-    lora, trainer, ev, seq = cfg.lora, cfg.trainer, cfg.evaluation, cfg.sequence
-    _positive_int(cfg, "lora.r")
-    _require(isinstance(lora.alpha, (int, float)) and lora.alpha > 0, "lora.alpha", lora.alpha, "a number > 0")
-    _require(lora.scaling in ("rslora", "standard"), "lora.scaling", lora.scaling, "rslora, standard")
-    _require(0.0 <= float(lora.dropout) < 1.0, "lora.dropout", lora.dropout, "a number in [0, 1)")
-    _require(len(lora.target_modules) > 0, "lora.target_modules", list(lora.target_modules), "a non-empty list")
-    _require(
-        isinstance(trainer.lr, (int, float)) and 0 < trainer.lr < 1, "trainer.lr", trainer.lr, "a number in (0, 1)"
-    )
-    _require(trainer.weight_decay >= 0, "trainer.weight_decay", trainer.weight_decay, "a number >= 0")
-    _require(0 <= trainer.warmup_ratio < 1, "trainer.warmup_ratio", trainer.warmup_ratio, "a number in [0, 1)")
-    _require(trainer.max_grad_norm > 0, "trainer.max_grad_norm", trainer.max_grad_norm, "a number > 0")
-    for key in (
-        "trainer.epochs",
-        "trainer.batch_size",
-        "trainer.grad_accum",
-        "trainer.max_len",
-        "evaluation.batch_size",
-        "evaluation.max_new_tokens",
-        "evaluation.max_prompt_len",
-        "sequence.n_eval",
-    ):
-        _positive_int(cfg, key)
-    _positive_int(cfg, "trainer.checkpoint_every_steps", allow_zero=True)
-    if trainer.get("log_every_steps") is not None:
-        _positive_int(cfg, "trainer.log_every_steps")
-    for key in ("fused_adamw", "compile", "gradient_checkpointing"):
-        if key in trainer:
-            _require(isinstance(trainer[key], bool), f"trainer.{key}", trainer[key], "true, false")
+    """Every key's type and range from the one schema (infra/config_keys.py), then what depends on
+    several keys; each failure a one-line ConfigError, before anything is loaded."""
+    from omegaconf import OmegaConf
+
+    from ..infra.config_keys import check_values
+
+    check_values(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg)
+    seq, ev = cfg.sequence, cfg.evaluation
+    _require(len(set(seq.tasks)) == len(seq.tasks), "sequence.tasks", list(seq.tasks), "distinct task names")
     from ..train.trainer import layout_of
 
-    layout_of(trainer)  # trainer.layout / max_tokens_per_forward / forward_overhead_tokens
-    if trainer.get("max_steps") is not None:
-        _positive_int(cfg, "trainer.max_steps")
-    if cfg.get("threads") is not None:
-        _positive_int(cfg, "threads")
-    if seq.get("n_train") is not None:
-        _positive_int(cfg, "sequence.n_train")
-    if ev.get("reference_margin") is not None:
-        _positive_int(cfg, "evaluation.reference_margin", allow_zero=True)
-    if ev.get("limit") is not None:
-        _positive_int(cfg, "evaluation.limit")
-    _require(len(seq.tasks) > 0, "sequence.tasks", list(seq.tasks), "a non-empty list of task names")
-    _require(len(set(seq.tasks)) == len(seq.tasks), "sequence.tasks", list(seq.tasks), "distinct task names")
+    layout_of(cfg.trainer)  # trainer.layout / max_tokens_per_forward / forward_overhead_tokens
     from ..data.prompts import prompt_format  # ConfigError on a bad evaluation.prompt
-    from ..data.tasks.base import PROTOCOLS
 
-    protocol = ev.get("protocol", "per_task")
-    _require(protocol in PROTOCOLS, "evaluation.protocol", protocol, ", ".join(PROTOCOLS))
     prompt_format(ev)
-    from .modes import check_mode
-
-    check_mode(cfg.get("mode", "sequential"))
-    dev = str(cfg.device)
-    _require(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), "device", dev, "auto, cpu, cuda, cuda:N")
     root = cfg.data.get("root")
     if root is not None and not Path(str(root)).is_dir():
         raise ConfigError(f"data.root={root!r} is not a directory; point it at the folder holding the benchmark data")
 
 
+def check_plugin_pairs(plugins: dict[str, Any]) -> None:
+    """ConfigError for plug-ins that cannot run together (stage.Plugin's flags): an initializer whose
+    PEFT preprocessing needs plain Linear targets beside a merge that keeps earlier adapters in the
+    model would finish stage 1 and die in stage 2 with PEFT's error."""
+    init, merge = plugins["initializer"], plugins["merge"]
+    if init.plain_targets and merge.keeps_adapters:
+        raise ConfigError(
+            f"initializer={init.name} cannot be used with merge={merge.name}: PEFT's {init.name} needs a model with no "
+            f"other adapter (plain Linear targets, one active adapter) and {merge.name} keeps every earlier stage's "
+            "adapter in it (stage 2 would fail); valid with it: initializer=vanilla, lora_ga, slice, loram, milora, pissa, olora"
+        )
+
+
+def check_prompt_budget(truncation: dict[str, dict], ev: Any, max_positions: int) -> None:
+    """ConfigError when the evaluation prompt budget (the model's positions minus
+    evaluation.max_new_tokens, capped by evaluation.max_prompt_len) cannot hold some task's chat
+    template and instruction (`longest_head` of data.prompts.prompt_truncation): its prompts would be
+    cut into the instruction (or be 2 tokens long) and the run would score garbage as `complete`."""
+    for task, stats in truncation.items():
+        budget, head = stats["eval"]["budget"], stats["eval"]["longest_head"]
+        if budget > head:
+            continue
+        new, cap = int(ev.max_new_tokens), int(ev.max_prompt_len)
+        if cap <= max_positions - new:
+            key, valid = f"evaluation.max_prompt_len={cap}", f"evaluation.max_prompt_len >= {head + 1}"
+        else:
+            key, valid = f"evaluation.max_new_tokens={new}", f"evaluation.max_new_tokens <= {max_positions - head - 1}"
+        raise ConfigError(
+            f"{key} leaves evaluated prompts {budget} tokens (model positions {max_positions}, "
+            f"evaluation.max_new_tokens={new}, evaluation.max_prompt_len={cap}), but task {task!r} needs "
+            f"{head} for its chat template and instruction alone; valid: {valid}"
+        )
+
+
 def module_shapes(
     model_path: str, target_modules: list[str], trust_remote_code: bool = False
 ) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) per target Linear, from the model config alone (meta device: no weights)."""
+    """(d_out, d_in) per target Linear, from the model config alone (meta device: no weights).
+    ConfigError for a target tied to the input embeddings (lora.layers.refuse_tied_targets)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..lora.layers import target_linears
+    from ..lora.layers import refuse_tied_targets, target_linears
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    refuse_tied_targets(model, target_modules)
     return {name: (m.out_features, m.in_features) for name, m in target_linears(model, target_modules).items()}

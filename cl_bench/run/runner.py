@@ -22,8 +22,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ..data.models import load_model, model_unavailable, resolve_device, resolve_model_path
-from ..data.prompts import TrainingEncoder, prompt_format
-from ..data.tasks import evaluation_record, load_sequence, split_stats
+from ..data.prompts import TrainingEncoder, prompt_format, prompt_truncation
+from ..data.tasks import data_fingerprint, evaluation_record, load_sequence, split_stats
 from ..evaluation.baselines import baselines
 from ..evaluation.metrics import compute_mode_metrics
 from ..evaluation.seen import evaluate_task
@@ -52,7 +52,7 @@ from . import config as config_checks
 from . import modes
 from .observers import KillPoints, Observer, Observers, ProgressObserver, TrackerObserver
 from .store import RunStore
-from .summary import format_summary
+from .summary import format_summary, truncation_lines
 from .sync import share_init_factors, share_started_adapter
 
 log = logging.getLogger("cl_bench")
@@ -117,14 +117,18 @@ class Runner:
         torch.set_num_threads(threads)
         log.info("torch CPU threads: %d (%s)", threads, why)
         self.tasks = load_sequence(cfg.sequence, cfg.data.get("root"), int(cfg.seed))
+        for task in self.tasks:  # e.g. an empty test file: evaluated on held-out training examples instead
+            if task.info.get("notice"):
+                log.warning("task %s: %s", task.name, task.info["notice"])
         self.plugins = build_plugins(cfg)
         self.initializer, self.regularizer, self.merger = (self.plugins[g] for g in PLUGIN_GROUPS)
+        config_checks.check_plugin_pairs(self.plugins)  # e.g. PEFT's EVA beside GainLoRA's kept adapters
         self.dist.check_plugins(self.plugins, cfg)  # distributed=fsdp: the plug-ins that work on sharded weights
         # sequential | multitask (one joint stage) | independent (each stage from the base model): modes.py
         self.mode = modes.check_mode(cfg.get("mode", "sequential"))
         modes.check_plugins(self.mode, self.initializer, self.regularizer, self.merger, cfg.initializer)
         self.stage_tasks = modes.stage_tasks(self.mode, self.tasks)
-        check_layout(layout_of(cfg.trainer), self.regularizer)
+        check_layout(layout_of(cfg.trainer), self.plugins.values())  # pack: not with per-row plug-ins
         self.general_eval = None  # lm-eval is imported only when general capability is measured
         if str(cfg.general_eval.get("when", "none")) != "none":
             from ..evaluation import general as general_eval
@@ -157,6 +161,8 @@ class Runner:
             "stages": [],
             "eval_sizes": [len(t.eval[: self.cfg.evaluation.limit or None]) for t in self.tasks],
             "split_stats": split_stats(self.tasks),
+            # what was trained and evaluated on, by content: a resume from another data.root compares it
+            "data": {"root": self.config.get("data", {}).get("root"), "fingerprint": data_fingerprint(self.tasks)},
             "evaluation": evaluation_record(self.tasks, str(self.cfg.evaluation.protocol)),
             "config": self.config,
             "versions": package_versions(),
@@ -185,6 +191,9 @@ class Runner:
         self.encoder = TrainingEncoder(
             self.tokenizer, min(int(tr.max_len), max_pos), bool(tr.mask_prompt), prompt_format(ev)
         )
+        # what truncation will cut, per task; ConfigError when the instruction cannot fit at evaluation
+        self.prompt_truncation = prompt_truncation(self.encoder, self.tasks, self.max_prompt_len, ev.limit)
+        config_checks.check_prompt_budget(self.prompt_truncation, ev, max_pos)
         self.targets = list(cfg.lora.target_modules)
         self.master = WeightMaster.attach(model, self.targets)  # before any weight changes
         # independent: every stage starts from W0, kept exactly (a CPU copy of the target weights)
@@ -220,7 +229,7 @@ class Runner:
             ]
         )
         with self.store.lock():
-            previous = self.store.load_results(self.config)
+            previous = self.store.load_results(self.config, data_fingerprint(self.tasks))
             if previous and previous.get("complete"):
                 log.info("run in %s is already complete; not redoing it", self.run_dir)
                 self.results = previous
@@ -249,6 +258,9 @@ class Runner:
 
     def _run_stages(self) -> None:
         model = self.load_model()
+        self.results["prompt_truncation"] = self.prompt_truncation
+        for line in truncation_lines(self.results):
+            log.warning(line)
         self.observers.before_run(self.results)
         done, n_stages = len(self.results["stages"]), len(self.stage_tasks)
         self.trained = self.store.trained_through(done, n_stages)  # a crash may have hit the evaluation of stage done+1
@@ -566,5 +578,6 @@ def run(cfg, run_dir: str | Path, stream=None, observers: Sequence[Observer] = (
     """Run (or resume) the job `cfg` in `run_dir`; returns results.json's content.
     `stream`: where cl_bench's progress bars go (the console's stderr; default sys.stderr).
     `observers`: extra run/observers.Observer instances, told of every moment of the run."""
+    config_checks.validate(cfg)  # one line for a bad value (seed=abc too) before anything runs
     with job_scope(int(cfg.seed)) as job:  # nothing leaks into the next job of this process
         return Runner(cfg, Path(run_dir), job, observers).run(stream)

@@ -20,12 +20,15 @@ Layout:
                                        distributed=fsdp: an index (metadata "shards": N, no tensors) and
                                        model_state.rank-KK-of-NN.safetensors, rank K's rows of each weight
   stages/stage_XX/checkpoint/          in-stage checkpoint (adapter, optimizer, scheduler, RNG, step,
-                                       every plug-in's state)
+                                       every plug-in's state), replaced as a set: written whole into
+                                       checkpoint.partial/, then renamed into place (save_checkpoint)
   predictions/stage_XX/<task>.jsonl    one scored example per line
   general_eval/                        lm-eval's work files (GP/IP)
 A variant of the run (remerge: `RunStore.variant("remerge-<tag>")`) writes results.<variant>.json,
 predictions.<variant>/ and general_eval.<variant>/ beside these, and reads the same stages/.
 From adapter + init the task vector τ = s·B·A − s·B0·A0 of every stage is recomputed exactly.
+A damaged file (truncated by a full disk, emptied, not safetensors) is a one-line RunDirError naming
+it and what to do, never a raw SafetensorError.
 """
 
 from __future__ import annotations
@@ -38,16 +41,51 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from ..infra.config_keys import NON_RESULT_KEYS
+from ..infra.config_keys import flatten, result_changing
 from ..infra.distributed import Dist
-from ..infra.errors import ConfigError
-from ..infra.files import atomic_save_tensors, atomic_write_json, load_tensors, write_jsonl
+from ..infra.errors import ConfigError, RunDirError
+from ..infra.files import atomic_save_tensors, atomic_write_json, write_jsonl
+from ..infra.interrupt import critical
 from ..lora.layers import Factors, WeightMaster, target_linears
 from ..stage import PLUGIN_GROUPS, Plugin, StageRecord
+
+T = TypeVar("T")
+NEW_RUN_DIR = "the run cannot resume from it: restore the file or rerun with another hydra.run.dir"
+
+
+def read_file(path: Path, read: Callable[[], T], fix: str = NEW_RUN_DIR) -> T:
+    """`read()` of one run-dir file; a missing, truncated or malformed file is a RunDirError
+    naming `path` and `fix` (what to do) instead of a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        return read()
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        what = "is missing" if isinstance(exc, FileNotFoundError) else "is damaged or truncated"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunDirError(f"{path} {what} ({reason}); {fix}") from None
+
+
+def load_tensors(path: Path, fix: str = NEW_RUN_DIR) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (RunDirError when it is damaged)."""
+    from safetensors.torch import load_file
+
+    return read_file(path, lambda: load_file(str(path)), fix)
+
+
+def load_metadata(path: Path, fix: str = NEW_RUN_DIR) -> dict[str, str]:
+    """The metadata of a safetensors file (RunDirError when it is damaged)."""
+    from safetensors import safe_open
+
+    def read() -> dict[str, str]:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+
+    return read_file(path, read, fix)
 
 
 class RunLock:
@@ -81,21 +119,40 @@ class RunLock:
             self.fh.close()
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def config_differences(old: dict, new: dict) -> list[str]:
+    """The result-changing keys (infra/config_keys.result_changing) whose values differ."""
     # `mode` came after the first runs: a config without it is a sequential run
     old, new = {"mode": "sequential", **old}, {"mode": "sequential", **new}
-    a = {k: v for k, v in _flatten(old).items() if k.split(".")[0] not in NON_RESULT_KEYS}
-    b = {k: v for k, v in _flatten(new).items() if k.split(".")[0] not in NON_RESULT_KEYS}
+    a = {k: v for k, v in _leaves(old).items() if result_changing(k, old)}
+    b = {k: v for k, v in _leaves(new).items() if result_changing(k, new)}
     return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
+def _leaves(config: dict) -> dict[str, Any]:
+    return {k: v for k, v in flatten(config).items() if not isinstance(v, dict) or not v}
+
+
+class ConfigMismatch(ConfigError):
+    """A run dir that holds a run of another config: `keys` differ (old and new values kept for the
+    message a multirun gives, __main__.py)."""
+
+    def __init__(self, run_dir: Path, keys: list[str], old: dict, new: dict):
+        self.run_dir, self.keys = Path(run_dir), keys
+        self.old, self.new = _leaves(old), _leaves(new)
+        shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+        super().__init__(
+            f"run dir {run_dir} holds a run with a different config (keys: {shown}); use another hydra.run.dir"
+        )
+
+    def changes(self, limit: int = 4) -> str:
+        """'key: old -> new' for the first `limit` differing keys (plug-in classes by their name)."""
+
+        def shown(config: dict, key: str) -> str:
+            value = config.get(key, "<absent>")
+            return value.rsplit(".", 1)[-1] if key.endswith("._target_") and isinstance(value, str) else str(value)
+
+        more = f" and {len(self.keys) - limit} more" if len(self.keys) > limit else ""
+        return ", ".join(f"{k}: {shown(self.old, k)} -> {shown(self.new, k)}" for k in self.keys[:limit]) + more
 
 
 class StageFiles:
@@ -105,6 +162,7 @@ class StageFiles:
         self.init = self.dir / "init.safetensors"
         self.model_state = self.dir / "model_state.safetensors"
         self.checkpoint = self.dir / "checkpoint"
+        self.partial_checkpoint = self.dir / "checkpoint.partial"  # the next set, until complete
 
     def model_state_shard(self, rank: int, world: int) -> Path:
         """Rank `rank`'s rows of the target weights (distributed=fsdp)."""
@@ -172,15 +230,22 @@ class RunStore:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc.msg}); move it away to start afresh") from None
 
-    def load_results(self, config: dict) -> dict | None:
+    def load_results(self, config: dict, data_fingerprint: str | None = None) -> dict | None:
         """results.json of an earlier run in this dir, after checking it holds the same config
-        (ConfigError naming the differing keys otherwise)."""
+        (the result-changing keys, infra/config_keys) and, when both record it, the same data by
+        content (data.root may differ); ConfigMismatch naming the differing keys otherwise."""
         previous = self.read_results()
-        diff = config_differences(previous.get("config", {}), config) if previous is not None else []
+        if previous is None:
+            return None
+        diff = config_differences(previous.get("config", {}), config)
         if diff:
-            shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+            raise ConfigMismatch(self.dir, diff, previous.get("config", {}), config)
+        recorded = (previous.get("data") or {}).get("fingerprint")
+        if recorded and data_fingerprint and recorded != data_fingerprint:
+            was = (previous.get("data") or {}).get("root")
             raise ConfigError(
-                f"run dir {self.dir} holds a run with a different config (keys: {shown}); use another hydra.run.dir"
+                f"run dir {self.dir} was trained on other data (data.root={was!r} then, other examples now); "
+                "point data.root at the same data or use another hydra.run.dir"
             )
         return previous
 
@@ -200,7 +265,8 @@ class RunStore:
 
     def read_stage(self, stage: int) -> dict[str, Any]:
         """stage.json of a trained stage (its results.json entry, before evaluation)."""
-        return json.loads(self.stage(stage).record.read_text())
+        path = self.stage(stage).record
+        return read_file(path, lambda: json.loads(path.read_text()))
 
     def history(self, stages: int) -> list[StageRecord]:
         """StageRecords of stages 1..`stages` (factors read on first use)."""
@@ -231,7 +297,8 @@ class RunStore:
             save_model_state_index(files, self.dist.world)
         else:
             save_model_state(files, model, targets, master)  # marks "trained": eval may be redone alone
-        shutil.rmtree(files.checkpoint, ignore_errors=True)
+        for folder in (files.checkpoint, files.partial_checkpoint, files.checkpoint.with_name("checkpoint.old")):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def restore_stage(
         self, stage: int, model, targets: list[str], master: WeightMaster, plugins: dict[str, Plugin]
@@ -265,17 +332,25 @@ class RunStore:
     def load_checkpoint(self, stage: int, model, plugins: dict[str, Plugin]) -> tuple[Any, dict] | None:
         """(TrainState, optimizer/scheduler state) of the stage's in-stage checkpoint, with the
         adapter, RNG and every plug-in's state put back; None without one."""
-        files = self.stage(stage)
+        files = self._settled(stage)
         resumed = load_checkpoint(files, model)
         if resumed:
-            load_plugin_states(files.checkpoint, plugins)
+            load_plugin_states(files.checkpoint, plugins, _restart(files))
         return resumed
 
     def checkpoint_init(self, stage: int) -> Factors | None:
         """The absorbed init the checkpointed stage started from; None without a complete
         checkpoint or when it holds none."""
-        files = self.stage(stage)
+        files = self._settled(stage)
         return load_checkpoint_init(files) if (files.checkpoint / "state.json").exists() else None
+
+    def _settled(self, stage: int) -> StageFiles:
+        """The stage's files after rank 0 settled its checkpoint (settle_checkpoint); every rank calls it."""
+        files = self.stage(stage)
+        if self.dist.is_main:
+            settle_checkpoint(files)
+        self.dist.barrier(f"settling the checkpoint of stage {stage}")
+        return files
 
     # ---- evaluation outputs ----------------------------------------------------------------
     def predictions(self, stage: int) -> Path:
@@ -335,10 +410,7 @@ def save_stage_record(
 
 def load_stage_record(files: StageFiles) -> StageRecord:
     """The StageRecord of a finished stage; factors are read on first use."""
-    from safetensors import safe_open
-
-    with safe_open(str(files.adapter), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})["history"])
+    meta = read_file(files.adapter, lambda: json.loads(load_metadata(files.adapter)["history"]))
 
     def load():
         trained = tensors_to_factors(load_tensors(files.adapter))
@@ -370,8 +442,7 @@ def load_model_state(files: StageFiles, model, target_modules: list[str], master
     Raises ConfigError if the files do not match the model's target modules or a shard is missing."""
     from safetensors import safe_open
 
-    with safe_open(str(files.model_state), framework="pt") as f:
-        shards = int((f.metadata() or {}).get("shards", 0))
+    shards = read_file(files.model_state, lambda: int(load_metadata(files.model_state).get("shards", 0)))
     paths = [files.model_state_shard(k, shards) for k in range(shards)] or [files.model_state]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -379,12 +450,12 @@ def load_model_state(files: StageFiles, model, target_modules: list[str], master
             f"{files.model_state} was saved by {shards} ranks but {missing[0]} is missing; use another hydra.run.dir"
         )
     current = target_linears(model, target_modules)
-    opened = [safe_open(str(p), framework="pt") for p in paths]
+    opened = [read_file(p, lambda p=p: safe_open(str(p), framework="pt")) for p in paths]
     for f, path in zip(opened, paths):
         if set(f.keys()) != {f"{n}.weight" for n in current}:
             raise ConfigError(f"{path} does not match the model's target modules; use another hydra.run.dir")
     for n, lin in current.items():  # one module at a time: the whole weight exists only briefly
-        parts = [f.get_tensor(f"{n}.weight") for f in opened]
+        parts = [read_file(p, lambda f=f, n=n: f.get_tensor(f"{n}.weight")) for f, p in zip(opened, paths)]
         master.restore_(n, lin.weight, parts[0] if len(parts) == 1 else torch.cat(parts))
 
 
@@ -402,12 +473,9 @@ def save_plugin_state(path: Path, state: dict[str, Any]) -> None:
     atomic_save_tensors(path, tensors, {"state": meta})
 
 
-def load_plugin_state(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    state: dict[str, Any] = dict(load_tensors(path))
-    with safe_open(str(path), framework="pt") as f:
-        state.update(json.loads((f.metadata() or {}).get("state", "{}")))
+def load_plugin_state(path: Path, fix: str = NEW_RUN_DIR) -> dict[str, Any]:
+    state: dict[str, Any] = dict(load_tensors(path, fix))
+    state.update(read_file(path, lambda: json.loads(load_metadata(path, fix).get("state", "{}")), fix))
     return state
 
 
@@ -422,12 +490,12 @@ def save_plugin_states(folder: Path, plugins: dict[str, Plugin]) -> None:
             path.unlink(missing_ok=True)
 
 
-def load_plugin_states(folder: Path, plugins: dict[str, Plugin]) -> None:
+def load_plugin_states(folder: Path, plugins: dict[str, Plugin], fix: str = NEW_RUN_DIR) -> None:
     """load_state_dict for every group whose file exists in `folder`."""
     for group, plugin in plugins.items():
         path = Path(folder) / f"{group}.safetensors"
         if path.exists():
-            plugin.load_state_dict(load_plugin_state(path))
+            plugin.load_state_dict(load_plugin_state(path, fix))
 
 
 # ---- in-stage checkpoints ------------------------------------------------------------------
@@ -437,16 +505,16 @@ def save_checkpoint(
     files: StageFiles, model, state, optimizer, scheduler, plugins: dict[str, Plugin], init: Factors | None = None
 ) -> None:
     """Adapter, optimizer and scheduler state, RNG states, the step and every plug-in's state, and
-    the stage's absorbed init factors (`init`, when the init was absorbed); the JSON goes last
-    and marks the checkpoint complete."""
-    ckpt = files.checkpoint
-    save_plugin_states(ckpt, plugins)
+    the stage's absorbed init factors (`init`, when the init was absorbed), as ONE set: written whole
+    into checkpoint.partial/ (state.json last), then renamed into place (`_swap_in`). A kill at any
+    moment leaves a complete set, never a new adapter beside an older optimizer state."""
+    staging = files.partial_checkpoint
+    shutil.rmtree(staging, ignore_errors=True)
+    save_plugin_states(staging, plugins)
     if init is not None:
-        atomic_save_tensors(ckpt / "init.safetensors", factors_to_tensors(init))
-    else:
-        (ckpt / "init.safetensors").unlink(missing_ok=True)
+        atomic_save_tensors(staging / "init.safetensors", factors_to_tensors(init))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    atomic_save_tensors(ckpt / "trainable.safetensors", trainable)
+    atomic_save_tensors(staging / "trainable.safetensors", trainable)
     opt_state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, st in opt_state["state"].items():
@@ -458,7 +526,7 @@ def save_checkpoint(
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    atomic_save_tensors(ckpt / "optimizer.safetensors", tensors)
+    atomic_save_tensors(staging / "optimizer.safetensors", tensors)
     meta = {
         "step": state.step,
         "losses": state.losses,
@@ -466,30 +534,63 @@ def save_checkpoint(
         "scalars": scalars,
         "scheduler": scheduler.state_dict(),
     }
-    atomic_write_json(ckpt / "state.json", meta)
+    atomic_write_json(staging / "state.json", meta)
+    _swap_in(staging, files.checkpoint)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace the folder `target` by the complete folder `new`: target -> target.old, new ->
+    target, target.old removed (two renames; a kill between them is undone by settle_checkpoint)."""
+    old = target.with_name(target.name + ".old")
+    with critical():  # Ctrl-C / SIGTERM wait until the set is in place
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def settle_checkpoint(files: StageFiles) -> None:
+    """After a kill: the newest complete checkpoint set becomes checkpoint/ (one killed between
+    `_swap_in`'s renames is checkpoint.partial/ or checkpoint.old/), the leftovers are removed."""
+    ckpt, partial = files.checkpoint, files.partial_checkpoint
+    old = ckpt.with_name(ckpt.name + ".old")
+    if not (ckpt / "state.json").exists():
+        for candidate in (partial, old):
+            if (candidate / "state.json").exists():
+                shutil.rmtree(ckpt, ignore_errors=True)
+                os.replace(candidate, ckpt)
+                break
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _restart(files: StageFiles) -> str:
+    return f"delete {files.checkpoint} to restart the stage from its first step"
 
 
 def load_checkpoint_init(files: StageFiles) -> Factors | None:
     """The absorbed init factors the checkpointed stage started from (None: not absorbed, or a
     checkpoint written before they were saved)."""
     path = files.checkpoint / "init.safetensors"
-    return tensors_to_factors(load_tensors(path)) if path.exists() else None
+    return tensors_to_factors(load_tensors(path, _restart(files))) if path.exists() else None
 
 
 def load_checkpoint(files: StageFiles, model) -> tuple[Any, dict] | None:
-    """(TrainState, optimizer/scheduler state) from an in-stage checkpoint, or None."""
+    """(TrainState, optimizer/scheduler state) from an in-stage checkpoint, or None. RunDirError
+    (with the fix: restart the stage) when one of its files is damaged."""
     from ..train.trainer import TrainState
 
-    ckpt = files.checkpoint
+    ckpt, fix = files.checkpoint, _restart(files)
     if not (ckpt / "state.json").exists():
         return None
-    meta = json.loads((ckpt / "state.json").read_text())
-    trainable = load_tensors(ckpt / "trainable.safetensors")
+    meta = read_file(ckpt / "state.json", lambda: json.loads((ckpt / "state.json").read_text()), fix)
+    trainable = load_tensors(ckpt / "trainable.safetensors", fix)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
-                p.copy_(trainable[n])
-    tensors = load_tensors(ckpt / "optimizer.safetensors")
+                p.copy_(read_file(ckpt / "trainable.safetensors", lambda n=n: trainable[n], fix))
+    tensors = load_tensors(ckpt / "optimizer.safetensors", fix)
     torch.set_rng_state(tensors.pop("rng.cpu"))
     if "rng.cuda" in tensors:
         torch.cuda.set_rng_state(tensors.pop("rng.cuda"))

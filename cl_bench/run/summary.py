@@ -40,6 +40,25 @@ def floor_warnings(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def truncation_lines(results: dict[str, Any]) -> list[str]:
+    """One line per task whose prompts were cut (results.json `prompt_truncation`): how many of
+    its training and evaluated prompts lost part of the input field, and how many part of the
+    instruction or template as well."""
+    lines = []
+    for task, stats in (results.get("prompt_truncation") or {}).items():
+        parts = []
+        for split, limit in (("train", "trainer.max_len"), ("eval", "the evaluation prompt budget")):
+            st = stats.get(split) or {}
+            if st.get("input_cut") or st.get("instruction_cut"):
+                beyond = f", {st['instruction_cut']} into the instruction" if st.get("instruction_cut") else ""
+                parts.append(
+                    f"{st['input_cut'] + st['instruction_cut']} of {st['prompts']} {split} prompts cut at {limit}{beyond}"
+                )
+        if parts:
+            lines.append(f"{task}: " + "; ".join(parts))
+    return lines
+
+
 def projection_lines(results: dict[str, Any]) -> list[str]:
     """Per stage, whether a gradient projection (SLICE's psi) fired, with cos(G_cur, G_prev) and
     gamma as the initializer recorded them; empty for initializers without a projection."""
@@ -109,6 +128,14 @@ def format_summary(results: dict[str, Any], run_dir: str | Path | None = None) -
     if projection:
         lines.append("gradient projection at init:")
         lines.extend(projection)
+    notices = [f"{t}: {st['notice']}" for t, st in (results.get("split_stats") or {}).items() if st.get("notice")]
+    if notices:
+        lines.append("data notes:")
+        lines.extend(f"  {n}" for n in notices)
+    cut = truncation_lines(results)
+    if cut:
+        lines.append("truncated prompts (only the input field is cut, unless said):")
+        lines.extend(f"  {c}" for c in cut)
     warnings = floor_warnings(results) if results.get("complete") else []
     if warnings:
         lines.append("warnings:")

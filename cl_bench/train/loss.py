@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..data.prompts import Batch
+from ..lora.gating import prompt_mask, prompt_tokens
 
 
 def trained_tokens(batch: Batch) -> torch.Tensor:
@@ -66,13 +67,24 @@ def causal_lm_loss(
     Batch keys used: input_ids, labels, and attention_mask / position_ids when present.
     """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_items_in_batch")}
+    # GainLoRA's gates pool the prompt (label -100): the forward below carries no labels
+    with prompt_tokens(model, lambda: prompt_mask(_attention(batch), batch["labels"])):
+        return _loss(model, inputs, batch["labels"], n_items, keep, targets)
+
+
+def _attention(batch: Batch) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    return mask if mask is not None else torch.ones_like(batch["input_ids"])
+
+
+def _loss(model, inputs: Batch, labels: torch.Tensor, n_items, keep, targets) -> torch.Tensor:
     if not _accepts_logits_to_keep(model):
-        return model(**inputs, labels=batch["labels"], num_items_in_batch=n_items, use_cache=False).loss
+        return model(**inputs, labels=labels, num_items_in_batch=n_items, use_cache=False).loss
     if keep is None or targets is None:
-        keep, targets = logits_mask(batch["labels"])
+        keep, targets = logits_mask(labels)
     # use_cache=False also lets transformers see packed rows (position_ids restarts, no mask).
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:  # a model that ignores a boolean mask
-        return model(**inputs, labels=batch["labels"], num_items_in_batch=n_items, use_cache=False).loss
+        return model(**inputs, labels=labels, num_items_in_batch=n_items, use_cache=False).loss
     targets = targets.to(logits.device)
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / n_items

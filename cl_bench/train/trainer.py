@@ -31,9 +31,10 @@ rounding unless its config doc says otherwise):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,8 @@ from ..infra.errors import ConfigError, TrainingError
 from ..stage import Plugin, Regularizer, StageContext
 from .layouts import Layout
 from .loss import causal_lm_loss, logits_mask, trained_tokens
+
+log = logging.getLogger("cl_bench")
 
 
 @dataclass
@@ -62,14 +65,10 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 
 def build_optimizer(model, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and HF's linear schedule: warmup from 0 over ceil(warmup_ratio·total) steps (HF
-    Trainer's count), then linear decay to 0 at `total_steps` (transformers'
-    get_linear_schedule_with_warmup itself, so the two cannot drift apart).
+    """AdamW and a linear warm-up / linear decay schedule over `total_steps` (`lr_factor`).
 
     `cfg.fused_adamw` (default true): torch's fused kernel where the parameters' device has one
     (CUDA, CPU); else the foreach kernel. The two differ by float rounding only."""
-    from transformers import get_linear_schedule_with_warmup
-
     params = list(trainable_parameters(model).values())
     kwargs = dict(lr=float(cfg.lr), weight_decay=float(cfg.weight_decay), betas=(0.9, 0.999))
     opt = None
@@ -81,8 +80,25 @@ def build_optimizer(model, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_s
     if opt is None:
         opt = torch.optim.AdamW(params, **kwargs)
     total = max(1, int(cfg.total_steps))
-    warmup = int(math.ceil(float(cfg.warmup_ratio) * total))
-    return opt, get_linear_schedule_with_warmup(opt, warmup, total)
+    warmup = warmup_steps(cfg, total)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, warmup, total))
+
+
+def warmup_steps(cfg, total: int) -> int:
+    """ceil(warmup_ratio · total), HF Trainer's count of warm-up steps."""
+    return int(math.ceil(float(cfg.warmup_ratio) * total))
+
+
+def lr_factor(k: int, warmup: int, total: int) -> float:
+    """The learning rate of 0-based step k, as a fraction of trainer.lr: (k+1)/(w+1) for the w
+    warm-up steps, then linear decay (total−k)/(total−w) (1 at step w, 1/(total−w) at the last).
+
+    Unlike HF's get_linear_schedule_with_warmup (k/w: its first step runs at lr 0 and trains
+    nothing, so a one-step stage would end with every B still 0) every step trains; after the
+    warm-up the two are the same, and without warm-up identical."""
+    if k < warmup:
+        return (k + 1) / (warmup + 1)
+    return max(0.0, (total - k) / max(1, total - warmup))
 
 
 def is_fused(opt: torch.optim.Optimizer) -> bool:
@@ -113,14 +129,23 @@ def layout_of(cfg) -> Layout:
         raise ConfigError(f"trainer.layout={name!r} is invalid; valid: pad, group, pack") from None
 
 
-def check_layout(layout: Layout, regularizer: Regularizer) -> None:
-    """Packed batches have no attention mask: a regularizer that runs its own loss on the batch
-    could not run them. ConfigError before any work."""
-    if layout.name == "pack" and regularizer.adds_loss_terms():
-        raise ConfigError(
-            f"trainer.layout=pack cannot be used with regularizer {regularizer.name!r}, which adds "
-            "loss terms on the batch; use trainer.layout=group (same speed class, padded batches)"
-        )
+def check_layout(layout: Layout, plugins: Plugin | Iterable[Plugin]) -> None:
+    """Packed rows hold several examples and no attention mask: a regularizer that runs its own
+    loss on the batch could not run them, and a plug-in that reads one value per row
+    (`Plugin.per_row`: GainLoRA's gates) would mix examples. ConfigError before any work."""
+    if layout.name != "pack":
+        return
+    for plugin in [plugins] if isinstance(plugins, Plugin) else plugins:
+        if isinstance(plugin, Regularizer) and plugin.adds_loss_terms():
+            raise ConfigError(
+                f"trainer.layout=pack cannot be used with regularizer {plugin.name!r}, which adds "
+                "loss terms on the batch; use trainer.layout=group (same speed class, padded batches)"
+            )
+        if plugin.per_row:
+            raise ConfigError(
+                f"trainer.layout=pack cannot be used with {plugin.name!r}, which reads one value per batch row "
+                "(a packed row holds several examples); use trainer.layout=group (same speed class, padded batches)"
+            )
 
 
 @dataclass
@@ -354,19 +379,30 @@ class Trainer:
         self.model, self.ctx, self.cfg, self.regularizer = model, ctx, cfg, regularizer
         self.task, self.device = ctx.current, ctx.device
         self.opt, self.sched = build_optimizer(model, cfg)
+        warmup = warmup_steps(cfg, max(1, int(cfg.total_steps)))
+        if warmup and warmup >= int(cfg.total_steps):
+            log.warning(
+                "stage %d (%s): all %d steps are warm-up (trainer.warmup_ratio=%s): the learning rate peaks at "
+                "%.3g of trainer.lr; lower trainer.warmup_ratio or train more steps",
+                ctx.stage,
+                ctx.current.name,
+                int(cfg.total_steps),
+                cfg.warmup_ratio,
+                lr_factor(warmup - 1, warmup, warmup),
+            )
         if optimizer_state is not None:
             self.opt.load_state_dict(optimizer_state["optimizer"])
             self.sched.load_state_dict(optimizer_state["scheduler"])
         self.total = int(cfg.total_steps)
         self.dist = ctx.dist or Dist()
         self.batcher = StepBatcher(encoder, ctx, regularizer, cfg, self.total, self.dist)
-        check_layout(self.batcher.layout, regularizer)
+        self.plugins = (regularizer,) if plugins is None else tuple(plugins)
+        check_layout(self.batcher.layout, self.plugins)
         self.params = list(trainable_parameters(model).values())
         self.autocast = (
             self.device.type == "cuda" and bool(cfg.get("autocast_bf16", True)) and torch.cuda.is_bf16_supported()
         )
         self.checkpoint_every = int(cfg.get("checkpoint_every_steps") or 0)
-        self.plugins = (regularizer,) if plugins is None else tuple(plugins)
         self.log_every = max(1, int(cfg.get("log_every_steps") or 1))
         self.deferred = is_fused(self.opt)  # the device skips a bad step itself; read the flag at log points only
         self.bad = torch.zeros((), device=self.device)  # sticky: 1 once any step was non-finite

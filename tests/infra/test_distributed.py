@@ -368,7 +368,8 @@ def test_fsdp_kill9_mid_stage2_then_rerun_gives_the_single_process_matrix(runs, 
     ]
     for k, w in one_state.items():
         assert parts[0][k].shape[0] == -(-w.shape[0] // 2)
-        torch.testing.assert_close(torch.cat([parts[0][k], parts[1][k]]), w, rtol=1e-5, atol=1e-6)
+        # float summation order of 2 ranks vs 1 over 2 x 6 trained steps: a few 1e-6 (README, Scaling out)
+        torch.testing.assert_close(torch.cat([parts[0][k], parts[1][k]]), w, rtol=1e-5, atol=5e-6)
     for task in sharded["tasks"]:  # row 0: same weights, same batches (rank 1 ran a filler batch): same text
         p1 = (base / "one" / "predictions" / "stage_00" / f"{task}.jsonl").read_text()
         assert (base / "fsdp" / "predictions" / "stage_00" / f"{task}.jsonl").read_text() == p1

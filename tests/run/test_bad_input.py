@@ -34,6 +34,16 @@ CASES = {
     "bad scaling": (["lora.scaling=sqrt"], "lora.scaling"),
     "dropout >= 1": (["lora.dropout=1.5"], "lora.dropout"),
     "bad device": (["device=tpu"], "device"),
+    # a wrong type for any key (one schema, infra/config_keys.py; every key: tests/run/test_config_schema.py)
+    "weight decay not a number": (
+        ["trainer.weight_decay=abc"],
+        "trainer.weight_decay='abc' is invalid; valid: a number",
+    ),
+    "grad norm not a number": (["trainer.max_grad_norm=abc"], "trainer.max_grad_norm='abc' is invalid"),
+    "dropout not a number": (["lora.dropout=abc"], "lora.dropout='abc' is invalid; valid: a number in [0, 1)"),
+    "seed not an integer": (["seed=abc"], "seed='abc' is invalid; valid: an integer"),
+    "alpha a boolean": (["lora.alpha=true"], "lora.alpha=True is invalid; valid: a number > 0"),
+    "key of another choice": (["initializer.c=0.5"], "initializer.c is not a key of initializer=vanilla"),
     "no tasks": (["sequence.tasks=[]"], "sequence.tasks"),
     "unknown synthetic task": (["sequence.tasks=[sentiment,telepathy]"], "telepathy"),
     "n_eval zero": (["sequence.n_eval=0"], "sequence.n_eval"),

@@ -244,8 +244,8 @@ def _train(tiny, encoder_and_tasks, regularizer, **trainer):
             max_grad_norm=1.0,
             total_steps=2,
             checkpoint_every_steps=0,
-            **trainer,
         )
+        | trainer
     )
     ctx = _ctx(accum=2, current=cur, previous=[prev], tasks=[prev, cur])
     train_stage(model, ctx, encoder, cfg, regularizer, progress=False)
@@ -395,9 +395,11 @@ def base_weight_of(model, name):
     return target_linears(model, TARGETS)[name].weight.detach()
 
 
-# ------------------------------------------------------------------ LR warmup
+# ------------------------------------------------------------------ LR warm-up
 @pytest.mark.parametrize("total,ratio", [(10, 0.3), (6, 0.03), (1, 0.03), (33, 0.1), (8, 0.0)])
-def test_lr_schedule_is_hf_linear_warmup(total, ratio):
+def test_lr_schedule_warms_up_so_that_every_step_trains(total, ratio):
+    """HF's warm-up count ceil(ratio·T) and its linear decay, but warm-up step k runs at
+    lr·(k+1)/(w+1) instead of lr·k/w: no step (not even a stage's only one) runs at lr 0."""
     model = torch.nn.Linear(2, 2)
     cfg = OmegaConf.create(dict(lr=1.0, weight_decay=0.0, warmup_ratio=ratio, total_steps=total))
     opt, sched = build_optimizer(model, cfg)
@@ -407,15 +409,25 @@ def test_lr_schedule_is_hf_linear_warmup(total, ratio):
         opt.step()
         sched.step()
     ref_opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
-    ref = get_linear_schedule_with_warmup(ref_opt, math.ceil(ratio * total), total)  # HF Trainer's warmup steps
+    warmup = math.ceil(ratio * total)
+    ref = get_linear_schedule_with_warmup(ref_opt, warmup, total)  # HF Trainer's warmup steps
     theirs = []
     for _ in range(total):
         theirs.append(ref_opt.param_groups[0]["lr"])
         ref_opt.step()
         ref.step()
-    assert ours == pytest.approx(theirs, abs=1e-12)
-    if (total, ratio) == (10, 0.3):  # by hand: 3 warmup steps from 0, then linear to 0 at step 10
-        assert ours == pytest.approx([0, 1 / 3, 2 / 3, 1, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7])
+    assert min(ours) > 0
+    assert ours[warmup:] == pytest.approx(theirs[warmup:], abs=1e-12)  # the decay is HF's
+    assert ours[:warmup] == pytest.approx([(k + 1) / (warmup + 1) for k in range(warmup)])
+    if (total, ratio) == (10, 0.3):  # by hand: 3 warm-up steps, then linear to 1/7 at the last step
+        assert ours == pytest.approx([1 / 4, 2 / 4, 3 / 4, 1, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7])
+
+
+def test_a_one_step_stage_trains_and_warns_that_it_is_all_warm_up(tiny, encoder_and_tasks, caplog):
+    with caplog.at_level("WARNING", logger="cl_bench"):
+        moved = _train(tiny, encoder_and_tasks, Regularizer(), total_steps=1, warmup_ratio=0.03)
+    assert moved > 1e-4  # with HF's schedule the only step ran at lr 0: every B stayed 0
+    assert any("all 1 steps are warm-up" in r.getMessage() for r in caplog.records)
 
 
 # ------------------------------------------------------------------ a merge that keeps the model wrapped

@@ -39,6 +39,7 @@ def load_sequence(seq: Any, root: str | None, seed: int) -> list[TaskData]:
     unknown = sorted(set(overrides) - {str(t) for t in seq.tasks})
     if unknown:
         raise ConfigError(f"sequence.metrics names tasks not in sequence.tasks: {', '.join(unknown)}")
+    check_distinct(module, [str(t) for t in seq.tasks])
     tasks, errors = [], []
     for name in map(str, seq.tasks):
         kwargs = {"metric": overrides[name]} if name in overrides else {}
@@ -66,6 +67,37 @@ def load_sequence(seq: Any, root: str | None, seed: int) -> list[TaskData]:
     return tasks
 
 
+def check_distinct(module, names: list[str]) -> None:
+    """ConfigError when two entries of sequence.tasks are one task under two spellings (SST-2 and
+    sst2, task363 and task363_sst2_polarity_classification): compared as the family resolves them."""
+    resolve = getattr(module, "resolve_task_name", None)
+    seen: dict[str, str] = {}
+    for name in names:
+        try:
+            identity = resolve(name) if resolve else name
+        except DataError:  # an unknown name: loading it says so
+            identity = name
+        if identity in seen:
+            spelled = f"{seen[identity]!r} and {name!r}" if seen[identity] != name else f"{name!r} twice"
+            raise ConfigError(
+                f"sequence.tasks={names} lists task {identity!r} twice ({spelled}); valid: distinct tasks"
+            )
+        seen[identity] = name
+
+
+def data_fingerprint(tasks: list[TaskData]) -> str:
+    """SHA-256 of what a run trains and evaluates on (every task's name, metric and examples, in
+    order): the identity of the data, wherever its folder lies (a resume compares it, not data.root)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for t in tasks:
+        rows = [[ex.id, ex.prompt, ex.target, list(ex.all_references)] for ex in (*t.train, *t.eval)]
+        digest.update(json.dumps([t.name, t.metric, len(t.train), rows], ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
 def split_stats(tasks: list[TaskData]) -> dict[str, dict[str, int]]:
     """results.json `split_stats`: {task: {"train", "eval", "dropped_duplicates"}}."""
     return {t.name: t.split_stats for t in tasks}
@@ -83,6 +115,7 @@ __all__ = [
     "split_examples",
     "split_stats",
     "evaluation_record",
+    "data_fingerprint",
     "load_sequence",
     "family_module",
     "FAMILIES",

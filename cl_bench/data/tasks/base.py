@@ -48,6 +48,9 @@ class Example:
     # Extra fields a metric may need (e.g. SARI needs the source sentence).
     source: str | None = None
     references: tuple[str, ...] = ()
+    # [start, end) characters of `prompt` holding the task's input (data/prompts.py cuts only there
+    # when a prompt is too long); None: the whole prompt is input (no separate instruction known).
+    input_span: tuple[int, int] | None = None
 
     @property
     def all_references(self) -> tuple[str, ...]:
@@ -100,11 +103,14 @@ class TaskData:
     def split_stats(self) -> dict[str, int]:
         """For results.json `split_stats`: sizes and training examples dropped as duplicates of
         an evaluated prompt."""
-        return {
+        stats = {
             "train": len(self.train),
             "eval": len(self.eval),
             "dropped_duplicates": int(self.info.get("dropped_duplicates", 0)),
         }
+        if self.info.get("notice"):  # e.g. an empty test file: evaluated on held-out training examples
+            stats["notice"] = str(self.info["notice"])
+        return stats
 
 
 def drop_evaluated(
@@ -154,15 +160,28 @@ def split_train_test(
 
 
 def split_for_task(
-    train_pool: Sequence[Example], test_pool: Sequence[Example] | None, n_train: int | None, n_eval: int, seed: int
+    train_pool: Sequence[Example],
+    test_pool: Sequence[Example] | None,
+    n_train: int | None,
+    n_eval: int,
+    seed: int,
+    test_file: str | os.PathLike | None = None,
 ) -> tuple[list[Example], list[Example], dict]:
     """The one split rule of the file-based families; `info` says which branch was taken and
-    how many training examples were dropped as duplicates of an evaluated prompt."""
+    how many training examples were dropped as duplicates of an evaluated prompt. A test file
+    that exists but holds no example (`test_pool == []`, `test_file` its path) is not silently
+    the same as none: `info["notice"]` says that evaluation moved to held-out training examples."""
     if test_pool:
         train, evaluated, dropped = split_train_test(train_pool, test_pool, n_train, n_eval, seed)
         return train, evaluated, {"eval_from": "test file", "dropped_duplicates": dropped}
     train, evaluated, dropped = split_examples(list(train_pool), n_train, n_eval, seed)
-    return train, evaluated, {"eval_from": "held out of the training file", "dropped_duplicates": dropped}
+    info = {"eval_from": "held out of the training file", "dropped_duplicates": dropped}
+    if test_pool is not None:
+        where = test_file or "the test file"
+        info["notice"] = (
+            f"{where} holds no example: evaluating on {len(evaluated)} examples held out of the training file instead"
+        )
+    return train, evaluated, info
 
 
 def data_roots(root: str | os.PathLike | None) -> list[Path]:

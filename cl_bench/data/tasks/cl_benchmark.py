@@ -117,8 +117,11 @@ def read_split(path: Path, task: str, instruction: str, labels: list[str]) -> tu
         if label not in labels:
             skipped += 1
             continue
-        prompt = build_prompt(instruction, labels, str(rec["sentence"]), with_options)
-        examples.append(Example(id=f"{task}-{path.stem}-{i}", prompt=prompt, target=label))
+        sentence = str(rec["sentence"])
+        prompt = build_prompt(instruction, labels, sentence, with_options)
+        end = len(prompt) - len("\nAnswer:")  # the sentence: what a too-long prompt may lose
+        span = (end - len(sentence), end)
+        examples.append(Example(id=f"{task}-{path.stem}-{i}", prompt=prompt, target=label, input_span=span))
     if records and not examples:
         raise DataError(f"{path}: no record has a label from labels.json ({', '.join(labels)})")
     return examples, skipped
@@ -145,7 +148,7 @@ def load_task(name: str, *, root: str | None, n_train: int | None, n_eval: int, 
             if eval_file:
                 test_pool, skipped_eval = read_split(eval_file, task, instruction, labels)
                 skipped += skipped_eval
-            train, evaluated, info = split_for_task(train_pool, test_pool, n_train, n_eval, seed)
+            train, evaluated, info = split_for_task(train_pool, test_pool, n_train, n_eval, seed, eval_file)
             info.update(
                 group=GROUPS[task], instructions=str(config_path) if config_path else None, skipped_unlabelled=skipped
             )

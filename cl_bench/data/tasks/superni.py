@@ -209,6 +209,11 @@ def build_prompt(definition: str, task_input: str) -> str:
     return f"{definition}\n\nInput: {task_input}"
 
 
+def input_span(prompt: str, task_input: str) -> tuple[int, int]:
+    """Where build_prompt put the input: the only part a too-long prompt may lose (Example.input_span)."""
+    return len(prompt) - len(str(task_input)), len(prompt)
+
+
 def _outputs(output, path: Path, index: int) -> tuple[str, ...]:
     """Every reference output of an instance (a list, or one string in the CL repos' copies)."""
     outputs = output if isinstance(output, list) else ([] if output is None else [output])
@@ -240,9 +245,10 @@ def read_task_file(path: Path) -> tuple[str, list[Example]]:
         examples.append(
             Example(
                 id=str(inst.get("id", f"{path.stem}-{i}")),
-                prompt=build_prompt(definition, inst["input"]),
+                prompt=(prompt := build_prompt(definition, inst["input"])),
                 target=outputs[0],
                 references=outputs,
+                input_span=input_span(prompt, inst["input"]),
             )
         )
     if not examples:
@@ -261,8 +267,9 @@ def _from_hub(task: str) -> list[Example]:
             examples.append(
                 Example(
                     id=str(row["id"]),
-                    prompt=build_prompt(row["definition"].strip(), row["inputs"]),
+                    prompt=(prompt := build_prompt(row["definition"].strip(), row["inputs"])),
                     target=row["targets"],
+                    input_span=input_span(prompt, row["inputs"]),
                 )
             )
     if not examples:

@@ -127,7 +127,7 @@ def load_task(name: str, *, root: str | None, n_train: int | None, n_eval: int, 
             test_pool = read_split(eval_file, task) if eval_file else None
             if labels:
                 _check_labels(task, labels, train_pool + (test_pool or []), folder)
-            train, evaluated, info = split_for_task(train_pool, test_pool, n_train, n_eval, seed)
+            train, evaluated, info = split_for_task(train_pool, test_pool, n_train, n_eval, seed, eval_file)
             if eval_file:
                 info["eval_file"] = eval_file.name
             return TaskData(

@@ -73,6 +73,7 @@ def counting_hflm():
             self.truncated: dict[str, dict[str, int]] = {}
             self._pending: list[str] | None = None  # task of each loglikelihood request, in order
             self._task_of_context: dict[str, str] = {}
+            self._contexts: dict[tuple[int, ...], int] | None = None  # see context_lengths
 
         def _count(self, task: str, kind: str, n: int = 1) -> None:
             counts = self.truncated.setdefault(task, dict.fromkeys(REQUEST_TYPES, 0))
@@ -91,7 +92,21 @@ def counting_hflm():
                 for i, (_, context_enc, continuation_enc) in enumerate(requests):
                     if len(context_enc) + len(continuation_enc) > self.max_length + 1:
                         self._count(tasks[i] if tasks else "?", "loglikelihood")
-            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+                self._contexts = context_lengths(requests, self.max_length)
+            try:
+                return super()._loglikelihood_tokens(requests, *args, **kwargs)
+            finally:
+                self._contexts = None
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            """lm-eval calls the model on context + continuation (+ right padding) without a mask:
+            a gated model (GainLoRA) must pool each row's context only (lora/gating.py)."""
+            if attn_mask is not None or labels is not None or self._contexts is None:
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            from ...lora.gating import prompt_tokens
+
+            with prompt_tokens(self.model, lambda: context_mask(inps, self._contexts)):
+                return super()._model_call(inps)
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             self._task_of_context = {req.args[0]: req.task_name for req in requests}
@@ -118,6 +133,39 @@ def counting_hflm():
             return ids, mask
 
     return CountingHFLM
+
+
+def context_lengths(requests, max_length: int) -> dict[tuple[int, ...], int]:
+    """{input row lm-eval builds for a loglikelihood request: how many of its first tokens are the
+    request's context}. The row is (context + continuation)[-(max_length + 1):][:-1], as in HFLM's
+    `_loglikelihood_tokens`; two requests giving one row (one's context = the other's context
+    plus part of its continuation, which lm-eval may also score in one pass) keep the shorter."""
+    out: dict[tuple[int, ...], int] = {}
+    for _, context, continuation in requests:
+        row = tuple((list(context) + list(continuation))[-(max_length + 1) :][:-1])
+        n = len(row) - len(continuation) + 1
+        out[row] = min(out.get(row, n), n)
+    return out
+
+
+def context_mask(inps, lengths: dict[tuple[int, ...], int]):
+    """[batch, width] bool: the context tokens of each right-padded (pad id 0) row of `inps`.
+    A row that is no request's (lm-eval's batch-size probe: one token repeated) counts whole;
+    anything else is a RuntimeError, never a silent guess."""
+    import torch
+
+    mask = torch.zeros(inps.shape, dtype=torch.bool)
+    for r, row in enumerate(inps.tolist()):
+        n = len(row)
+        while tuple(row[:n]) not in lengths and n > 0 and row[n - 1] == 0:
+            n -= 1  # strip the right padding one token at a time (a real token may be 0 too)
+        if tuple(row[:n]) in lengths:
+            mask[r, : lengths[tuple(row[:n])]] = True
+        elif len(set(row)) == 1:
+            mask[r] = True
+        else:
+            raise RuntimeError(f"lm-eval called the model on a row of {len(row)} tokens that is no request's")
+    return mask.to(inps.device)
 
 
 @contextmanager
