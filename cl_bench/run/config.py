@@ -223,6 +223,10 @@ def validate(cfg: Any) -> None:
         _positive_int(cfg, "evaluation.reference_margin", allow_zero=True)
     if ev.get("limit") is not None:
         _positive_int(cfg, "evaluation.limit")
+    if ev.get("max_batch_tokens") not in (None, "auto"):
+        _positive_int(cfg, "evaluation.max_batch_tokens")
+    if ev.get("decode_step_tokens") is not None:
+        _positive_int(cfg, "evaluation.decode_step_tokens", allow_zero=True)
     _require(len(seq.tasks) > 0, "sequence.tasks", list(seq.tasks), "a non-empty list of task names")
     _require(len(set(seq.tasks)) == len(seq.tasks), "sequence.tasks", list(seq.tasks), "distinct task names")
     from ..data.prompts import prompt_format  # ConfigError on a bad evaluation.prompt

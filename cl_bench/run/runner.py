@@ -26,7 +26,7 @@ from ..data.prompts import TrainingEncoder, prompt_format
 from ..data.tasks import evaluation_record, load_sequence, split_stats
 from ..evaluation.baselines import baselines
 from ..evaluation.metrics import compute_mode_metrics
-from ..evaluation.seen import evaluate_task
+from ..evaluation.seen import eval_token_budget, evaluate_task
 from ..infra.console import Progress
 from ..infra.distributed import Dist
 from ..infra.errors import CLBenchError, ConfigError
@@ -487,6 +487,8 @@ class Runner:
                 progress=False,
                 protocol=str(ev.protocol),
                 reference_margin=ev.get("reference_margin"),
+                max_batch_tokens=eval_token_budget(ev.get("max_batch_tokens"), self.device),
+                decode_step_tokens=int(ev.get("decode_step_tokens") or 0),
                 dist=self.dist,
             )
             row[j] = score
