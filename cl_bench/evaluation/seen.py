@@ -17,7 +17,7 @@ out-of-memory the batch size is halved and the batch retried. With a token budge
 (evaluation.max_batch_tokens; the CPU default) the length-sorted prompts are cut where padded
 prompt tokens plus each batch's decode steps cost least (plan_batches), so the prefill, which bounds
 generation on a CPU, feeds far less padding; the predictions are those of one-by-one generation
-(tested), as with any batching.
+(tested), as with any batching. Row 0 may come from a prediction cache (evaluation/cache.py).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..data.batching import plan_groups
 from ..data.prompts import PromptFormat, left_padded, pad_id_of, render_prompt_ids, target_ids, truncate_middle
 from ..data.tasks.base import Example, TaskData
+from .cache import PredictionCache
 from .scoring import score
 
 # Metrics that compare the whole (normalised) prediction with a reference: a budget from the
@@ -145,6 +146,7 @@ def evaluate_task(
     decode_step_tokens: int = 0,
     stats: dict | None = None,
     dist=None,
+    cache: PredictionCache | None = None,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Score in percent and one record per example (prompt, target, prediction, score; and all
     references when there are several). `protocol` picks the metric (TaskData.metric_for).
@@ -162,6 +164,8 @@ def evaluate_task(
     the same batch as in one process; every rank returns the whole task's score and records.
     With a sharded base (dist.sharded) every rank runs as many batches as the busiest one (a short
     share repeats its last batch and drops the result) and generation is synced over the ranks.
+    `cache` (evaluation/cache.py; one process only): the predictions are read from it when it
+    holds this generation, else computed and stored (stats["cache"]: hit | miss).
     """
     metric = task.metric_for(protocol)
     examples = task.eval[:limit] if limit else task.eval
@@ -178,9 +182,20 @@ def evaluate_task(
     if dist is not None and dist.world > 1:
         chunks = dist.shard(plan)
     filler = chunks[-1] if chunks else plan[0] if plan else []  # sharded: what an idle rank repeats
-    predictions, run = _run_batches(
-        model, tokenizer, rows, chunks, filler, bs, budget, device, task.name, progress, dist
-    )
+    key = predictions = None
+    if cache is not None and (dist is None or dist.world == 1):
+        end, pad = end_token_ids(model, tokenizer), pad_id_of(tokenizer)
+        key = cache.key(rows=rows, plan=plan, budget=budget, end_ids=end, pad_id=pad)
+        predictions = cache.load(key, len(rows))
+    if predictions is not None:
+        run = {"batches": 0, "batch_size": bs, "fed_prompt_tokens": 0, "generated_tokens": 0, "cache": "hit"}
+    else:
+        predictions, run = _run_batches(
+            model, tokenizer, rows, chunks, filler, bs, budget, device, task.name, progress, dist
+        )
+        if key is not None:
+            cache.save(key, predictions, {"task": task.name, "examples": len(rows)})
+            run["cache"] = "miss"
     model.train(was_training)
     if dist is not None and dist.world > 1:
         mine = {i for chunk in chunks for i in chunk}

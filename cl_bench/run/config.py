@@ -227,6 +227,8 @@ def validate(cfg: Any) -> None:
         _positive_int(cfg, "evaluation.max_batch_tokens")
     if ev.get("decode_step_tokens") is not None:
         _positive_int(cfg, "evaluation.decode_step_tokens", allow_zero=True)
+    row0 = cfg.get("cache", {}).get("row0", True)
+    _require(isinstance(row0, bool), "cache.row0", row0, "true, false")
     _require(len(seq.tasks) > 0, "sequence.tasks", list(seq.tasks), "a non-empty list of task names")
     _require(len(set(seq.tasks)) == len(seq.tasks), "sequence.tasks", list(seq.tasks), "distinct task names")
     from ..data.prompts import prompt_format  # ConfigError on a bad evaluation.prompt
