@@ -75,13 +75,22 @@ def gguf_source(model_cfg: Any) -> Path | None:
     raise ConfigError(f"model.gguf_file={name!r}: no such file; give a path to a .gguf file")
 
 
+# (resolved path, size, mtime in ns) -> content_key: a run resolves its model path more than once
+# (the config checks, the load); the file is hashed once per process unless it changes.
+_KEYS: dict[tuple[str, int, int], str] = {}
+
+
 def content_key(path: Path, chunk: int = 1 << 22) -> str:
     """sha256 of the file's bytes (first 16 hex digits): the conversion's cache key."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    st = Path(path).stat()
+    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _KEYS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+        _KEYS[memo] = digest.hexdigest()[:16]
+    return _KEYS[memo]
 
 
 def converted_folder(gguf: Path, cache_dir: str | Path, log=print) -> Path:

@@ -146,6 +146,7 @@ KEYS: dict[str, Key] = {
     "lora.target_modules": Of("texts", lo=1),
     "cache.enabled": Of("bool", result=False),
     "cache.dir": Of("text", result=False),
+    "cache.row0": Of("bool", result=False),  # a hit gives the same predictions (tested)
     "progress": Of("bool", result=False),
     "verbose": Of("bool", result=False),
     "threads": Int(1, null=True, result=False),
@@ -177,6 +178,8 @@ KEYS: dict[str, Key] = {
     "trainer.compile": Of("bool", **SPEED),
     "trainer.gradient_checkpointing": Of("bool", **SPEED),
     "evaluation.batch_size": Int(1, **SPEED),
+    "evaluation.max_batch_tokens": Of("auto_or_int", null=True, result=False),  # same predictions (tested)
+    "evaluation.decode_step_tokens": Int(0, null=True, **SPEED),
     "evaluation.max_new_tokens": POSITIVE,
     "evaluation.reference_margin": Int(0, null=True, **SPEED),
     "evaluation.max_prompt_len": POSITIVE,

@@ -45,17 +45,32 @@ def _clean(obj: Any) -> Any:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, rename: readers never see a partial file."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    atomic_write(path, write)
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp)` fills a temp file in the same folder; it is then fsynced and renamed to `path`,
+    so readers never see a partial file; on any error the temp file is removed. Ctrl-C / SIGTERM
+    wait until the file is in place."""
     from .interrupt import critical
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with critical():  # Ctrl-C / SIGTERM wait until the write is complete
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -71,10 +86,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata_: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save
+    """safetensors file of `tensors` (+ string metadata), atomically (atomic_write). Written by
+    safetensors straight into the file: no second in-memory copy of every tensor as one bytes
+    object (the same bytes as `safetensors.torch.save`; tested)."""
+    from safetensors.torch import save_file
 
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(flat, metadata=metadata_))
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata_))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from ..data.prompts import TrainingEncoder, prompt_format, prompt_truncation
 from ..data.tasks import data_fingerprint, evaluation_record, load_sequence, split_stats
 from ..evaluation.baselines import baselines
 from ..evaluation.metrics import compute_mode_metrics
-from ..evaluation.seen import evaluate_task
+from ..evaluation.seen import eval_token_budget, evaluate_task
 from ..infra.console import Progress
 from ..infra.distributed import Dist
 from ..infra.errors import CLBenchError, ConfigError
@@ -488,6 +488,7 @@ class Runner:
         ev = self.cfg.evaluation
         row = self.results["matrix"][stage]
         shown = [j for j in range(len(self.tasks)) if modes.evaluated(self.mode, stage, j, bool(ev.full_matrix))]
+        cache = self.prediction_cache() if stage == 0 and shown else None
         self.observers.before_eval_row(stage, len(shown))
         for j in shown:
             task = self.tasks[j]
@@ -505,7 +506,10 @@ class Runner:
                 progress=False,
                 protocol=str(ev.protocol),
                 reference_margin=ev.get("reference_margin"),
+                max_batch_tokens=eval_token_budget(ev.get("max_batch_tokens"), self.device),
+                decode_step_tokens=int(ev.get("decode_step_tokens") or 0),
                 dist=self.dist,
+                cache=cache,
             )
             row[j] = score
             self.store.save_predictions(stage, task.name, records)
@@ -515,6 +519,31 @@ class Runner:
             self.observers.before_general(stage)
             self.results["general"][str(stage)] = self.general(stage)
             self.observers.after_general(stage, self.results["general"][str(stage)])
+
+    def prediction_cache(self):
+        """Row 0's prediction cache (evaluation/cache.py) under cache.dir/predictions, keyed by the
+        eval model's content: the base model is the same in every run of a sweep. None unless
+        cache.enabled and cache.row0, or when several processes share the evaluation."""
+        cfg = self.cfg
+        if not cfg.cache.enabled or not cfg.cache.get("row0", True) or self.dist.world > 1:
+            return None
+        from ..evaluation.cache import PredictionCache, digest
+        from ..initializers.cache import model_state_fingerprint
+
+        model = self.models.eval
+        config = {k: v for k, v in model.config.to_dict().items() if not str(k).startswith("_")}
+        versions = {k: v for k, v in package_versions().items() if k in ("torch", "transformers", "peft")}
+        model_key = digest(
+            "model",
+            type(model).__name__,
+            model_state_fingerprint(model),
+            config,
+            str(next(model.parameters()).dtype),
+            self.device.type,
+            model.config._attn_implementation,
+            versions,
+        )
+        return PredictionCache(Path(str(cfg.cache.dir)) / "predictions", model_key, self.tokenizer, log=log.info)
 
     def general_due(self, stage: int) -> bool:
         """GP/IP are measured after `stage` (general_eval.when); independent: a mean over the T

@@ -30,46 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.batching import plan_groups
 from ..data.prompts import Encoded
 from ..data.prompts import collate_training as collate_padded
 
 LAYOUTS = ("pad", "group", "pack")
-
-
-def plan_groups(lengths: Sequence[int], max_tokens: int, overhead_tokens: int = 0) -> list[list[int]]:
-    """Partition examples into micro-batches, each padded to its own longest example.
-
-    Examples are taken longest first (ties by index, so the plan is a pure function of the
-    lengths); a micro-batch is a run of that order. The runs minimise
-        Σ_micro-batches (rows · longest + overhead_tokens)
-    subject to rows · longest <= max_tokens (an example longer than max_tokens goes alone).
-    O(n²) dynamic program, n = examples of the step.
-
-    Returns lists of indices into `lengths`, longest micro-batch first.
-    Example: lengths [10, 2, 9, 3], max_tokens 100, overhead 5 -> [[0, 2], [3, 1]]
-    (2·10 + 5 + 2·3 + 5 = 36 tokens, against 4·10 + 5 = 45 in one micro-batch).
-    """
-    if max_tokens < 1 or overhead_tokens < 0:
-        raise ValueError(f"max_tokens={max_tokens} must be >= 1 and overhead_tokens={overhead_tokens} >= 0")
-    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
-    n = len(order)
-    if n == 0:
-        return []
-    best = [0] + [None] * n  # best[j]: cheapest cost of order[:j]
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j - 1, -1, -1):  # micro-batch order[i:j], padded to lengths[order[i]]
-            rows, width = j - i, int(lengths[order[i]])
-            if rows > 1 and rows * width > max_tokens:
-                break  # longer runs only grow
-            cost = best[i] + rows * width + overhead_tokens
-            if best[j] is None or cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], n
-    while j > 0:
-        groups.append(order[cut[j] : j])
-        j = cut[j]
-    return groups[::-1]
+__all__ = ["LAYOUTS", "Layout", "collate_packed", "pack_rows", "plan_groups", "regroup"]
 
 
 def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:

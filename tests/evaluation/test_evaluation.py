@@ -78,3 +78,38 @@ def test_every_reference_counts_and_the_protocol_picks_the_metric(tiny):
     assert score == 100.0 and records[0]["references"] == ["cat dog", "Sun moon."]
     assert evaluate_task(model, tok, task, protocol="slice_paper", **kw)[0] == 0.0
     assert task.metric_for("slice_paper") == "slice_exact_match"
+
+
+def test_plan_batches_by_count_or_by_a_token_budget():
+    from cl_bench.evaluation.seen import plan_batches
+
+    lengths = [5, 9, 2, 9, 3]
+    # no budget: runs of batch_size prompts, longest first, ties by index (the former batching)
+    assert plan_batches(lengths, batch_size=2) == [[1, 3], [0, 4], [2]]
+    # a budget: the same order cut where padding + overhead is least, at most batch_size rows
+    assert plan_batches(lengths, batch_size=5, max_batch_tokens=100, overhead_tokens=0) == [[1], [3], [0], [4], [2]]
+    assert plan_batches(lengths, batch_size=5, max_batch_tokens=100, overhead_tokens=3) == [[1, 3], [0], [4, 2]]
+    assert plan_batches(lengths, batch_size=5, max_batch_tokens=100, overhead_tokens=1000) == [[1, 3, 0, 4, 2]]
+    assert plan_batches(lengths, batch_size=2, max_batch_tokens=100, overhead_tokens=1000) == [[1, 3], [0], [4, 2]]
+    assert plan_batches(lengths, batch_size=5, max_batch_tokens=18, overhead_tokens=1000) == [[1, 3], [0, 4, 2]]
+
+
+def test_a_token_budget_gives_the_one_by_one_predictions_with_less_padding(tiny):
+    model, tok = tiny
+    prompts = ["Hi", "Name a thing.", "What is 3 plus 4?", "Which word comes first in the list?\nList: cat dog sun"]
+    prompts += ["Repeat the list exactly.\nList: " + "cat dog " * k for k in (3, 9, 14)]
+    task = TaskData(
+        "t", "exact_match", [Example("x", "p", "x")], [Example(str(i), p, "x") for i, p in enumerate(prompts)]
+    )
+    kw = dict(max_new_tokens=6, max_prompt_len=512, device=torch.device("cpu"), progress=False)
+    single = evaluate_task(model, tok, task, batch_size=1, **kw)[1]
+    count: dict = {}
+    assert evaluate_task(model, tok, task, batch_size=8, stats=count, **kw)[1] == single
+    for budget, step in ((64, 0), (160, 2), (10**6, 8)):
+        stats: dict = {}
+        records = evaluate_task(
+            model, tok, task, batch_size=8, max_batch_tokens=budget, decode_step_tokens=step, stats=stats, **kw
+        )[1]
+        assert records == single
+        assert stats["fed_prompt_tokens"] < count["fed_prompt_tokens"]  # the prefill feeds less padding
+        assert stats["prompt_tokens"] == count["prompt_tokens"]

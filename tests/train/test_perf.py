@@ -52,6 +52,22 @@ def test_plan_groups_by_hand_and_against_every_cut():
         assert _cost(plan, lengths, overhead) == best
 
 
+def test_plan_groups_caps_the_rows_of_a_group():
+    lengths = [7, 3, 12, 5, 5, 9, 1, 4]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    for max_rows, overhead in ((1, 5), (2, 40), (3, 1000)):
+        plan = plan_groups(lengths, 10**6, overhead, max_rows=max_rows)
+        assert [i for g in plan for i in g] == order and max(map(len, plan)) <= max_rows
+        best = min(
+            _cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths, overhead)
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+            if all(b - a <= max_rows for a, b in zip((0, *cuts), (*cuts, len(order))))
+        )
+        assert _cost(plan, lengths, overhead) == best
+    assert plan_groups(lengths, 10**6, 0, max_rows=None) == plan_groups(lengths, 10**6, 0)
+
+
 def test_pack_rows_first_fit_decreasing():
     assert pack_rows([5, 4, 3, 3, 1], row_len=8) == [[0, 2], [1, 3, 4]]
     assert pack_rows([9, 2], row_len=8) == [[0], [1]]  # too long for a row: a row of its own
