@@ -151,7 +151,7 @@ KEYS: dict[str, Key] = {
     "verbose": Of("bool", result=False),
     "threads": Int(1, null=True, result=False),
     "model.name_or_path": Of("text", null=True),
-    "model.builder": Choice("tiny"),
+    "model.builder": Choice("tiny", None),  # null: load model.name_or_path as it is
     "model.dtype": Choice("auto", "float32", "bfloat16", "float16"),
     "model.trust_remote_code": BOOL,
     "model.attn_implementation": Choice("sdpa", "flash_attention_2", "eager", None, **SPEED),
