@@ -34,10 +34,12 @@ lint: $(STAMP)
 
 # Speed and memory figures (not timed tests), one script on CPU or GPU: per phase (capture,
 # SVD/projection, train, merge, evaluation, GP/IP) time, tokens/s, examples/s, peak memory,
-# cl_bench against the SLICE authors' recipe side by side -> bench.json and a table
+# cl_bench against the SLICE authors' recipe side by side (tiny, 3B-shaped and SmolLM2 rows) -> bench.json,
+# docs/performance.md generated from it
 # (python -m cl_bench.bench --help); then the exhaustive sequence-mining search over C(46,5).
 bench: $(STAMP)
 	$(BIN)/python -m cl_bench.bench
+	$(BIN)/python -m cl_bench.bench.doc bench.json --out docs/performance.md
 	$(BIN)/python -m cl_bench.mine --bench
 	$(BIN)/python -m cl_bench.branch_cost
 

@@ -44,12 +44,57 @@ from .setup import CURRENT, REPO, Bench, ModelSpec, load_tasks
 from .targets import device_peak_tflops, print_summary, targets
 
 
+def smollm2_spec(device: torch.device, args) -> ModelSpec:
+    """SmolLM2-135M-Instruct, the real model: every phase, with the side-by-side references (HF
+    Trainer + PEFT, plain generate, lm-eval, the matmul ceiling) and the whole runs; on the CPU
+    with 2 capture steps (not the paper's 8) and 2 training steps per variant, to stay within
+    minutes per phase on one thread."""
+    cpu = device.type != "cuda"
+    return ModelSpec(
+        "smollm2",
+        rank=8,
+        max_len=256,
+        batch_size=16,
+        grad_accum=1,
+        train_steps=args.steps or (2 if cpu else 8),
+        capture_steps=2 if cpu else 8,
+        capture_batch_size=16,
+        stages=(1, 3) if cpu else (1, 5),
+        eval_examples=args.eval_examples,
+        capture_max_tokens=None,
+        # the phases with targets first: an interrupted bench keeps them (bench.json is saved per phase)
+        phases=("load", "train", "eval", "runs", "merge", "bf16", "init", "gpip", "preset"),
+        train_variants=("group", "pad", "reference", "hf_trainer"),
+        eval_variants=("authors", "ours_count", "ours", "hf_generate", "lm_eval", "prefill"),
+        gpip_limit=20,
+        gpip_batches=(32,),
+        run_train=args.run_train,
+        run_eval=args.run_eval,
+    )
+
+
+def smollm2_available() -> str | None:
+    """None when SmolLM2's GGUF file is installed, else why not (the rows are then skipped)."""
+    from omegaconf import OmegaConf
+
+    from ..data.gguf import gguf_source
+    from ..infra.errors import CLBenchError
+    from ..run.config import CONF_DIR
+
+    try:
+        gguf_source(OmegaConf.load(CONF_DIR / "model" / "smollm2.yaml"))
+    except CLBenchError as exc:
+        return str(exc)
+    return None
+
+
 def specs_for(device: torch.device, args) -> list[ModelSpec]:
-    """The model specs of --model: tiny (every phase) and/or llama3b (all phases on CUDA; a few layers, init/train/merge on the CPU)."""
+    """The model specs of --model: tiny (every phase), llama3b (all phases on CUDA; a few layers,
+    init/train/merge on the CPU), smollm2 (the real model, every phase and the whole runs)."""
     out = []
-    if args.model in ("tiny", "both"):
+    if args.model in ("tiny", "both", "all"):
         out.append(ModelSpec("tiny", rank=8, max_len=256, train_steps=args.steps or 4))
-    if args.model in ("llama3b", "both"):
+    if args.model in ("llama3b", "both", "all"):
         if device.type == "cuda":
             out.append(
                 ModelSpec(
@@ -81,7 +126,7 @@ def specs_for(device: torch.device, args) -> list[ModelSpec]:
                     train_variants=("group", "pad"),
                 )
             )
-    return out
+    return out + ([smollm2_spec(device, args)] if args.model in ("smollm2", "all") else [])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,7 +134,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m cl_bench.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=("tiny", "llama3b", "both"), default="both")
+    parser.add_argument(
+        "--model",
+        choices=("tiny", "llama3b", "smollm2", "both", "all"),
+        default="all",
+        help="both: tiny and llama3b; all: those and smollm2 (the real model, skipped with a note when its file is missing)",
+    )
+    parser.add_argument("--run-train", type=int, default=32, help="smollm2 whole runs: training examples per task")
+    parser.add_argument("--run-eval", type=int, default=16, help="smollm2 whole runs: eval examples per task")
+    parser.add_argument("--eval-examples", type=int, default=32, help="smollm2 eval phase: prompts per task (2 tasks)")
     parser.add_argument(
         "--layers", type=int, default=None, help="llama3b decoder layers (default: 28 on CUDA, 1 on CPU)"
     )
@@ -109,7 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure torch.compile (auto: on CUDA only; on the CPU its compilation alone takes minutes)",
     )
     parser.add_argument(
-        "--phases", default=None, help="comma-separated subset of init,csweep,train,merge,eval,gpip,exact"
+        "--phases",
+        default=None,
+        help="comma-separated subset of load,init,csweep,train,merge,eval,gpip,exact,bf16,runs,preset",
     )
     parser.add_argument("--data-root", default=os.environ.get("CL_BENCH_DATA") or str(REPO.parent / "shared" / "data"))
     parser.add_argument(
@@ -162,8 +217,9 @@ def load_data(b: Bench) -> None:
     print(f"data: {b.data_source}; current task {CURRENT} ({len(b.tasks[CURRENT].train)} train examples)")
 
 
-def run_all(b: Bench, specs: list[ModelSpec], only: set[str] | None) -> None:
-    """Every phase of every spec (only those in `only` when given), printing each one's seconds."""
+def run_all(b: Bench, specs: list[ModelSpec], only: set[str] | None, save=lambda: None) -> None:
+    """Every phase of every spec (only those in `only` when given), printing each one's seconds;
+    `save()` after each phase (the rows so far survive an interrupted bench)."""
     for spec in specs:
         phases = [p for p in spec.phases if only is None or p in only]
         if spec.name == "llama3b":
@@ -178,6 +234,7 @@ def run_all(b: Bench, specs: list[ModelSpec], only: set[str] | None) -> None:
             t0 = time.time()
             run_phase(b, spec, phase)
             print(f"  {spec.name} {phase}: {time.time() - t0:.1f}s", flush=True)
+            save()
     if not b.compile:
         b.notes.append(
             "torch.compile not measured (CPU: inductor's compilation of the tiny model takes minutes on 2 cores; "
@@ -205,11 +262,28 @@ def main(argv: list[str] | None = None) -> dict:
     )
     load_data(b)
     specs = specs_for(device, args)
-    run_all(b, specs, set(args.phases.split(",")) if args.phases else None)
+    missing = smollm2_available() if any(s.name == "smollm2" for s in specs) else None
+    if missing:
+        b.notes.append(f"smollm2 rows skipped: {missing}")
+        specs = [s for s in specs if s.name != "smollm2"]
+    context = dict(args=args, b=b, why=why, device_name=device_name, peak=peak, load0=load0, started=started)
+    save = lambda: write_report(**context, specs=specs, partial=True)  # noqa: E731
+    run_all(b, specs, set(args.phases.split(",")) if args.phases else None, save)
+    report = write_report(**context, specs=specs, partial=False)
+    print(f"\nwritten: {args.out} (load average at the end {report['machine']['load_average_end']})")
+    return report
+
+
+def write_report(args, b: Bench, specs, why, device_name, peak, load0, started, partial: bool) -> dict:
+    """bench.json (--out) from the rows so far: the machine with its load average at the start and
+    now, the notes, the rows and the targets; prints the tables unless `partial`."""
+    device, threads = b.device, b.threads
     goals = targets(b.rows, peak, [s.name for s in specs], b.n_train)
     load1 = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print_summary(b.rows, goals, b.notes, cuda=device.type == "cuda")
+    if not partial:
+        print_summary(b.rows, goals, b.notes, cuda=device.type == "cuda")
     report = {
+        "partial": partial,
         "machine": {
             "device": device_name,
             "bf16_peak_tflops": peak,
@@ -230,5 +304,4 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": goals,
     }
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
-    print(f"\nwritten: {args.out} (load average at the end {load1 and ' '.join(f'{x:.2f}' for x in load1)})")
     return report

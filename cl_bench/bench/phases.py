@@ -19,8 +19,6 @@ import torch
 from ..infra import memory
 from ..run.config import CONF_DIR
 from .setup import (
-    CURRENT,
-    PREVIOUS,
     TARGETS,
     Bench,
     ModelSpec,
@@ -82,11 +80,29 @@ def run_phase(b: Bench, spec: ModelSpec, phase: str) -> None:
     elif phase == "merge":
         b.rows += isolated(b, lambda: phase_merge(b, spec))
     elif phase == "eval":
+        from .evals import phase_eval
+
         b.rows += isolated(b, lambda: phase_eval(b, spec))
     elif phase == "gpip":
         b.rows += isolated(b, lambda: phase_gpip(b, spec))
     elif phase == "exact":
         b.rows += isolated(b, lambda: phase_exact(b, spec))
+    elif phase == "load":
+        from .real import phase_load
+
+        b.rows += isolated(b, lambda: phase_load(b, spec))
+    elif phase == "bf16":
+        from .real import phase_bf16
+
+        b.rows += isolated(b, lambda: phase_bf16(b, spec))
+    elif phase == "runs":
+        from .runs import phase_runs
+
+        b.rows += phase_runs(b, spec)  # each run in its own child
+    elif phase == "preset":
+        from .runs import phase_preset
+
+        b.rows += phase_preset(b, spec)  # its own process
 
 
 # ------------------------------------------------------------------------------ phases
@@ -202,9 +218,12 @@ def phase_csweep(b: Bench, spec: ModelSpec) -> list[dict]:
     return rows
 
 
-def reference_train(model, encoder, task, seed: int, steps: int, bs: int, accum: int, device) -> dict:
+def reference_train(
+    model, encoder, task, seed: int, steps: int, bs: int, accum: int, device, autocast: bool | None = None
+) -> dict:
     """The authors' recipe (HF Trainer defaults): micro-batches of `bs` padded to their longest,
-    HF's loss over every position's logits, the foreach AdamW, the loss read every micro-batch."""
+    HF's loss over every position's logits, the foreach AdamW, the loss read every micro-batch.
+    `autocast`: bf16 autocast (None: on CUDA only, as the authors ran)."""
     from transformers import get_linear_schedule_with_warmup
 
     from ..train.loss import trained_tokens
@@ -213,7 +232,7 @@ def reference_train(model, encoder, task, seed: int, steps: int, bs: int, accum:
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=True)
     sched = get_linear_schedule_with_warmup(opt, math.ceil(0.01 * steps), steps)
     order = encoder.order(task, seed, epochs=math.ceil(steps * bs * accum / len(task.train)) + 1)
-    autocast = device.type == "cuda"
+    autocast = device.type == "cuda" if autocast is None else autocast
     losses, tokens, fed = [], 0, 0
     model.train()
     for step in range(steps):
@@ -241,11 +260,9 @@ def reference_train(model, encoder, task, seed: int, steps: int, bs: int, accum:
 
 def phase_train(b: Bench, spec: ModelSpec, variants: list[str], *, fixed_len: bool = False) -> list[dict]:
     """Training steps of the current task from one initial adapter, per variant (min over
-    interleaved repeats); checks that every exact variant reaches the same losses."""
-    from omegaconf import OmegaConf
-
-    from ..stage import Regularizer
-    from ..train.trainer import train_stage
+    interleaved repeats); checks that every exact variant reaches the same losses. On the CPU the
+    matmul ceiling is measured first, in this process on its threads (real.matmul_ceiling)."""
+    from .real import matmul_ceiling, target_shapes
 
     model, tok = build_model(spec, b)
     encoder = encoder_for(tok, spec)
@@ -256,8 +273,11 @@ def phase_train(b: Bench, spec: ModelSpec, variants: list[str], *, fixed_len: bo
         task = _fixed_length_task(tok, spec, task)
         encoder.mask_prompt = False
         ctx.current = task
+    ceiling = None
+    if b.device.type == "cpu":
+        tokens = spec.batch_size * spec.max_len // 2
+        ceiling = matmul_ceiling(b.device, target_shapes(peft, TARGETS), tokens, spec.ceiling_square)
     start = {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad}
-    sizes = n_params(peft)
     results: dict[str, dict] = {}
     for rep in range(b.repeats):
         for v in variants[rep % len(variants) :] + variants[: rep % len(variants)]:  # rotate: spread drift
@@ -268,71 +288,102 @@ def phase_train(b: Bench, spec: ModelSpec, variants: list[str], *, fixed_len: bo
             torch.manual_seed(0)
             memory.reset_peak(b.device)
             t0 = b.clock()
-            if v == "reference":
-                out = reference_train(
-                    peft, encoder, task, ctx.seed, spec.train_steps, spec.batch_size, spec.grad_accum, b.device
-                )
-                info = {
-                    "loss_curve": out["loss_curve"],
-                    "tokens": out["tokens"],
-                    "fed_tokens": out["fed_tokens"],
-                    "examples": out["examples"],
-                    "logit_positions": out["fed_tokens"],
-                    "forward_passes": spec.train_steps * spec.grad_accum,
-                }
-            else:
-                layout, *opts = v.split("+")
-                cfg = OmegaConf.create(
-                    dict(
-                        lr=1e-4,
-                        weight_decay=0.0,
-                        warmup_ratio=0.01,
-                        epochs=3,
-                        batch_size=spec.batch_size,
-                        grad_accum=spec.grad_accum,
-                        max_grad_norm=1.0,
-                        total_steps=spec.train_steps,
-                        checkpoint_every_steps=0,
-                        layout=layout,
-                        log_every_steps=10,
-                        compile="compile" in opts,
-                        gradient_checkpointing="ckpt" in opts,
-                    )
-                )
-                summary = train_stage(peft, ctx, encoder, cfg, Regularizer(), progress=False)
-                th = summary["throughput"]
-                info = {
-                    "loss_curve": summary["loss_curve"],
-                    "tokens": th["tokens"],
-                    "fed_tokens": th["fed_tokens"],
-                    "examples": th["examples"],
-                    "logit_positions": th["trained_tokens"],
-                    "forward_passes": th["forward_passes"],
-                }
+            info = _train_variant(b, spec, v, peft, tok, encoder, ctx, task)
             t = b.since(t0)
             prev = results.get(v)
             if prev is None:
                 results[v] = {**info, "t": t, "first_seconds": t["seconds"], **memory_peak(b.device)}
             elif t["seconds"] < prev["t"]["seconds"]:
                 prev["t"] = t
+    rows = _train_rows(b, spec, results, n_params(peft), ceiling, fixed_len)
+    if ceiling:
+        label = f"matmul ceiling: fp32 {ceiling['square']}³ torch.mm in the training process"
+        rows.append(
+            row(spec.name, "ceiling", label, 0.0, key="ceiling", gflops=ceiling["fp32_square_gflops"], **ceiling)
+        )
+    return rows
+
+
+def _train_variant(b: Bench, spec: ModelSpec, v: str, peft, tok, encoder, ctx, task) -> dict:
+    """One training variant from the current adapter: the authors' recipe (reference), a
+    hand-written HF Trainer + PEFT loop (hf_trainer), or cl_bench's trainer with a layout and
+    options ("group+ckpt"). Returns its loss curve and token counts."""
+    from omegaconf import OmegaConf
+
+    from ..stage import Regularizer
+    from ..train.trainer import train_stage
+    from .real import hf_trainer_train
+
+    if v in ("reference", "hf_trainer"):
+        if v == "hf_trainer":
+            args = (spec.train_steps, spec.batch_size, spec.grad_accum)
+            out = hf_trainer_train(peft, tok, encoder, task, ctx.seed, *args)
+        else:
+            args = (spec.train_steps, spec.batch_size, spec.grad_accum, b.device)
+            out = reference_train(peft, encoder, task, ctx.seed, *args)
+            out["logit_positions"] = out["fed_tokens"]
+        out.setdefault("forward_passes", spec.train_steps * spec.grad_accum)
+        return out
+    layout, *opts = v.split("+")
+    cfg = OmegaConf.create(
+        dict(
+            lr=1e-4,
+            weight_decay=0.0,
+            warmup_ratio=0.01,
+            epochs=3,
+            batch_size=spec.batch_size,
+            grad_accum=spec.grad_accum,
+            max_grad_norm=1.0,
+            total_steps=spec.train_steps,
+            checkpoint_every_steps=0,
+            layout=layout,
+            log_every_steps=10,
+            compile="compile" in opts,
+            gradient_checkpointing="ckpt" in opts,
+        )
+    )
+    summary = train_stage(peft, ctx, encoder, cfg, Regularizer(), progress=False)
+    th = summary["throughput"]
+    return {
+        "loss_curve": summary["loss_curve"],
+        "tokens": th["tokens"],
+        "fed_tokens": th["fed_tokens"],
+        "examples": th["examples"],
+        "logit_positions": th["trained_tokens"],
+        "forward_passes": th["forward_passes"],
+    }
+
+
+TRAIN_NAMES = {
+    "reference": "authors' recipe (pad 16, all logits, foreach AdamW, sync per micro-batch)",
+    "hf_trainer": "HF Trainer + PEFT by hand (transformers.Trainer, DataCollatorForSeq2Seq, defaults)",
+}
+
+
+def _train_rows(b: Bench, spec: ModelSpec, results: dict, sizes: dict, ceiling: dict | None, fixed_len: bool) -> list:
+    """The rows of phase_train: seconds, tokens/s, padding, GFLOP/s (4·N·tokens, real.py) and its
+    share of the matmul ceiling, loss difference to the padded layout."""
     rows = []
     ref = results.get("pad") or next(iter(results.values()))
     for v, r in results.items():
         flops = 4 * (sizes["layers"] * r["tokens"] + sizes["lm_head"] * r["logit_positions"])
         same = max(abs(a - c) / max(abs(c), 1e-12) for a, c in zip(r["loss_curve"], ref["loss_curve"]))
+        gflops = flops / r["t"]["seconds"] / 1e9
         extra = {
             "fed_tokens": r["fed_tokens"],
             "padding": 1 - r["tokens"] / r["fed_tokens"],
             "forward_passes": r["forward_passes"],
-            "loss_last": r["loss_curve"][-1],
+            "loss_last": r["loss_curve"][-1] if r["loss_curve"] else None,
             "loss_rel_diff_vs_pad": same,
             "peak_mb": r["peak_mb"],
             "peak_kind": r["peak_kind"],
             "model_tflop": flops / 1e12,
+            "gflops": gflops,
+            "of_ceiling": gflops / ceiling["fp32_square_gflops"] if ceiling else None,
             "tflops": flops / r["t"]["seconds"] / 1e12 if b.device.type == "cuda" else None,
             "warmup_s": r["first_seconds"] - r["t"]["seconds"],
         }
-        name = {"reference": "authors' recipe (pad 16, all logits, foreach AdamW, sync per micro-batch)"}.get(v, v)
+        name = TRAIN_NAMES.get(v, v)
         if fixed_len:
             name = f"{name}, fixed {spec.max_len} tokens, all trained"
         rows.append(row(spec.name, "train", name, r["t"], tokens=r["tokens"], examples=r["examples"], key=v, **extra))
@@ -379,92 +430,6 @@ def phase_merge(b: Bench, spec: ModelSpec) -> list[dict]:
     ]
 
 
-def phase_eval(b: Bench, spec: ModelSpec) -> list[dict]:
-    """Greedy evaluation of two tasks: unbatched, the authors' recipe (batch 8 in data order, a
-    fixed number of new tokens, the tokenizer's EOS only), ours (evaluation.py defaults)."""
-    from ..data.prompts import PromptFormat, pad_id_of
-    from ..data.tasks.base import TaskData
-    from ..evaluation.seen import evaluate_task
-
-    model, tok = build_model(spec, b)
-    tasks = [b.tasks[CURRENT], b.tasks[PREVIOUS[-1]]]
-    tasks = [TaskData(t.name, t.metric, t.train, t.eval[: spec.eval_examples], labels=t.labels) for t in tasks]
-    n = sum(len(t.eval) for t in tasks)
-    common = dict(
-        max_new_tokens=spec.eval_new_tokens,
-        max_prompt_len=spec.eval_prompt_len,
-        device=b.device,
-        prompt=PromptFormat(),
-        progress=False,
-    )
-    variants = {
-        "unbatched (batch 1, fixed new tokens)": dict(batch_size=1, reference_margin=None),
-        "authors' recipe (batch 8, data order, fixed new tokens)": None,
-        "ours (batch 64 by token length, per-task new-token budget)": dict(batch_size=64, reference_margin=8),
-    }
-    rows, scores = [], {}
-    for label, kw in variants.items():
-        memory.reset_peak(b.device)
-        t0 = b.clock()
-        stats = {"generated_tokens": 0, "prompt_tokens": 0}
-        total = []
-        for t in tasks:
-            if kw is None:
-                total.append(_authors_eval(model, tok, t, spec, b.device, pad_id_of(tok), stats))
-            else:
-                s: dict = {}
-                total.append(evaluate_task(model, tok, t, stats=s, **common, **kw)[0])
-                stats["generated_tokens"] += s["generated_tokens"]
-                stats["prompt_tokens"] += s["prompt_tokens"]
-        t = b.since(t0)
-        scores[label] = total
-        rows.append(
-            row(
-                spec.name,
-                "eval",
-                label,
-                t,
-                tokens=stats["prompt_tokens"] + stats["generated_tokens"],
-                examples=n,
-                generated_tokens=stats["generated_tokens"],
-                scores=total,
-                **memory_peak(b.device),
-            )
-        )
-    base = next(iter(scores.values()))
-    for r in rows:
-        r["same_scores_as_unbatched"] = r["scores"] == base
-    # The same prompts with every row forced to `forced` new tokens (no early end): the
-    # decode-bound regime of a model that answers at length, batch 1 against batch 64.
-    from ..data.prompts import render_prompt_ids, truncate_middle
-
-    forced = 32
-    prompts = [
-        truncate_middle(render_prompt_ids(tok, ex, PromptFormat()), spec.eval_prompt_len)
-        for t in tasks
-        for ex in t.eval
-    ]
-    prompts.sort(key=len, reverse=True)
-    for bs in (1, 64):
-        memory.reset_peak(b.device)
-        t0 = b.clock()
-        for i in range(0, len(prompts), bs):
-            _forced_generate(model, tok, prompts[i : i + bs], forced, b.device)
-        rows.append(
-            row(
-                spec.name,
-                "eval",
-                f"forced {forced} new tokens, batch {bs}",
-                b.since(t0),
-                tokens=sum(map(len, prompts)) + forced * len(prompts),
-                examples=len(prompts),
-                generated_tokens=forced * len(prompts),
-                **memory_peak(b.device),
-            )
-        )
-    return rows
-
-
 @torch.no_grad()
 def _forced_generate(model, tok, rows, n: int, device) -> None:
     from ..data.prompts import left_padded, pad_id_of
@@ -488,7 +453,7 @@ def _authors_eval(model, tok, task, spec: ModelSpec, device, pad: int, stats: di
     from ..data.prompts import encode_prompts_left_padded
     from ..evaluation.scoring import score
 
-    preds = []
+    preds, conts = [], []
     for i in range(0, len(task.eval), 8):
         batch = {
             k: v.to(device)
@@ -505,16 +470,22 @@ def _authors_eval(model, tok, task, spec: ModelSpec, device, pad: int, stats: di
             top_k=None,
         )
         cont = out[:, batch["input_ids"].shape[1] :]
+        conts += list(cont)
         stats["generated_tokens"] += cont.numel()
         stats["prompt_tokens"] += int(batch["attention_mask"].sum())
         preds += [tok.decode(c, skip_special_tokens=True).strip() for c in cont]
+    if "predictions" in stats:  # also cut at stats["cut"] new tokens: greedy decoding's prefix
+        stats["predictions"] += preds
+        cut = stats.get("cut")
+        stats["predictions_cut"] += [tok.decode(c[:cut], skip_special_tokens=True).strip() for c in conts]
     metric = task.metric_for("per_task")
     return 100.0 * sum(score(metric, p, ex.all_references, task.labels) for p, ex in zip(preds, task.eval)) / len(preds)
 
 
 def phase_gpip(b: Bench, spec: ModelSpec) -> list[dict]:
     """GP/IP through lm-eval on the generated benchmarks (conf/general_eval/synthetic.yaml,
-    limit 30): batch 1 against batch 32 (CPU) or auto (CUDA)."""
+    spec.gpip_limit documents each): spec.gpip_batches (CPU; default 1 against 32) or 1 against
+    auto (CUDA)."""
     import contextlib
     import io
 
@@ -525,10 +496,10 @@ def phase_gpip(b: Bench, spec: ModelSpec) -> list[dict]:
 
     model, tok = build_model(spec, b)
     base = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "general_eval" / "synthetic.yaml"))
-    base["limit"] = 30
+    base["limit"] = spec.gpip_limit
     rows = []
     with tempfile.TemporaryDirectory(prefix="cl_bench_gpip_") as work:
-        for bs in (1, "auto" if b.device.type == "cuda" else 32):
+        for bs in spec.gpip_batches if b.device.type != "cuda" else (1, "auto"):
             memory.reset_peak(b.device)
             t0 = b.clock()
             with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's progress bars (it passes disable=False)
@@ -543,7 +514,7 @@ def phase_gpip(b: Bench, spec: ModelSpec) -> list[dict]:
                     prompt=PromptFormat(),
                 )
             t = b.since(t0)
-            docs = 30 * len(base["benchmarks"]) * 2  # every benchmark zero- and few-shot
+            docs = spec.gpip_limit * len(base["benchmarks"]) * 2  # every benchmark zero- and few-shot
             rows.append(
                 row(
                     spec.name,
@@ -564,19 +535,82 @@ def phase_gpip(b: Bench, spec: ModelSpec) -> list[dict]:
 def phase_exact(b: Bench, spec: ModelSpec) -> list[dict]:
     """Whole tiny-model runs through the runner on the CPU (2 stages of synthetic_conflict),
     with and without each option that claims exactness: trainer.layout group vs pad (vanilla
-    init, then SLICE), and SLICE from a fresh init cache (miss) then again from it (hit) vs cache
-    off. Rows give whether results.json's matrix is the same and the largest relative difference
-    of the loss curves to the reference run."""
+    init, then SLICE), SLICE from a fresh init cache (miss) then again from it (hit) vs cache
+    off, row 0 from the prediction cache (miss, then hit) vs cache off, and the evaluation's
+    count batching vs the token budget. Rows give whether results.json's matrix and the
+    predictions files are the same and the largest relative difference of the loss curves to
+    the reference run."""
     import contextlib
     import io
 
     from hydra import compose, initialize_config_dir
 
-    from ..data.tiny_model import ensure_tiny_model
     from ..run.runner import run
 
-    model_dir = ensure_tiny_model(b.cache_dir, log=lambda s: None)
-    base = [
+    # (label, initializer, layout, overrides, reference label)
+    off, on = ["cache.enabled=false"], ["cache.enabled=true", "cache.row0=false"]
+    variants = [
+        ("vanilla, layout=pad", "vanilla", "pad", off, None),
+        ("vanilla, layout=group", "vanilla", "group", off, "vanilla, layout=pad"),
+        ("slice, layout=pad", "slice", "pad", off, None),
+        ("slice, layout=group", "slice", "group", off, "slice, layout=pad"),
+        ("slice, layout=group, cache miss", "slice", "group", on, "slice, layout=group"),
+        ("slice, layout=group, cache hit", "slice", "group", on, "slice, layout=group"),
+        ("vanilla, row 0 cache miss", "vanilla", "group", ["cache.enabled=true"], "vanilla, layout=group"),
+        ("vanilla, row 0 cache hit", "vanilla", "group", ["cache.enabled=true"], "vanilla, layout=group"),
+        (
+            "vanilla, eval " + _other_batching()[0],
+            "vanilla",
+            "group",
+            off + _other_batching()[1],
+            "vanilla, layout=group",
+        ),
+    ]
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="cl_bench_exact_") as work:
+        for label, init, layout, extra, ref in variants:
+            over = _exact_overrides(b, init, layout, f"{work}/cache") + extra
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=over)
+            run_dir = f"{work}/{len(rows)}"
+            t0 = b.clock()
+            with contextlib.redirect_stdout(io.StringIO()):  # the run's console summary
+                res = run(cfg, run_dir, stream=io.StringIO())
+            rows[label] = row(
+                spec.name,
+                "exactness",
+                label,
+                b.since(t0),
+                key=label,
+                reference=ref,
+                matrix=res["matrix"],
+                loss_curves=[s["train"]["loss_curve"] for s in res["stages"]],
+                init_cache=[(s["init"].get("cache") or {}).get("init") for s in res["stages"]],
+                predictions=_predictions(run_dir),
+            )
+    for r in rows.values():
+        if r["reference"] is not None:
+            ref = rows[r["reference"]]
+            r.update(
+                same_matrix=r["matrix"] == ref["matrix"],
+                same_losses=r["loss_curves"] == ref["loss_curves"],
+                same_predictions=r["predictions"] == ref["predictions"],
+                loss_rel_diff=max(
+                    abs(x - y) / max(abs(y), 1e-12)
+                    for u, v in zip(r["loss_curves"], ref["loss_curves"])
+                    for x, y in zip(u, v)
+                ),
+            )
+    for r in rows.values():
+        r.pop("predictions")
+    return list(rows.values())
+
+
+def _exact_overrides(b: Bench, init: str, layout: str, cache: str) -> list[str]:
+    """The tiny two-stage run of phase_exact (Hydra overrides)."""
+    from ..data.tiny_model import ensure_tiny_model
+
+    over = [
         "sequence=synthetic_conflict",
         "sequence.tasks=[sentiment,parity]",
         "sequence.n_train=48",
@@ -588,55 +622,29 @@ def phase_exact(b: Bench, spec: ModelSpec) -> list[dict]:
         f"threads={b.threads}",
         "device=cpu",  # the claim is CPU exactness (bf16 autocast on CUDA is not bitwise)
         "model.builder=null",
-        f"model.name_or_path={model_dir}",
+        f"model.name_or_path={ensure_tiny_model(b.cache_dir, log=lambda s: None)}",
+        f"initializer={init}",
+        f"trainer.layout={layout}",
+        f"cache.dir={cache}",
     ]
-    # (label, initializer, layout, cache, reference label)
-    variants = [
-        ("vanilla, layout=pad", "vanilla", "pad", "off", None),
-        ("vanilla, layout=group", "vanilla", "group", "off", "vanilla, layout=pad"),
-        ("slice, layout=pad", "slice", "pad", "off", None),
-        ("slice, layout=group", "slice", "group", "off", "slice, layout=pad"),
-        ("slice, layout=group, cache miss", "slice", "group", "on", "slice, layout=group"),
-        ("slice, layout=group, cache hit", "slice", "group", "on", "slice, layout=group"),
-    ]
-    rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="cl_bench_exact_") as work:
-        for label, init, layout, cache, ref in variants:
-            over = [
-                *base,
-                f"initializer={init}",
-                f"trainer.layout={layout}",
-                f"cache.dir={work}/cache",
-                f"cache.enabled={cache == 'on'}",
-            ]
-            if init == "slice":
-                over += ["initializer.capture_steps=2", "initializer.capture_batch_size=8"]
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                cfg = compose(config_name="config", overrides=over)
-            t0 = b.clock()
-            with contextlib.redirect_stdout(io.StringIO()):  # the run's console summary
-                res = run(cfg, f"{work}/{len(rows)}", stream=io.StringIO())
-            rows[label] = row(
-                spec.name,
-                "exactness",
-                label,
-                b.since(t0),
-                key=label,
-                reference=ref,
-                matrix=res["matrix"],
-                loss_curves=[s["train"]["loss_curve"] for s in res["stages"]],
-                init_cache=[(s["init"].get("cache") or {}).get("init") for s in res["stages"]],
-            )
-    for r in rows.values():
-        if r["reference"] is not None:
-            ref = rows[r["reference"]]
-            r.update(
-                same_matrix=r["matrix"] == ref["matrix"],
-                same_losses=r["loss_curves"] == ref["loss_curves"],
-                loss_rel_diff=max(
-                    abs(x - y) / max(abs(y), 1e-12)
-                    for u, v in zip(r["loss_curves"], ref["loss_curves"])
-                    for x, y in zip(u, v)
-                ),
-            )
-    return list(rows.values())
+    if init == "slice":
+        over += ["initializer.capture_steps=2", "initializer.capture_batch_size=8"]
+    return over
+
+
+def _other_batching() -> tuple[str, list[str]]:
+    """The evaluation batching the defaults do not use: count batching when the defaults have a
+    token budget, else a token budget (label, overrides)."""
+    from .evals import eval_defaults
+
+    if eval_defaults(torch.device("cpu"))["max_batch_tokens"] is not None:
+        return "count batching", ["evaluation.max_batch_tokens=null"]
+    return "token budget", ["evaluation.max_batch_tokens=2048", "evaluation.decode_step_tokens=8"]
+
+
+def _predictions(run_dir: str) -> dict[str, str]:
+    """Every predictions file of a run dir, by path relative to it."""
+    from pathlib import Path
+
+    root = Path(run_dir)
+    return {str(p.relative_to(root)): p.read_text() for p in sorted((root / "predictions").rglob("*.jsonl"))}

@@ -57,7 +57,7 @@ PAPER_TRAIN_EXAMPLES = 6300
 class ModelSpec:
     """One model's bench settings: its shape, the LoRA rank, batch sizes and steps, and which phases run."""
 
-    name: str  # tiny | llama3b
+    name: str  # tiny | llama3b | smollm2
     layers: int | None = None  # llama3b decoder layers (None: all 28)
     rank: int = 8
     max_len: int = 256
@@ -73,6 +73,19 @@ class ModelSpec:
     capture_max_tokens: int | None = 1024  # a second init row at the last stage with this cap (None: none)
     phases: tuple[str, ...] = ("init", "csweep", "train", "merge", "eval", "gpip", "exact")
     train_variants: tuple[str, ...] = ("group", "pad", "pack", "reference", "group+ckpt")
+    eval_variants: tuple[str, ...] = ("unbatched", "authors", "ours", "forced")
+    gpip_limit: int = 30  # documents per GP/IP benchmark
+    gpip_batches: tuple = (1, 32)  # lm-eval batch sizes on the CPU (CUDA: 1 and auto)
+    # whole runs (phase runs, real model only): examples per task and the inits compared
+    run_train: int = 32
+    run_eval: int = 16
+    run_inits: tuple[str, ...] = ("vanilla", "lora_ga", "slice")
+    ceiling_square: int | None = None  # the matmul ceiling's square size (None: 2048 CPU, 8192 CUDA)
+
+    @property
+    def alpha(self) -> float:
+        """LoRA alpha: 2r on the tiny model and SmolLM2 (cl_bench's default 16 at r 8), the paper's 2 on llama3b."""
+        return 2.0 if self.name == "llama3b" else 2.0 * self.rank
 
 
 @dataclass
@@ -105,7 +118,8 @@ class Bench:
 
 
 def build_model(spec: ModelSpec, b: Bench):
-    """(model, tokenizer) on b.device, eval mode. llama3b: random weights, seed 0."""
+    """(model, tokenizer) on b.device, eval mode. llama3b: random weights, seed 0; smollm2: the
+    real weights (fp32 on the CPU, bf16 on CUDA)."""
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -116,6 +130,10 @@ def build_model(spec: ModelSpec, b: Bench):
         cfg = OmegaConf.create(
             {"builder": "tiny", "name_or_path": "tiny", "dtype": "float32", "attn_implementation": "sdpa"}
         )
+        return load_model(cfg, b.device, b.cache_dir, log=lambda s: None)
+    if spec.name == "smollm2":  # the real model (conf/model/smollm2.yaml), converted once into the cache
+        cfg = OmegaConf.load(CONF_DIR / "model" / "smollm2.yaml")
+        cfg.dtype = "auto" if b.device.type == "cuda" else "float32"
         return load_model(cfg, b.device, b.cache_dir, log=lambda s: None)
     tok = AutoTokenizer.from_pretrained(ensure_tiny_model(b.cache_dir, log=lambda s: None))
     tok.padding_side = "left"
@@ -185,7 +203,7 @@ def wrap(model, spec: ModelSpec, adapter: str = "stage_01"):
 
     cfg = LoraConfig(
         r=spec.rank,
-        lora_alpha=2 * spec.rank if spec.name == "tiny" else 2,
+        lora_alpha=spec.alpha,
         target_modules=TARGETS,
         use_rslora=True,
         lora_dropout=0.0,
@@ -201,7 +219,7 @@ def context(b: Bench, spec: ModelSpec, encoder, stage: int, cache_dir: str | Non
 
     names = [*PREVIOUS[: stage - 1][::-1], CURRENT]  # stage k: k-1 previous tasks, then the current one
     tasks = [b.tasks[n] for n in names]
-    alpha = 2 * spec.rank if spec.name == "tiny" else 2
+    alpha = spec.alpha
     return StageContext(
         stage=stage,
         current=tasks[-1],

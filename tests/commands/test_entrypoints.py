@@ -80,10 +80,11 @@ def test_branch_cost_parses_its_arguments():
 
 def test_bench_through_the_runner(tiny_model_dir, tmp_path):
     """The bench's one phase that goes through the runner (whole tiny runs, with and without each
-    exact option); generated tasks, as there is no data folder."""
+    exact option: layout, init cache, row-0 prediction cache, evaluation batching); generated tasks,
+    as there is no data folder."""
     out = tmp_path / "bench.json"
     args = ["--model", "tiny", "--repeats", "1", "--threads", "1", "--phases", "exact"]
     _ok(run_cli([*args, "--data-root", str(tmp_path / "none"), "--out", str(out)], module="cl_bench.bench"))
     report = json.loads(out.read_text())
     rows = [r for r in report["rows"] if r.get("phase") == "exactness"]
-    assert len(rows) == 6 and all(r["same_matrix"] for r in rows if r.get("reference"))
+    assert len(rows) == 9 and all(r["same_matrix"] for r in rows if r.get("reference"))
