@@ -155,8 +155,8 @@ KEYS: dict[str, Key] = {
     "model.dtype": Choice("auto", "float32", "bfloat16", "float16"),
     "model.trust_remote_code": BOOL,
     "model.attn_implementation": Choice("sdpa", "flash_attention_2", "eager", None, **SPEED),
-    "model.gguf_package": TEXT,
-    "model.gguf_file": TEXT,
+    "model.gguf_package": Of("text", null=True),
+    "model.gguf_file": Of("text", null=True),  # null: model.name_or_path is an HF folder or Hub name
     "model.install": Of("text", result=False),
     "trainer.lr": Num(0, 1, lo_open=True, hi_open=True),
     "trainer.weight_decay": Num(0),
