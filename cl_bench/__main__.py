@@ -97,6 +97,18 @@ def _in_sweep(exc: BaseException, hydra_cfg) -> BaseException:
     )
 
 
+def _interrupted_line(failure, run_dir: str, multirun: bool, rank: int) -> str:
+    """The one line of a Ctrl-C / SIGTERM: where the run stopped and how to resume it."""
+    hint = _resume_hint(run_dir, multirun)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # the launcher stops every rank when one fails; its summary names the failed rank
+        hint = (
+            f"rank {rank} of {world} was stopped (if another rank failed, the launcher's summary "
+            f"names it as the root cause); {hint}"
+        )
+    return f"cl_bench: interrupted during {failure.where}; {hint}"
+
+
 def _join_launch(argv: list[str]) -> int:
     """Under torchrun / accelerate launch with N > 1 processes: join the process group, share rank
     0's time stamp (the default run dir) and keep ranks > 0 off the console, out of .hydra/ and in
@@ -183,18 +195,18 @@ def main() -> None:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
                 failure = exc
+            multirun = hydra_cfg.mode == RunMode.MULTIRUN
+            if isinstance(failure, Interrupted):
+                line = _interrupted_line(failure, run_dir, multirun, rank)
+                log.warning(line, extra=console.FILE_ONLY)  # the run's log keeps the line too
+            elif failure is not None:
+                failure = _in_sweep(failure, hydra_cfg) if multirun else failure
+                log.error(f"cl_bench: error: {failure}", extra=console.FILE_ONLY)
         if isinstance(failure, Interrupted):
-            hint = _resume_hint(run_dir, hydra_cfg.mode == RunMode.MULTIRUN)
-            world = int(os.environ.get("WORLD_SIZE", 1))
-            if world > 1:  # torchrun stops every rank when one fails; its summary names the failed rank
-                hint = (
-                    f"rank {rank} of {world} was stopped (if another rank failed, the launcher's summary "
-                    f"names it as the root cause); {hint}"
-                )
-            print(f"cl_bench: interrupted during {failure.where}; {hint}", file=sys.stderr)
+            print(line, file=sys.stderr)
             sys.exit(failure.exit_code)
         if failure is not None:
-            _fail(_in_sweep(failure, hydra_cfg) if hydra_cfg.mode == RunMode.MULTIRUN else failure)
+            _fail(failure)
 
     try:
         app()

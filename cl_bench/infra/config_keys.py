@@ -155,8 +155,8 @@ KEYS: dict[str, Key] = {
     "model.dtype": Choice("auto", "float32", "bfloat16", "float16"),
     "model.trust_remote_code": BOOL,
     "model.attn_implementation": Choice("sdpa", "flash_attention_2", "eager", None, **SPEED),
-    "model.gguf_package": TEXT,
-    "model.gguf_file": TEXT,
+    "model.gguf_package": Of("text", null=True),
+    "model.gguf_file": Of("text", null=True),  # null: model.name_or_path is an HF folder or Hub name
     "model.install": Of("text", result=False),
     "trainer.lr": Num(0, 1, lo_open=True, hi_open=True),
     "trainer.weight_decay": Num(0),
@@ -235,7 +235,13 @@ _CAPTURE = {
     "offload": Choice("none", "previous", "all", True, False, **SPEED),
     "capture_max_tokens": Int(1, null=True, **SPEED),
 }
-_MEMORY = {"threshold": THRESHOLD, "threshold_increment": INCREMENT, "n_samples": POSITIVE, "batch_size": POSITIVE}
+_MEMORY = {
+    "threshold": THRESHOLD,
+    "threshold_increment": INCREMENT,
+    "criterion": Choice("energy", "covariance"),  # lora/linalg.CRITERIA
+    "n_samples": POSITIVE,
+    "batch_size": POSITIVE,
+}
 
 # Keys of the plug-in groups, by the choice's `_target_`.
 PLUGIN_KEYS: dict[str, dict[str, Key]] = {
@@ -290,7 +296,7 @@ PLUGIN_KEYS: dict[str, dict[str, Key]] = {
         "project_update": BOOL,
         "rtol": Num(0, lo_open=True),
     },
-    "cl_bench.regularizers.inflora.InfLoRA": {**_MEMORY, "design": Choice("project", "inputs")},
+    "cl_bench.regularizers.inflora.InfLoRA": {**_MEMORY, "design": Choice("auto", "project", "inputs")},
     "cl_bench.regularizers.o_lora.OLoRA": {"lambda_1": Num(0), "lambda_2": Num(0), "norm": Choice("abs", "fro_sq")},
     "cl_bench.regularizers.ps_loss.PSLoss": {
         "lam": Num(0, lo_open=True),
@@ -300,7 +306,7 @@ PLUGIN_KEYS: dict[str, dict[str, Key]] = {
     "cl_bench.regularizers.replay.Replay": {"buffer_size": Of("fraction_or_count"), "per_micro_batch": POSITIVE},
     "cl_bench.mergers.absorb.Absorb": {},
     "cl_bench.mergers.average.Average": {"train_on": TRAIN_ON},
-    "cl_bench.mergers.magmax.MagMax": {"train_on": TRAIN_ON},
+    "cl_bench.mergers.magmax.MagMax": {"vectors": Choice("per_stage", "cumulative"), "train_on": TRAIN_ON},
     "cl_bench.mergers.task_arithmetic.TaskArithmetic": {"lam": Num(0, lo_open=True), "train_on": TRAIN_ON},
     "cl_bench.mergers.ties.Ties": {
         "density": Num(0, 1, lo_open=True),
@@ -345,10 +351,14 @@ def spec_of(key: str, config: Mapping[str, Any] | None = None) -> Key | None:
     nested) for the group's `_target_`."""
     head, _, rest = key.partition(".")
     if head in PLUGIN_GROUPS and rest:
-        if rest == "_target_":
+        if rest == "_target_" or rest.startswith("_parts_."):
             return TEXT
-        target = _target(config, head)
-        return PLUGIN_KEYS.get(target, {}).get(rest) if target else None
+        if rest == "_parts_":  # {name: _target_} of the plug-ins a composite regularizer is made of
+            return Of("map")
+        for target in _targets(config, head):  # a composite takes the keys of each of its parts
+            if rest in PLUGIN_KEYS.get(target, {}):
+                return PLUGIN_KEYS[target][rest]
+        return None
     if key in KEYS:
         return KEYS[key]
     for pattern, spec in KEYS.items():
@@ -357,13 +367,15 @@ def spec_of(key: str, config: Mapping[str, Any] | None = None) -> Key | None:
     return None
 
 
-def _target(config: Mapping[str, Any] | None, group: str) -> str | None:
+def _targets(config: Mapping[str, Any] | None, group: str) -> list[str]:
+    """The group's `_target_`, then the `_target_` of each of its `_parts_` (config flat or nested)."""
     if not config:
-        return None
-    if f"{group}._target_" in config:
-        return config[f"{group}._target_"]
+        return []
     node = config.get(group)
-    return node.get("_target_") if isinstance(node, Mapping) else None
+    node = node if isinstance(node, Mapping) else {}
+    target = config.get(f"{group}._target_", node.get("_target_"))
+    parts = config.get(f"{group}._parts_", node.get("_parts_"))
+    return [t for t in [target, *(parts.values() if isinstance(parts, Mapping) else [])] if isinstance(t, str)]
 
 
 def result_changing(key: str, config: Mapping[str, Any] | None = None) -> bool:

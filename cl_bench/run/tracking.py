@@ -14,6 +14,15 @@ One W&B run per cl_bench run dir:
   stability-plasticity point (AP, FP) as a table and a plot, the loss curves.
 Offline (WANDB_MODE=offline or logger.mode=offline) writes DIR/wandb/offline-run-*; upload later
 with `wandb sync DIR/wandb/offline-run-*` (several dirs of one resumed run sync in order).
+
+A kill -9 loses what wandb had buffered since the run was last closed (offline, its whole history
+file: wandb writes it in blocks, and nothing flushes it before `finish`). So each close records
+in DIR/wandb/cl_bench_logged.json the rows and steps W&B now holds (after `finish` returned), and
+a resumed run, and every stage end, re-logs what results.json holds beyond that: the saved rows
+of R and the loss (`train/lm`, results.json's loss curve; the other terms of those steps are not
+kept). Steps W&B already holds are not logged twice when an exactly resumed stage reruns them;
+what wandb happened to write before a kill may appear twice (the same row of R; a loss rounded to
+5 digits, as results.json keeps it).
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from statistics import fmean
 from typing import Any
+
+from ..infra.files import atomic_write_json
 
 METRIC_KEYS = ("AP", "FP", "Fgt", "BWT", "FWT", "FR", "Acc", "AAA", "GP", "IP")
 
@@ -110,12 +121,37 @@ class WandbTracker(NullTracker):
             self.run.define_metric(prefix, step_metric="stage")
         # Steps of finished stages: a resumed run continues the global step where it stopped.
         self.offset = _steps_done(results)
+        self.ledger = run_dir / "wandb" / LEDGER
+        self.confirmed = read_ledger(self.ledger, self.run.id)  # what W&B holds from earlier processes
+        self.rows: set[int] = set()  # rows of R / global steps this process logged
+        self.steps: set[int] = set()
+        self.catch_up(results)
 
     def log_step(self, stage: int, step: int, terms: Mapping[str, float]) -> None:
+        global_step = self.offset + step
+        if global_step <= self.confirmed["global_step"]:
+            return  # W&B holds it: an exactly resumed stage reruns the steps after its checkpoint
         row = {f"train/{k}": float(v) for k, v in terms.items()}
-        self.run.log(row | {"train/global_step": self.offset + step, "train/stage": stage})
+        self.run.log(row | {"train/global_step": global_step, "train/stage": stage})
+        self.steps.add(global_step)
 
     def log_stage(self, stage: int, results: Mapping[str, Any]) -> None:
+        """Row `stage` of R as saved in results.json, with what W&B lacks before it."""
+        self.catch_up(results)
+        self.offset = _steps_done(results)
+
+    def catch_up(self, results: Mapping[str, Any]) -> None:
+        """Log, in order, the saved rows of R and the steps of finished stages (their loss) that
+        W&B neither held when this process started nor got from it."""
+        for stage, global_step, loss in saved_history(results):
+            if global_step is None:
+                if stage > self.confirmed["stage"] and stage not in self.rows:
+                    self._log_row(stage, results)
+            elif global_step > self.confirmed["global_step"] and global_step not in self.steps:
+                self.run.log({"train/lm": loss, "train/global_step": global_step, "train/stage": stage})
+                self.steps.add(global_step)
+
+    def _log_row(self, stage: int, results: Mapping[str, Any]) -> None:
         """Row `stage` of R (0 = before training), its mean over the tasks seen so far, and the
         general benchmarks evaluated at this stage."""
         tasks, row = results["tasks"], results["matrix"][stage]
@@ -134,7 +170,7 @@ class WandbTracker(NullTracker):
                 if isinstance(v, (int, float)):
                     values[f"general/{kind}/{bench}"] = v
         self.run.log(values | {"stage": stage})
-        self.offset = _steps_done(results)
+        self.rows.add(stage)
 
     def finish(self, results: Mapping[str, Any]) -> None:
         from ..report import figures as plots
@@ -183,8 +219,55 @@ class WandbTracker(NullTracker):
             return
         if preempted:
             self.run.mark_preempting()
-        self.run.finish(exit_code=exit_code)
+        run_id_ = self.run.id
+        self.run.finish(exit_code=exit_code)  # returns once wandb has written / sent everything
         self.run = None
+        confirmed = {
+            "id": run_id_,
+            "stage": _contiguous(self.confirmed["stage"], self.rows),
+            "global_step": _contiguous(self.confirmed["global_step"], self.steps),
+        }
+        atomic_write_json(self.ledger, confirmed)
+
+
+LEDGER = "cl_bench_logged.json"
+
+
+def read_ledger(path: Path, run_id_: str) -> dict[str, Any]:
+    """What the W&B run `run_id_` held when it was last closed: {"stage": the last row of R of an
+    unbroken run 0..stage (-1: none), "global_step": likewise of the training steps (0: none)}.
+    Missing, unreadable or of another W&B run: nothing."""
+    import json
+
+    try:
+        ledger = json.loads(path.read_text())
+        if ledger.get("id") == run_id_:
+            return {"stage": int(ledger["stage"]), "global_step": int(ledger["global_step"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return {"stage": -1, "global_step": 0}
+
+
+def saved_history(results: Mapping[str, Any]):
+    """What results.json holds for W&B, in the order it happened: (stage, None, None) for each
+    saved row of R (row 0 once complete), (stage, global step, loss) for each step of a finished
+    stage (global steps count from 1 over the whole run)."""
+    if all(v is not None for v in results["matrix"][0]):
+        yield 0, None, None
+    offset = 0
+    for record in results.get("stages", []):
+        train = record.get("train") or {}
+        for step, loss in enumerate(train.get("loss_curve") or [], 1):
+            yield record["stage"], offset + step, loss
+        offset += int(train.get("steps") or 0)
+        yield record["stage"], None, None
+
+
+def _contiguous(start: int, done: set[int]) -> int:
+    """The end of the unbroken run start+1, start+2, ... in `done`."""
+    while start + 1 in done:
+        start += 1
+    return start
 
 
 def _steps_done(results: Mapping[str, Any]) -> int:

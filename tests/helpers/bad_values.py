@@ -46,7 +46,8 @@ def conf_keys() -> list[tuple[list[str], str]]:
             node = yaml.safe_load((CONF_DIR / group / f"{choice}.yaml").read_text()) or {}
             for key, value in flatten({group: node}).items():
                 ident = (node.get("_target_"), key) if group in PLUGIN_GROUPS else key
-                if key == group or key.endswith("._target_") or ident in seen or not leaf(key, value):
+                internal = key.endswith("._target_") or "._parts_" in key  # the plug-in's class, a composite's parts
+                if key == group or internal or ident in seen or not leaf(key, value):
                     continue
                 seen.add(ident)
                 out.append(([f"{group}={choice}"], key))

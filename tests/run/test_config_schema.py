@@ -65,6 +65,19 @@ def test_the_issue_examples_get_one_line_each():
     check_group_overrides(["experiment/method=slice_c050", "initializer.c=0.7"])  # the preset chose slice
 
 
+def test_a_composite_regularizer_checks_the_keys_of_each_part():
+    from cl_bench.run.config import validate
+
+    validate(compose(["regularizer=[ps_loss,o_lora]"]))
+    for override, line in {
+        "regularizer.temperature=abc": "regularizer.temperature='abc' is invalid; valid: a number > 0",  # ps_loss
+        "regularizer.norm=nope": "regularizer.norm='nope' is invalid; valid: abs, fro_sq",  # o_lora
+    }.items():
+        with pytest.raises(ConfigError) as err:
+            validate(compose(["regularizer=[ps_loss,o_lora]", override]))
+        assert str(err.value) == line
+
+
 def test_schema_choices_are_the_codes():
     from cl_bench.data.models import ATTN_IMPLEMENTATIONS, DTYPES
     from cl_bench.data.prompts import PROMPT_FORMATS
@@ -90,6 +103,14 @@ def test_schema_choices_are_the_codes():
     assert choices("initializer.operator", slice_) == set(linalg.OPERATORS)
     assert choices("initializer.scope", slice_) == set(linalg.SCOPES)
     assert choices("initializer.svd", slice_) == set(linalg.SVD_METHODS)
+    from cl_bench.lora.task_vectors import MAGMAX_VECTORS
+    from cl_bench.regularizers.inflora import DESIGNS
+
+    for memory in ("regularizers.gpm.GPM", "regularizers.inflora.InfLoRA", "mergers.gainlora.GainLoRA"):
+        group = "merge" if memory.startswith("mergers") else "regularizer"
+        assert choices(f"{group}.criterion", f"cl_bench.{memory}") == set(linalg.CRITERIA)
+    assert choices("regularizer.design", "cl_bench.regularizers.inflora.InfLoRA") == set(DESIGNS)
+    assert choices("merge.vectors", "cl_bench.mergers.magmax.MagMax") == set(MAGMAX_VECTORS)
     import importlib
 
     for target in PLUGIN_KEYS:  # every plug-in of the schema exists and takes its keys
