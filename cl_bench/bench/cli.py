@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     """`python -m cl_bench.bench`: run the phases, print the tables, write bench.json (--out);
     returns what was written."""
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what reruns it (bench.json's command)
     b, why = make_bench(args)
     device, threads = b.device, b.threads
     device_name, peak = device_peak_tflops(device)
@@ -298,7 +300,9 @@ def write_report(args, b: Bench, specs, why, device_name, peak, load0, started, 
             else "forked child per phase, RSS high-water mark reset at phase start",
             "seconds": time.time() - started,
         },
+        "command": " ".join(["python -m cl_bench.bench", *args.argv]),
         "data": b.data_source,
+        "data_root": b.data_root,
         "notes": b.notes,
         "rows": b.rows,
         "targets": goals,

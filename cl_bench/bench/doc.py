@@ -106,6 +106,7 @@ def _machine(report: dict) -> list[str]:
         f"- load average (1, 5, 15 min) at the start {load(m['load_average_start'])}, at the end {load(m['load_average_end'])}",
         f"- seconds: {'process CPU seconds (one thread: what other load does not inflate)' if m['seconds_basis'] == 'cpu' else 'wall seconds'}; the bench took {m['seconds'] / 60:.0f} min",
         f"- data: {report['data']}",
+        *([f"- command: `{report['command']}`"] if report.get("command") else []),
     ]
 
 
@@ -187,6 +188,15 @@ def merge(report: dict, extra: dict, name: str) -> dict:
     return {**report, "machine": machine, "rows": rows, "notes": list(dict.fromkeys(notes)), "targets": goals}
 
 
+def local_paths(text: str, report: dict) -> str:
+    """`text` with this machine's data folder written as DATA (the note is read on other machines):
+    the report's data_root, else the folder named in its data line ("... samples (PATH)")."""
+    import re
+
+    root = report.get("data_root") or (re.findall(r"\((/[^()]+)\)", report.get("data") or "") or [None])[0]
+    return text.replace(root, "DATA") if root else text
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m cl_bench.bench.doc", description=__doc__)
     parser.add_argument("bench_json", nargs="?", default="bench.json")
@@ -206,7 +216,7 @@ def main(argv: list[str] | None = None) -> Path:
     image = out.with_suffix(".png")
     has_plot = plot(report["rows"], args.model, image)
     notes = Path(args.notes).read_text() if args.notes and Path(args.notes).is_file() else None
-    out.write_text(render(report, image.name if has_plot else None, notes))
+    out.write_text(local_paths(render(report, image.name if has_plot else None, notes), report))
     print(f"written: {out}" + (f", {image}" if has_plot else ""))
     return out
 

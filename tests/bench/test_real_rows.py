@@ -95,7 +95,7 @@ def test_preset_row(bench):
 
 def test_performance_note_generated(tmp_path):
     """docs/performance.md from a bench.json (plus a preset bench.json merged in): the machine with
-    its load, the targets table with pass/miss, a table per model and the plot."""
+    its load, the targets table with pass/miss, a table per model and the plot; no local paths."""
     from cl_bench.bench import doc
 
     def r(phase, key, seconds, **kw):
@@ -112,7 +112,7 @@ def test_performance_note_generated(tmp_path):
     machine = dict(device="cpu", torch="x", threads=1, threads_source="t", seconds_basis="cpu", seconds=60.0)
     machine.update(load_average_start=[2.0, 2.0, 2.0], load_average_end=[3.0, 3.0, 3.0], bf16_peak_tflops=None)
     goal = dict(model="smollm2", target="whole run", goal=">= 2x", measured=2.5, ok=True, note="n")
-    main = dict(machine=machine, data="d", notes=["a"], rows=rows, targets=[goal])
+    main = dict(machine=machine, data="SuperNI samples (/somewhere/data)", notes=["a"], rows=rows, targets=[goal])
     preset = dict(machine=machine, data="d", notes=["a"], rows=[r("preset", "preset:real_standard", 700.0)])
     preset["targets"] = [dict(goal, target="one run of the CPU real-model preset", ok=False, measured=700.0)]
     (tmp_path / "bench.json").write_text(json.dumps(main))
@@ -121,5 +121,6 @@ def test_performance_note_generated(tmp_path):
     doc.main([str(tmp_path / "bench.json"), "--out", str(out), "--add", str(tmp_path / "preset.json")])
     text = out.read_text()
     assert "load average (1, 5, 15 min) at the start 2.00 2.00 2.00" in text and "**miss**" in text
+    assert "SuperNI samples (DATA)" in text and "/somewhere" not in text  # no machine-local paths
     assert "![cl_bench against the references](performance.png)" in text and out.with_suffix(".png").is_file()
     assert len(json.loads((tmp_path / "bench.json").read_text())["targets"]) == 2
