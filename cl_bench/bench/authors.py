@@ -7,12 +7,12 @@ and trainer settings as a cl_bench run, each part done the authors' way:
   train mode, the loss over every token (labels = inputs, pads ignored), each batch's full-weight
   `.grad` added into an accumulator and zeroed (one pass per capture batch); then the same
   projection + exact SVD + rescale as cl_bench (the math is not what is timed), W -= s·B0·A0;
-* train: `phases.reference_train` (HF Trainer's defaults: padded micro-batches, the loss over every
+* train: `recipes.reference_train` (HF Trainer's defaults: padded micro-batches, the loss over every
   position's logits, foreach AdamW, a host sync per micro-batch);
 * save: the adapter written twice (`save_pretrained`) with the absorbed init (`init_correction`)
   beside each copy;
 * merge: `merge_and_unload()`;
-* evaluate the seen tasks only (j <= i, no row 0): `phases._authors_eval` (batch 8 in data order,
+* evaluate the seen tasks only (j <= i, no row 0): `recipes.authors_eval` (batch 8 in data order,
   max_new_tokens new tokens unless every row emitted the tokenizer's EOS).
 GP/IP are not part of it (nor of the cl_bench runs it is compared with): lm-eval is the same
 code on both sides (the GP/IP phase times it).
@@ -114,7 +114,7 @@ def authors_run(model, tok, tasks: list, *, init: str, settings: dict, device, c
     from ..data.prompts import TrainingEncoder, pad_id_of
     from ..initializers.gradient import LoraGA, Slice
     from ..lora.layers import WeightMaster, apply_init, set_scaling
-    from .phases import _authors_eval, reference_train
+    from .recipes import authors_eval, reference_train
     from .setup import ModelSpec
 
     s = settings
@@ -160,6 +160,6 @@ def authors_run(model, tok, tasks: list, *, init: str, settings: dict, device, c
             seconds["merge"] += clock() - t0
             t0 = clock()
             for j in range(stage):
-                matrix[stage - 1][j] = _authors_eval(model, tok, tasks[j], spec, device, pad_id_of(tok), counts)
+                matrix[stage - 1][j] = authors_eval(model, tok, tasks[j], spec, device, pad_id_of(tok), counts)
             seconds["eval"] += clock() - t0
     return {"seconds": seconds, "matrix": matrix, **counts}

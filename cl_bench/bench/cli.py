@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .phases import run_phase
+from .dispatch import run_phase
 from .setup import CURRENT, REPO, Bench, ModelSpec, load_tasks
 from .targets import device_peak_tflops, print_summary, targets
 

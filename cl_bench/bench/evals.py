@@ -70,8 +70,8 @@ def _run_variant(b: Bench, spec: ModelSpec, key: str, model, tok, tasks, budgets
     from ..data.prompts import PromptFormat, pad_id_of, render_prompt_text
     from ..evaluation.scoring import score
     from ..evaluation.seen import evaluate_task
-    from .phases import _authors_eval
     from .real import hf_generate, lm_eval_generate
+    from .recipes import authors_eval
 
     common = dict(
         max_new_tokens=spec.eval_new_tokens,
@@ -90,7 +90,7 @@ def _run_variant(b: Bench, spec: ModelSpec, key: str, model, tok, tasks, budgets
         if key == "authors":
             st = {"generated_tokens": 0, "prompt_tokens": 0, "predictions": [], "predictions_cut": []}
             st["cut"] = budgets[t.name]  # compared with ours on the same new tokens (greedy: a prefix)
-            scores.append(_authors_eval(model, tok, t, spec, b.device, pad_id_of(tok), st))
+            scores.append(authors_eval(model, tok, t, spec, b.device, pad_id_of(tok), st))
             preds.append(st["predictions_cut"])
             counts["generated_tokens"] += st["generated_tokens"]
             counts["prompt_tokens"] += st["prompt_tokens"]
@@ -198,7 +198,7 @@ def _forced_rows(b: Bench, spec: ModelSpec, model, tok, tasks) -> list[dict]:
     """The same prompts with every row forced to 32 new tokens (no early end): the decode-bound
     regime of a model that answers at length, batch 1 against batch 64."""
     from ..data.prompts import PromptFormat, render_prompt_ids, truncate_middle
-    from .phases import _forced_generate
+    from .recipes import forced_generate
 
     forced = 32
     prompts = [
@@ -212,7 +212,7 @@ def _forced_rows(b: Bench, spec: ModelSpec, model, tok, tasks) -> list[dict]:
         memory.reset_peak(b.device)
         t0 = b.clock()
         for i in range(0, len(prompts), bs):
-            _forced_generate(model, tok, prompts[i : i + bs], forced, b.device)
+            forced_generate(model, tok, prompts[i : i + bs], forced, b.device)
         rows.append(
             row(
                 spec.name,

@@ -1,23 +1,20 @@
-"""The bench phases (`python -m cl_bench.bench`, cl_bench/bench/cli.py): each phase_* builds what it
-measures from scratch and returns table rows; `isolated` runs one in its own forked process on the
-CPU (its own memory high-water mark), and `run_phase` runs a named phase of one model spec.
+"""The bench phases of every model (`python -m cl_bench.bench`, cl_bench/bench/cli.py): each phase_*
+builds what it measures from scratch and returns table rows; bench/dispatch.py runs them by name, each
+in its own process (recipes.isolated). The real-model phases are in real.py, evals.py and runs.py.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import os
 import random
 import tempfile
 import time
-import traceback
-from collections.abc import Callable
 
 import torch
 
 from ..infra import memory
 from ..run.config import CONF_DIR
+from . import recipes
 from .setup import (
     TARGETS,
     Bench,
@@ -31,78 +28,6 @@ from .setup import (
     sync_device,
     wrap,
 )
-
-
-# ------------------------------------------------------------------------------ isolation
-def isolated(b: Bench, fn: Callable[[], list[dict]]) -> list[dict]:
-    """fn() in a forked child on the CPU (its own RSS high-water mark), in-process on CUDA
-    (a forked child cannot use CUDA; CUDA peaks are reset per phase instead)."""
-    if b.device.type == "cuda" or not hasattr(os, "fork"):
-        out = fn()
-        if b.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return out
-    import multiprocessing as mp
-
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-
-    def run() -> None:
-        torch.set_num_threads(b.threads)
-        try:
-            child.send(("ok", fn()))
-        except BaseException:  # noqa: BLE001 - reported by the parent
-            child.send(("error", traceback.format_exc()))
-
-    proc = ctx.Process(target=run)
-    proc.start()
-    status, payload = parent.recv()
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"bench phase failed in its child process:\n{payload}")
-    return payload
-
-
-def run_phase(b: Bench, spec: ModelSpec, phase: str) -> None:
-    """Run `phase` (one of ModelSpec.phases) of `spec`, each measurement isolated; rows go to b.rows."""
-    if phase == "init":
-        for stage in spec.stages:
-            b.rows += isolated(b, lambda stage=stage: phase_init(b, spec, stage))
-        if spec.capture_max_tokens:  # the last stage again, capture forward passes the size of training's
-            b.rows += isolated(b, lambda: phase_init(b, spec, spec.stages[-1], spec.capture_max_tokens))
-    elif phase == "csweep":
-        b.rows += isolated(b, lambda: phase_csweep(b, spec))
-    elif phase == "train":
-        variants = list(spec.train_variants) + (["group+compile"] if b.compile else [])
-        b.rows += isolated(b, lambda: phase_train(b, spec, variants))
-        if b.device.type == "cuda":
-            b.rows += isolated(b, lambda: phase_train(b, spec, ["group"], fixed_len=True))
-    elif phase == "merge":
-        b.rows += isolated(b, lambda: phase_merge(b, spec))
-    elif phase == "eval":
-        from .evals import phase_eval
-
-        b.rows += isolated(b, lambda: phase_eval(b, spec))
-    elif phase == "gpip":
-        b.rows += isolated(b, lambda: phase_gpip(b, spec))
-    elif phase == "exact":
-        b.rows += isolated(b, lambda: phase_exact(b, spec))
-    elif phase == "load":
-        from .real import phase_load
-
-        b.rows += isolated(b, lambda: phase_load(b, spec))
-    elif phase == "bf16":
-        from .real import phase_bf16
-
-        b.rows += isolated(b, lambda: phase_bf16(b, spec))
-    elif phase == "runs":
-        from .runs import phase_runs
-
-        b.rows += phase_runs(b, spec)  # each run in its own child
-    elif phase == "preset":
-        from .runs import phase_preset
-
-        b.rows += phase_preset(b, spec)  # its own process
 
 
 # ------------------------------------------------------------------------------ phases
@@ -218,46 +143,6 @@ def phase_csweep(b: Bench, spec: ModelSpec) -> list[dict]:
     return rows
 
 
-def reference_train(
-    model, encoder, task, seed: int, steps: int, bs: int, accum: int, device, autocast: bool | None = None
-) -> dict:
-    """The authors' recipe (HF Trainer defaults): micro-batches of `bs` padded to their longest,
-    HF's loss over every position's logits, the foreach AdamW, the loss read every micro-batch.
-    `autocast`: bf16 autocast (None: on CUDA only, as the authors ran)."""
-    from transformers import get_linear_schedule_with_warmup
-
-    from ..train.loss import trained_tokens
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=True)
-    sched = get_linear_schedule_with_warmup(opt, math.ceil(0.01 * steps), steps)
-    order = encoder.order(task, seed, epochs=math.ceil(steps * bs * accum / len(task.train)) + 1)
-    autocast = device.type == "cuda" if autocast is None else autocast
-    losses, tokens, fed = [], 0, 0
-    model.train()
-    for step in range(steps):
-        micro = [
-            encoder.batch(task, order[(step * accum + m) * bs : (step * accum + m + 1) * bs], device)
-            for m in range(accum)
-        ]
-        n_items = sum(trained_tokens(x) for x in micro)
-        lm = 0.0
-        for x in micro:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = model(**x, num_items_in_batch=n_items).loss
-            loss.backward()
-            lm += float(loss.detach())  # a host sync per micro-batch, as the Trainer's logging did
-            tokens += int(x["attention_mask"].sum())
-            fed += x["input_ids"].numel()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(lm)
-    model.eval()
-    return {"loss_curve": losses, "tokens": tokens, "fed_tokens": fed, "examples": steps * bs * accum}
-
-
 def phase_train(b: Bench, spec: ModelSpec, variants: list[str], *, fixed_len: bool = False) -> list[dict]:
     """Training steps of the current task from one initial adapter, per variant (min over
     interleaved repeats); checks that every exact variant reaches the same losses. On the CPU the
@@ -320,7 +205,7 @@ def _train_variant(b: Bench, spec: ModelSpec, v: str, peft, tok, encoder, ctx, t
             out = hf_trainer_train(peft, tok, encoder, task, ctx.seed, *args)
         else:
             args = (spec.train_steps, spec.batch_size, spec.grad_accum, b.device)
-            out = reference_train(peft, encoder, task, ctx.seed, *args)
+            out = recipes.reference_train(peft, encoder, task, ctx.seed, *args)
             out["logit_positions"] = out["fed_tokens"]
         out.setdefault("forward_passes", spec.train_steps * spec.grad_accum)
         return out
@@ -428,58 +313,6 @@ def phase_merge(b: Bench, spec: ModelSpec) -> list[dict]:
             **memory_peak(b.device),
         )
     ]
-
-
-@torch.no_grad()
-def _forced_generate(model, tok, rows, n: int, device) -> None:
-    from ..data.prompts import left_padded, pad_id_of
-
-    batch = {k: v.to(device) for k, v in left_padded(rows, pad_id_of(tok)).items()}
-    model.generate(
-        **batch,
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=pad_id_of(tok),
-        eos_token_id=tok.eos_token_id,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-    )
-
-
-@torch.no_grad()
-def _authors_eval(model, tok, task, spec: ModelSpec, device, pad: int, stats: dict) -> float:
-    from ..data.prompts import encode_prompts_left_padded
-    from ..evaluation.scoring import score
-
-    preds, conts = [], []
-    for i in range(0, len(task.eval), 8):
-        batch = {
-            k: v.to(device)
-            for k, v in encode_prompts_left_padded(tok, task.eval[i : i + 8], spec.eval_prompt_len).items()
-        }
-        out = model.generate(
-            **batch,
-            max_new_tokens=spec.eval_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tok.eos_token_id,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-        cont = out[:, batch["input_ids"].shape[1] :]
-        conts += list(cont)
-        stats["generated_tokens"] += cont.numel()
-        stats["prompt_tokens"] += int(batch["attention_mask"].sum())
-        preds += [tok.decode(c, skip_special_tokens=True).strip() for c in cont]
-    if "predictions" in stats:  # also cut at stats["cut"] new tokens: greedy decoding's prefix
-        stats["predictions"] += preds
-        cut = stats.get("cut")
-        stats["predictions_cut"] += [tok.decode(c[:cut], skip_special_tokens=True).strip() for c in conts]
-    metric = task.metric_for("per_task")
-    return 100.0 * sum(score(metric, p, ex.all_references, task.labels) for p, ex in zip(preds, task.eval)) / len(preds)
 
 
 def phase_gpip(b: Bench, spec: ModelSpec) -> list[dict]:

@@ -228,7 +228,7 @@ def phase_bf16(b, spec) -> list[dict]:
     weights (where a run would keep the fp32 master); the matmul rates say why. Kept tiny: a CPU
     without avx512_bf16 / AMX runs bf16 an order of magnitude slower."""
     from ..data.prompts import PromptFormat, left_padded, pad_id_of, render_prompt_ids, truncate_middle
-    from .phases import reference_train
+    from .recipes import reference_train
     from .setup import CURRENT, build_model, context, encoder_for, row, wrap
 
     model, tok = build_model(spec, b)

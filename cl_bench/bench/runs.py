@@ -182,7 +182,7 @@ def phase_runs(b, spec) -> list[dict]:
     """Per init of spec.run_inits: the authors' pipeline, then cl_bench on a shared fresh cache
     (its first run misses row 0, the later ones read it), then cl_bench vanilla once more on the
     warm cache. Needs the SuperNI samples (--data-root): without them, no rows (a note says so)."""
-    from .phases import isolated
+    from .recipes import isolated
 
     if b.data_root is None and spec.name != "tiny":
         b.notes.append(f"{spec.name} whole runs not measured: they need the SuperNI samples (--data-root)")

@@ -14,18 +14,23 @@ from cl_bench.stage import StageContext
 TARGETS = ["q_proj", "v_proj"]
 
 
-def small_llama(seed=0):
+def tiny_llama(layers=1, seed=0, dtype=torch.float32, **config):
+    """A random Llama of d = 16 (vocabulary 64, 2 heads) in eval mode, seeded."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=64,
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        **config,
     )
-    model = LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def small_llama(seed=0):
+    model = tiny_llama(2, seed, max_position_embeddings=128)
     torch.manual_seed(seed + 1)
     return get_peft_model(
         model, LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False), adapter_name="stage_01"

@@ -7,7 +7,6 @@ import pytest
 import torch
 from peft import LoraConfig
 from peft.utils import merge_utils as peft
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cl_bench.infra.errors import ConfigError
 from cl_bench.initializers.base import InitResult
@@ -30,6 +29,7 @@ from cl_bench.mergers.task_arithmetic import TaskArithmetic
 from cl_bench.mergers.ties import Ties
 from cl_bench.run.store import StageFiles, load_model_state, load_plugin_state, save_model_state, save_plugin_state
 from cl_bench.stage import History, StageContext, StageRecord, adapter_name
+from helpers.small import tiny_llama
 
 T = torch.tensor
 # Three task vectors of one 2×2 module, magnitudes distinct within each (no ties in any top-k).
@@ -197,16 +197,7 @@ TARGETS = ["q_proj", "v_proj"]
 
 
 def _llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return tiny_llama(dtype=dtype)
 
 
 def _ctx(stage, history, master):

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cl_bench.data.replay import replay_buffer_indices
 from cl_bench.data.tasks.base import Example, TaskData
@@ -22,6 +21,7 @@ from cl_bench.regularizers.ps_loss import PSLoss, parameter_stability
 from cl_bench.regularizers.replay import Replay
 from cl_bench.run.store import load_plugin_state, save_plugin_state
 from cl_bench.stage import History, StageContext, StageRecord
+from helpers.small import tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]
 ADAPTER = "stage_02"
@@ -34,16 +34,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 # ------------------------------------------------------------------ small fixtures
 def _wrapped(seed=0):
     """A 1-layer Llama (d = 16) with a random adapter on q/v: B0 ≠ 0 stands for an absorbed init."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(seed=seed)
     config = LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False, use_rslora=True)
     return get_peft_model(model, config, adapter_name=ADAPTER)
 

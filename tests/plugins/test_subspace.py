@@ -25,6 +25,7 @@ from cl_bench.lora.layers import (
 from cl_bench.lora.representations import collect_input_grams
 from cl_bench.regularizers.inflora import InfLoRA
 from cl_bench.stage import StageContext
+from helpers.small import tiny_llama
 
 E = torch.eye(4, dtype=torch.float64)
 
@@ -281,18 +282,7 @@ def test_inflora_designs_put_every_row_of_A_orthogonal_to_the_memory():
 
 
 def _llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed=seed)
 
 
 def _batches(n=2, bs=4, seed=0):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from cl_bench.data.tasks.base import Example, TaskData
 from cl_bench.infra.files import load_tensors
@@ -40,6 +40,7 @@ from cl_bench.run.store import (
 )
 from cl_bench.stage import History, Regularizer, StageContext, StageRecord
 from cl_bench.train.trainer import build_optimizer, step_gradients, train_stage
+from helpers.small import tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]
 ADAPTER = "stage_01"
@@ -49,16 +50,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _llama(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return tiny_llama(seed=seed, dtype=dtype)
 
 
 def _wrapped(dtype=torch.float32, seed=0, r=2):
