@@ -228,6 +228,18 @@ def expected_jobs(sweep_dir: Path) -> int | None:
         return None
 
 
+def _numbered_jobs(sweep_dir: Path) -> bool:
+    """Whether the sweep names its job dirs by job number (Hydra's default subdir), so that job k's
+    dir is <sweep>/k; a sweep whose multirun.yaml cannot be read counts as numbered."""
+    from omegaconf import OmegaConf
+
+    try:
+        sweep = OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.sweep, resolve=False)
+    except Exception:  # a malformed multirun.yaml: as expected_jobs, assume the default
+        return True
+    return str(sweep.get("subdir", "${hydra.job.num}")).replace(" ", "") in ("${hydra.job.num}", "${hydra:job.num}")
+
+
 def load_runs(files: list[Path], progress: bool | None = None) -> pd.DataFrame:
     """One row per results.json: run, sequence, method, seed, state, status, stages_done,
     metrics, `config` (the flattened resolved config), `overrides` and `results` (the JSON)."""
@@ -287,6 +299,19 @@ def not_started_rows(found: Found) -> list[dict[str, Any]]:
     for sweep in found.sweeps:
         n = expected_jobs(sweep)
         if n is None:
+            continue
+        if not _numbered_jobs(sweep):  # job dirs named by their overrides: only the count can be compared
+            started = sum(1 for d in have if sweep in d.parents)
+            if started < n:
+                rows.append(
+                    {
+                        **blank,
+                        "run": str(sweep),
+                        "state": "pending",
+                        "overrides": [],
+                        "status": f"{n - started} of the {n} jobs of its last sweep command have no run dir yet",
+                    }
+                )
             continue
         for k in range(n):
             if (sweep / str(k)) not in have and not (sweep / str(k) / "results.json").exists():

@@ -380,6 +380,32 @@ def test_states_pending_failed_missing_are_listed(tmp_path, capsys):
     assert "## Runs not complete" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_a_sweep_with_job_dirs_named_by_overrides_counts_its_missing_jobs(tmp_path, capsys):
+    """hydra.sweep.subdir=${hydra.job.override_dirname} (the real_claims presets): no <sweep>/k dirs
+    exist, so only the count of missing jobs is reported, not every number as missing."""
+    sweep = tmp_path / "multirun" / "sw"
+    write_run(sweep / "experiment" / "method=vanilla,seed=1", 1, 60.0)
+    write_run(sweep / "experiment" / "method=vanilla,seed=2", 2, 60.0)
+    (sweep / "multirun.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "hydra": {
+                    "sweep": {"dir": "multirun/sw", "subdir": "${hydra.job.override_dirname}"},
+                    "sweeper": {
+                        "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                        "params": {"seed": "1,2,3"},
+                    },
+                    "overrides": {"task": ["experiment/method=vanilla"]},
+                }
+            }
+        )
+    )
+    assert main([str(tmp_path / "multirun"), "--plots", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "1 run(s) not complete, left out of the numbers (1 pending)" in out
+    assert "1 of the 3 jobs of its last sweep command have no run dir yet" in out and "job 0 of 3" not in out
+
+
 def test_bad_options_are_one_line_errors(tmp_path, capsys):
     write_run(tmp_path / "r", 1, 60.0)
     assert main([str(tmp_path), "--baseline", "lora_ga"]) == 2
