@@ -179,6 +179,12 @@ def _check_choice_key(key: str, argv: list[str], dirs: list[Path]) -> None:
     import yaml
 
     group, sub = key.split(".", 1)
+    selected = [a.split("=", 1)[1] for a in argv if a.startswith(f"{group}=[")]
+    if selected:  # [a,b] selects several configs at once (a Composite): the key is one of the parts'
+        parts = [p for value in selected for p in value.strip("[]").split(",")]
+        if any(sub.split(".")[0] in _yaml_keys(dirs, group, p) for p in parts):
+            return
+        raise ConfigError(f"{key} is not a key of any of {group}={selected[-1]}")
     for choice in _chosen(group, argv, dirs) or ():
         keys = set()
         for d in dirs:

@@ -179,3 +179,11 @@ def test_ewc_with_replay_resumes_after_sigkill_mid_stage_2_with_every_parts_stat
         for d in (tmp_path / "killed", tmp_path / "ref")
     )
     assert tensors.keys() == ref_tensors.keys() and all(torch.equal(tensors[k], ref_tensors[k]) for k in ref_tensors)
+
+
+def test_a_key_of_a_list_selection_is_checked_against_every_part_before_hydra():
+    from cl_bench.run.config import check_group_overrides
+
+    check_group_overrides(["regularizer=[ewc,replay]", "regularizer.fisher_samples=8", "regularizer.buffer_size=0.1"])
+    with pytest.raises(ConfigError, match=r"regularizer.temperature is not a key of any of regularizer=\[ewc,replay\]"):
+        check_group_overrides(["regularizer=[ewc,replay]", "regularizer.temperature=2"])
