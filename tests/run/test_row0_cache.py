@@ -22,6 +22,8 @@ def test_row0_from_the_cache_is_the_same_run(tiny_model_dir, tmp_path, monkeypat
     real = seen._run_batches
     monkeypatch.setattr(seen, "_run_batches", lambda *a, **k: generated.append(a[8]) or real(*a, **k))
     base = FAST + ["sequence=synthetic_conflict", "sequence.tasks=[sentiment,parity]", f"cache.dir={tmp_path / 'c'}"]
+    # the built tiny model by path: a fresh cache.dir would otherwise build it again (minutes)
+    base += ["model.builder=null", f"model.name_or_path={tiny_model_dir}"]
     runs = {}
     for name, extra in (("off", ["cache.row0=false"]), ("miss", []), ("hit", []), ("system", [])):
         if name == "system":
