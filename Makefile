@@ -54,17 +54,18 @@ claim: $(STAMP)
 
 # The three papers' claims on a real model on a CPU (README "A real benchmark on a CPU"): both sweeps
 # (SmolLM2; experiment=real_claims_standard / real_claims_opposite, 2 jobs at a time, resumable: rerun to
-# continue), then docs/results-real.md from their run dirs. DATA: a folder with cl_benchmark/ and superni/.
+# continue), then docs/results-real.md from their run dirs. DATA (data.root through CL_BENCH_DATA): a folder
+# with cl_benchmark/ and superni/.
 DATA ?= $(or $(CL_BENCH_DATA),../shared/data)
 real-claims: $(STAMP)
-	$(BIN)/python -m cl_bench -m --config-dir . --config-name multirun experiment=real_claims_opposite data.root=$(DATA) hydra/launcher=local_jobs
-	$(BIN)/python -m cl_bench -m --config-dir . --config-name multirun experiment=real_claims_standard data.root=$(DATA) hydra/launcher=local_jobs
+	CL_BENCH_DATA=$(DATA) $(BIN)/python -m cl_bench -m --config-dir . --config-name multirun experiment=real_claims_opposite hydra/launcher=local_jobs
+	CL_BENCH_DATA=$(DATA) $(BIN)/python -m cl_bench -m --config-dir . --config-name multirun experiment=real_claims_standard hydra/launcher=local_jobs
 	$(MAKE) real-report
 
 # docs/results-real.md from whatever of the two sweeps has finished (each table states its n).
 real-report: $(STAMP)
 	$(BIN)/python -m cl_bench.report multirun/real_claims --baseline vanilla --plots summary --out docs/results-real \
-		--markdown docs/results-real.md --title "The papers' claims on a real model on a CPU (SmolLM2-135M-Instruct)" \
+		--markdown docs/results-real.md --title "Three papers' claims on a real model on a CPU (SmolLM2-135M-Instruct)" \
 		$(if $(wildcard docs/results-real_notes.md),--notes docs/results-real_notes.md)
 
 clean:
