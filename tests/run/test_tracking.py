@@ -155,3 +155,23 @@ def test_offline_wandb_killed_and_resumed_holds_the_whole_history(tmp_path, tiny
     assert len(files) == 2  # `wandb sync` uploads them in this order
     held = [row for f in files for row in wandb_history(f)]
     assert history(held) == ([0, 1, 2], list(range(1, 13)))
+
+
+def test_init_waits_while_a_killed_runs_service_still_holds_the_id(monkeypatch):
+    from cl_bench.run import tracking
+
+    calls = []
+
+    class FakeWandb:
+        def init(self, **kwargs):
+            calls.append(kwargs["id"])
+            if len(calls) < 3:
+                raise RuntimeError("run ID abc is in use")
+            return "run"
+
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    assert tracking._init_when_free(FakeWandb(), id="abc") == "run" and calls == ["abc"] * 3
+    with pytest.raises(RuntimeError, match="quota"):
+        tracking._init_when_free(
+            type("W", (), {"init": lambda self, **k: (_ for _ in ()).throw(RuntimeError("quota"))})()
+        )
