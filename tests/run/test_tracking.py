@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -149,6 +150,9 @@ def test_offline_wandb_killed_and_resumed_holds_the_whole_history(tmp_path, tiny
     env = {"WANDB_MODE": "offline"}
     killed = run_cli(args, env_extra=env | {"CL_BENCH_KILL_AT": "saved:1"})
     assert killed.returncode == -9, killed.stderr[-2000:]
+    # A scheduler's kill takes the job's whole process group; this one leaves the killed run's wandb
+    # service orphaned, holding the run id for longer than a resume waits: end it as a group kill would.
+    subprocess.run(["pkill", "-9", "-f", "wandb-core"], check=False)
     resumed = run_cli(args, env_extra=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
