@@ -82,21 +82,6 @@ class NullTracker:
     def close(self, exit_code: int = 1, preempted: bool = False) -> None: ...
 
 
-def _init_when_free(wandb, attempts: int = 6, wait_s: float = 5.0, **kwargs):
-    """wandb.init, waiting while the run id is still held: right after a kill -9 the killed process's
-    wandb service keeps the id for a few seconds ("run ID ... is in use"), and a resume started at
-    once would fail. Other errors are raised at once; after `attempts` tries, the last one."""
-    import time
-
-    for attempt in range(attempts):
-        try:
-            return wandb.init(**kwargs)
-        except Exception as exc:  # wandb's ServerResponseError; its module path varies across versions
-            if "is in use" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(wait_s)
-
-
 class WandbTracker(NullTracker):
     def __init__(self, logger_cfg, results: Mapping[str, Any], run_dir: str | Path):
         import wandb
@@ -115,8 +100,7 @@ class WandbTracker(NullTracker):
             or f"{results['sequence']} {job_type.split('/')[0]} r{lora.get('r')} a{lora.get('alpha')} s{seed}"
         )
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = _init_when_free(
-            wandb,
+        self.run = wandb.init(
             project=logger_cfg.get("project") or "cl_bench",
             entity=logger_cfg.get("entity"),
             id=logger_cfg.get("id") or run_id(run_dir),

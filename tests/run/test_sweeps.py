@@ -300,7 +300,11 @@ def test_basic_launcher_jobs_leak_nothing_into_the_next(alone, tmp_path, monkeyp
             "+hydra.callbacks.probe._target_=test_sweeps.LeakProbe",
         ],
     )
-    main()
+    try:
+        main()
+    finally:  # end this process's W&B service: the later tests' child processes must not share it
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
     assert len(LeakProbe.seen) == 2
     for job in LeakProbe.seen:
         assert job["after"] == job["before"], job  # no model, handler left behind
