@@ -24,8 +24,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m cl_bench
 
+# One test process per core (pytest-xdist), each single-threaded; a test file stays on one process
+# (its module fixtures, e.g. a reference run, are built once). `pytest tests` alone runs serially.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests --durations=15
+	$(BIN)/python -m pytest tests -n auto --dist loadfile --durations=15
 
 # The formatter and linter (settings in pyproject.toml); `ruff format cl_bench tests` applies the format.
 lint: $(STAMP)

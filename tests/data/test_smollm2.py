@@ -161,6 +161,14 @@ COVER = [
     ("corda", "gpm", "absorb"),
 ]
 PEFT_PREPROCESSED = ["eva", "corda", "lora_ga_peft"]
+# Their gradient / calibration passes at the smallest size that still runs each code path (several
+# batches, several samples): at the defaults (8 batches of 16, 64 samples) they are a minute each.
+PASSES = {
+    "lora_ga_peft": ["initializer.capture_steps=2", "initializer.capture_batch_size=2"],
+    "lora_ga": ["initializer.capture_steps=2", "initializer.capture_batch_size=2"],
+    "slice": ["initializer.capture_steps=2", "initializer.capture_batch_size=2"],
+    "corda": ["initializer.samples=4"],
+}
 LEAN = [
     "sequence.n_train=4",
     "evaluation.limit=1",
@@ -176,8 +184,8 @@ LEAN = [
 def test_every_initializer_regularizer_and_merge_runs_on_the_smollm2_shape(shaped_dir, tmp_path, init, reg, merge):
     from cl_bench.run.runner import run
 
-    cfg = compose(shaped_args(shaped_dir, f"initializer={init}", f"regularizer={reg}", f"merge={merge}", *LEAN))
-    results = run(cfg, tmp_path)
+    args = [f"initializer={init}", f"regularizer={reg}", f"merge={merge}", *LEAN, *PASSES.get(init, [])]
+    results = run(compose(shaped_args(shaped_dir, *args)), tmp_path)
     assert results["complete"] and len(results["stages"]) == 2
     assert all(results["matrix"][i][i - 1] is not None for i in (1, 2))
 

@@ -21,6 +21,13 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
     CL_BENCH_CACHE=str(CACHE),
 )
+# Under pytest-xdist (make test) there is one test process per core: each, and each cl_bench process
+# it starts, uses one thread (torch's default, all cores in every process, oversubscribes the machine).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CL_BENCH_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)  # in case torch was imported before this module
 
 
 def compose(overrides: list[str]):
