@@ -176,8 +176,6 @@ PLUGIN_GROUPS_OF_CONF = ("initializer", "regularizer", "merge")  # groups whose 
 def _check_choice_key(key: str, argv: list[str], dirs: list[Path]) -> None:
     """`initializer.c=0.5` needs an initializer that has `c`: Hydra's own error for it is several
     lines whose advice (+initializer.c=...) then fails to build the plug-in."""
-    import yaml
-
     group, sub = key.split(".", 1)
     selected = [a.split("=", 1)[1] for a in argv if a.startswith(f"{group}=[")]
     if selected:  # [a,b] selects several configs at once (a Composite): the key is one of the parts'
@@ -186,11 +184,7 @@ def _check_choice_key(key: str, argv: list[str], dirs: list[Path]) -> None:
             return
         raise ConfigError(f"{key} is not a key of any of {group}={selected[-1]}")
     for choice in _chosen(group, argv, dirs) or ():
-        keys = set()
-        for d in dirs:
-            path = d / group / f"{choice}.yaml"
-            if path.is_file():
-                keys |= set(yaml.safe_load(path.read_text()) or {})
+        keys = _yaml_keys(dirs, group, choice)
         if sub.split(".")[0] not in keys:
             owners = [c for c in group_choices(group, dirs) if sub.split(".")[0] in _yaml_keys(dirs, group, c)]
             raise ConfigError(

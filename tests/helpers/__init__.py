@@ -72,9 +72,6 @@ def run_cli(
     import json
 
     env = dict(os.environ, **(env_extra or {}))
-    # A test that ran W&B in this process left its service's address here; a shell would not pass it
-    # on, and a child that used it would share that service (and its run ids) with every other child.
-    env.pop("WANDB_SERVICE", None)
     server = _fork_server()
     request = {"argv": args, "env": env, "timeout": timeout, "cwd": str(cwd or REPO), "module": module}
     server.stdin.write(json.dumps(request) + "\n")
